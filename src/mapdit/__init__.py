@@ -1,0 +1,3 @@
+"""mapdit: magnitude-preserving diffusion transformers (MaP-DiT) in PyTorch."""
+
+__version__ = "0.1.0"
