@@ -1,0 +1,120 @@
+"""`mapdit <command>`: argparse sub-commands that only parse and call into the library.
+
+A `UserError` anywhere below ends the command with its one-line message and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import MODEL_NAMES, MP_OPTIONS, PRESETS, ModelConfig, make_config
+from .errors import UserError
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared model options (the paper's flag names; the same for model-info, train and ablate)
+# ------------------------------------------------------------------------------------------------
+def add_model_args(p: argparse.ArgumentParser, data_defaults: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="DiT-S/2", help=f"one of {', '.join(MODEL_NAMES)}")
+    g.add_argument("--config", dest="preset", default=None, metavar="{A,B,C,D,E}",
+                   help="ablation preset (A = original DiT, E = all MP); flags below add to it")
+    for name in MP_OPTIONS:
+        g.add_argument(f"--use-{name.replace('_', '-')}", dest=name, action="store_true", default=None)
+    g.add_argument("--use-all-mp", action="store_true", help="all eight MP options")
+    g.add_argument("--modulation", default=None,
+                   help="adaln (default) | '+'-joined subset of scale, shift, rotate, gate; e.g. scale+rotate")
+    g.add_argument("--gate-init", choices=("zero", "identity"), default=None)
+    g.add_argument("--rotation-pairing", choices=("half", "interleaved"), default=None)
+    g.add_argument("--no-learn-sigma", dest="learn_sigma", action="store_false", default=None)
+    if data_defaults:
+        g.add_argument("--input-size", type=int, default=32)
+        g.add_argument("--in-channels", type=int, default=4)
+        g.add_argument("--num-classes", type=int, default=1000)
+
+
+def config_from_args(args: argparse.Namespace, **data) -> ModelConfig:
+    """Resolve the model options of `args` (plus data-derived sizes) into one validated ModelConfig."""
+    overrides = {name: getattr(args, name) for name in MP_OPTIONS}
+    for key in ("modulation", "gate_init", "rotation_pairing", "learn_sigma"):
+        overrides[key] = getattr(args, key, None)
+    for key in ("input_size", "in_channels", "num_classes"):
+        overrides[key] = data.get(key, getattr(args, key, None))
+    return make_config(args.model, preset=args.preset, use_all_mp=args.use_all_mp, **overrides)
+
+
+# ------------------------------------------------------------------------------------------------
+# model-info
+# ------------------------------------------------------------------------------------------------
+def cmd_model_info(args: argparse.Namespace) -> None:
+    import torch
+
+    from .model import DiT, forward_flops, parameter_breakdown
+
+    cfg = config_from_args(args)
+    with torch.device("meta"):  # no memory, no init time: counts and FLOPs only need shapes
+        model = DiT(cfg)
+    params = parameter_breakdown(model)
+    flops = forward_flops(model)
+    info = {
+        "model": cfg.model,
+        "parameters": params["total"],
+        "trainable_parameters": params["trainable"],
+        "parameters_by_part": {k: v for k, v in params.items() if k not in ("total", "trainable")},
+        "forward_gflops": round(flops / 1e9, 3),
+        "forward_gmacs": round(flops / 2e9, 3),
+        "input": [cfg.in_channels, cfg.input_size, cfg.input_size],
+        "tokens": (cfg.input_size // cfg.patch_size) ** 2,
+        "mp_options": cfg.enabled_mp_options(),
+        "config": cfg.to_dict(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{cfg.model}  preset={cfg.preset or '-'}  modulation={cfg.modulation}  "
+          f"input={cfg.in_channels}x{cfg.input_size}x{cfg.input_size}  classes={cfg.num_classes}")
+    print(f"  parameters      {params['total']:>14,}  (trainable {params['trainable']:,}; "
+          "the total counts the frozen positional table, as DiT does)")
+    for part, n in info["parameters_by_part"].items():
+        print(f"    {part:<13} {n:>14,}")
+    print(f"  forward         {info['forward_gflops']:>14,.3f} GFLOPs per image ({info['forward_gmacs']:.3f} GMACs)")
+    print(f"  MP options      {', '.join(info['mp_options']) or 'none'}")
+
+
+# ------------------------------------------------------------------------------------------------
+# entry point
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mapdit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("model-info", help="parameters, FLOPs and resolved options of a model")
+    add_model_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_model_info)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as err:
+        print(f"mapdit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mapdit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Model configuration as plain data: sizes, the eight MP options, modulation, presets A-E.
+
+A `ModelConfig` is everything needed to rebuild a model; it round-trips through JSON and is stored with
+every run. Options are resolved here and in `model.build_model`, never inside forwards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+# name -> (depth, width, heads). XS is upstream MaP-DiT's addition; XXS is ours, for CPU demos.
+SIZES: dict[str, tuple[int, int, int]] = {
+    "XXS": (4, 128, 4),
+    "XS": (6, 256, 4),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+PATCHES = (2, 4, 8)
+MODEL_NAMES = [f"DiT-{s}/{p}" for s in SIZES for p in PATCHES]
+
+# The eight techniques of the paper, by their command-line names (`--use-<name with dashes>`).
+MP_OPTIONS = (
+    "cosine_attention",
+    "weight_normalization",
+    "forced_weight_normalization",
+    "mp_residual",
+    "mp_silu",
+    "no_layernorm",
+    "mp_pos_enc",
+    "mp_embedding",
+)
+
+# The ablation ladder (spec §5): cumulative. The B/C split is inferred, not confirmed by the paper.
+PRESETS: dict[str, tuple[str, ...]] = {
+    "A": (),
+    "B": ("cosine_attention",),
+    "C": ("cosine_attention", "weight_normalization"),
+    "D": ("cosine_attention", "weight_normalization", "forced_weight_normalization"),
+    "E": MP_OPTIONS,
+}
+
+MODULATION_PARTS = ("shift", "scale", "rotate", "gate")  # order of chunks in the modulation linear
+MODULATION_ALIASES = {"adaln": ("shift", "scale", "gate")}
+
+
+def parse_modulation(text: str) -> tuple[str, ...]:
+    """'adaln' | any '+'-joined subset of {scale, shift, rotate, gate}.
+
+    A gate is part of every named variant unless written as 'nogate' (the paper's variants are
+    'scale', 'shift', 'rotate', 'scale+rotate', all with a gate). Returned in canonical chunk order.
+    """
+    parts: set[str] = set()
+    gate = True
+    for token in text.lower().replace(" ", "").split("+"):
+        if token in MODULATION_ALIASES:
+            parts.update(MODULATION_ALIASES[token])
+        elif token == "nogate":
+            gate = False
+        elif token in MODULATION_PARTS:
+            parts.add(token)
+        else:
+            raise UserError(f"unknown modulation part {token!r} in {text!r}: use 'adaln' or a '+'-joined "
+                            "subset of scale, shift, rotate, gate (add 'nogate' to drop the gate)")
+    parts.add("gate") if gate else parts.discard("gate")
+    if not parts - {"gate"}:
+        raise UserError(f"modulation {text!r} conditions nothing: give at least one of scale, shift, rotate")
+    return tuple(p for p in MODULATION_PARTS if p in parts)
+
+
+@dataclass
+class ModelConfig:
+    model: str = "DiT-S/2"
+    input_size: int = 32  # latent/image side length
+    in_channels: int = 4
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1  # >0 adds the null-class row used for classifier-free guidance
+    num_train_steps: int = 1000  # diffusion steps (rows of the MP timestep table)
+    mlp_ratio: float = 4.0
+    # the eight MP options
+    cosine_attention: bool = False
+    weight_normalization: bool = False
+    forced_weight_normalization: bool = False
+    mp_residual: bool = False
+    mp_silu: bool = False
+    no_layernorm: bool = False
+    mp_pos_enc: bool = False
+    mp_embedding: bool = False
+    # modulation
+    modulation: str = "adaln"
+    gate_init: str = "zero"  # "zero": branch*g (AdaLN-Zero); "identity": branch*(1+g)
+    rotation_pairing: str = "half"  # "half" | "interleaved" (see nn.rotate_pairs)
+    # residual blend t of the MP sum (spec §1: 0.3 for block residuals)
+    residual_blend: float = 0.3
+    preset: str | None = None  # informational: the preset the flags came from
+
+    # ---- derived -------------------------------------------------------------------------------
+    @property
+    def size(self) -> str:
+        return parse_model_name(self.model)[0]
+
+    @property
+    def patch_size(self) -> int:
+        return parse_model_name(self.model)[1]
+
+    @property
+    def depth(self) -> int:
+        return SIZES[self.size][0]
+
+    @property
+    def hidden_size(self) -> int:
+        return SIZES[self.size][1]
+
+    @property
+    def num_heads(self) -> int:
+        return SIZES[self.size][2]
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def modulation_parts(self) -> tuple[str, ...]:
+        return parse_modulation(self.modulation)
+
+    @property
+    def uses_mp_linear(self) -> bool:
+        """Linears become bias-free MP linears when either weight-normalisation option is on."""
+        return self.weight_normalization or self.forced_weight_normalization
+
+    @property
+    def null_class(self) -> int | None:
+        return self.num_classes if self.class_dropout_prob > 0 else None
+
+    def enabled_mp_options(self) -> list[str]:
+        return [name for name in MP_OPTIONS if getattr(self, name)]
+
+    # ---- checks and serialisation ----------------------------------------------------------------
+    def validate(self) -> "ModelConfig":
+        parse_model_name(self.model)
+        if self.input_size % self.patch_size:
+            raise UserError(f"patch size {self.patch_size} of {self.model} does not divide input size "
+                            f"{self.input_size}: pick a patch size that divides it or pad/resize the data")
+        if self.in_channels < 1 or self.num_classes < 1:
+            raise UserError("in_channels and num_classes must be at least 1")
+        if self.gate_init not in ("zero", "identity"):
+            raise UserError(f"gate init {self.gate_init!r}: use 'zero' or 'identity'")
+        if self.rotation_pairing not in ("half", "interleaved"):
+            raise UserError(f"rotation pairing {self.rotation_pairing!r}: use 'half' or 'interleaved'")
+        self.modulation = "+".join(parse_modulation(self.modulation))
+        if self.modulation == "shift+scale+gate":
+            self.modulation = "adaln"
+        if self.hidden_size % 4:
+            raise UserError("hidden size must be divisible by 4 (sin-cos positional encoding, rotation pairs)")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise UserError(f"unknown model config keys {sorted(unknown)}: was this written by a newer mapdit?")
+        return cls(**data).validate()
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def parse_model_name(name: str) -> tuple[str, int]:
+    m = re.fullmatch(r"DiT-([A-Z]+)/(\d+)", name)
+    if not m or m.group(1) not in SIZES or int(m.group(2)) not in PATCHES:
+        raise UserError(f"unknown model {name!r}: use one of {', '.join(MODEL_NAMES)}")
+    return m.group(1), int(m.group(2))
+
+
+def make_config(model: str = "DiT-S/2", preset: str | None = None, use_all_mp: bool = False,
+                **overrides) -> ModelConfig:
+    """Build a config from a preset (A-E), `use_all_mp`, then explicit overrides (None = not given).
+
+    Option overrides are additive to the preset: a flag given on the command line turns an option on.
+    """
+    options: dict = {}
+    if preset is not None:
+        key = preset.upper()
+        if key not in PRESETS:
+            raise UserError(f"unknown config preset {preset!r}: use one of {', '.join(PRESETS)}")
+        options.update({name: True for name in PRESETS[key]})
+        options["preset"] = key
+    if use_all_mp:
+        options.update({name: True for name in MP_OPTIONS})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in MP_OPTIONS:
+            options[key] = options.get(key, False) or bool(value)
+        else:
+            options[key] = value
+    return ModelConfig(model=model, **options).validate()
