@@ -5,6 +5,7 @@ A `UserError` anywhere below ends the command with its one-line message and exit
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -94,12 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_model_info)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(sub)
     return parser
 
 
-_EXTRA_COMMANDS: list = []
+# Modules that add sub-commands: each has `register(subparsers)`; imports inside commands stay lazy.
+COMMAND_MODULES: list[str] = ["mapdit.train", "mapdit.sample", "mapdit.weights"]
 
 
 def main(argv: list[str] | None = None) -> int:

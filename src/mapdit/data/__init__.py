@@ -235,3 +235,15 @@ def load_dataset(
         f"data path {root} holds no class subfolders and no IDX files: put images in "
         f"{root}/<class name>/ or the four Fashion-MNIST IDX files in {root}"
     )
+
+
+def decoder_for(data_meta: dict, device: str | torch.device = "cpu"):
+    """A function mapping model-space samples (N, C, H, W) to uint8 images (N, H, W, C) for this data.
+
+    Pixel datasets need no decoder beyond `to_uint8_images`; latent datasets are decoded by their VAE.
+    """
+    if data_meta.get("kind") == "latents":
+        from mapdit.data.latents import latent_decoder
+
+        return latent_decoder(data_meta, device)
+    return to_uint8_images

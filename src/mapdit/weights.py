@@ -1,0 +1,122 @@
+"""Which weights of a run to use: raw, a tracked EMA, or a post-hoc EMA reconstructed from snapshots.
+
+Also the `mapdit ema` command: reconstruct (and cache) the EMA for any width after training.
+Post-hoc results are cached as run/ema/posthoc/sigma-0.080-step-0000300.safetensors.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .ema import list_snapshots, parse_sweep, reconstruct
+from .errors import UserError
+from .model import DiT
+from .runio import (find_resumable_checkpoint, load_run_config, load_tensors, save_tensors, split_prefix,
+                    verify_checkpoint)
+
+
+def posthoc_path(run_dir: Path, sigma_rel: float, step: int) -> Path:
+    return Path(run_dir) / "ema" / "posthoc" / f"sigma-{sigma_rel:.3f}-step-{step:07d}.safetensors"
+
+
+def posthoc_ema(run_dir: str | Path, sigma_rel: float, step: int | None = None, out: str | Path | None = None,
+                progress: bool = True, log=print) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Reconstruct the EMA of width sigma_rel at `step` (None: last snapshot); cached beside the run."""
+    run_dir = Path(run_dir)
+    snaps = list_snapshots(run_dir / "ema")
+    if not snaps:
+        raise UserError(f"no EMA snapshots in {run_dir / 'ema'}: train with --ema-snapshots > 0 "
+                        "(or sample with the tracked EMA / raw weights)")
+    target = snaps[-1].step if step is None else int(step)
+    path = Path(out) if out else posthoc_path(run_dir, sigma_rel, target)
+    if path.exists() and out is None:
+        return path, load_tensors(path)
+    tensors, sol = reconstruct(run_dir / "ema", sigma_rel, target, progress=progress)
+    save_tensors(path, tensors, metadata={"sigma_rel": f"{sigma_rel}", "step": str(target),
+                                          "condition_number": f"{sol.condition_number:.4g}",
+                                          "profile_rel_error": f"{sol.profile_rel_error:.4g}"})
+    log(f"EMA sigma_rel={sigma_rel:.3f} at step {target}: {len(sol.coeffs)} snapshots, condition number "
+        f"{sol.condition_number:.3g}, profile error {sol.profile_rel_error:.2e} -> {path}")
+    return path, tensors
+
+
+def resolve_checkpoint(run_dir: Path, ckpt: str | None) -> tuple[int, Path]:
+    if ckpt is not None:
+        path = Path(ckpt)
+        if not path.exists():
+            raise UserError(f"checkpoint {path} not found")
+        problem = verify_checkpoint(path)
+        if problem:
+            raise UserError(f"checkpoint {path} is not usable: {problem}")
+        return int(path.stem.split("-")[-1]), path
+    found = find_resumable_checkpoint(run_dir, log=lambda m: print(m))
+    if found is None:
+        raise UserError(f"no complete checkpoint in {run_dir / 'checkpoints'}: train first (or pass --ckpt)")
+    return found
+
+
+def load_model(run_dir: str | Path, weights: str = "ema", ema_std: float | None = None, ckpt: str | None = None,
+               device: str | torch.device = "cpu", log=print) -> tuple[DiT, dict, str]:
+    """Build the run's model and load weights. Returns (model in eval mode, run config, description).
+
+    weights="raw": the trained parameters; "ema": an EMA of width `ema_std` (default: the smallest
+    tracked width), taken from the checkpoint when tracked, else reconstructed post hoc from snapshots.
+    """
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    model = DiT(ModelConfig.from_dict(config["model"]))
+    step, path = resolve_checkpoint(run_dir, ckpt)
+    tensors = load_tensors(path)
+    state = split_prefix(tensors, "model.")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"checkpoint {path} does not match the run's model config: "
+                        f"{str(err).splitlines()[0]}") from None
+    desc = f"raw weights at step {step}"
+    if weights == "ema":
+        tracked = config["train"]["ema_stds"]
+        sigma = min(tracked) if ema_std is None else float(ema_std)
+        if f"{sigma:.3f}" in {f"{s:.3f}" for s in tracked}:
+            ema = split_prefix(tensors, f"ema.{sigma:.3f}/")
+            desc = f"tracked EMA sigma_rel={sigma:.3f} at step {step}"
+        else:
+            _, ema = posthoc_ema(run_dir, sigma, progress=True, log=log)
+            desc = f"post-hoc EMA sigma_rel={sigma:.3f}"
+        own = dict(model.named_parameters())
+        unknown = set(ema) - set(own)
+        if unknown or not ema:
+            raise UserError(f"EMA weights do not match the model (unexpected {sorted(unknown)[:3]})")
+        with torch.no_grad():
+            for name, value in ema.items():
+                own[name].copy_(value)
+    elif weights != "raw":
+        raise UserError(f"--weights {weights!r}: use 'ema' or 'raw'")
+    return model.to(device).eval(), config, desc
+
+
+# ------------------------------------------------------------------------------------------------
+# `mapdit ema`
+# ------------------------------------------------------------------------------------------------
+def cmd_ema(args: argparse.Namespace) -> None:
+    if args.std is None and args.sweep is None:
+        raise UserError("give --std S or --sweep START:STOP:STEP")
+    if args.sweep is not None and args.out:
+        raise UserError("--out names one file: use it with --std, not with --sweep")
+    widths = parse_sweep(args.sweep) if args.sweep else [args.std]
+    for sigma in widths:
+        path, _ = posthoc_ema(args.result_dir, sigma, args.step, args.out)
+        print(path)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("ema", help="reconstruct the EMA of any width from a run's snapshots (post-hoc EMA)")
+    p.add_argument("--result-dir", required=True)
+    p.add_argument("--std", type=float, default=None, help="sigma_rel of the EMA to reconstruct, e.g. 0.08")
+    p.add_argument("--sweep", default=None, help="START:STOP:STEP, e.g. 0.03:0.15:0.01")
+    p.add_argument("--step", type=int, default=None, help="training step (default: the last snapshot)")
+    p.add_argument("--out", default=None, help="output file (default: cached in the run's ema/posthoc/)")
+    p.set_defaults(func=cmd_ema)
