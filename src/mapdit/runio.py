@@ -30,6 +30,8 @@ from safetensors.torch import load_file, save_file
 from .errors import UserError
 
 CHECKPOINT_RE = re.compile(r"step-(\d{7,})\.safetensors$")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -46,6 +48,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results should read like any other file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -94,6 +94,7 @@ def unused_path(path: Path) -> Path:
 # ------------------------------------------------------------------------------------------------
 def cmd_sample(args: argparse.Namespace) -> Path:
     d = dist_utils.init(args.device)
+    torch.set_flush_denormal(True)  # CPU: denormal floats make every op ~10x slower
     run_dir = Path(args.result_dir)
     model, config, desc = load_model(run_dir, weights=args.weights, ema_std=args.ema_std, ckpt=args.ckpt,
                                      device=d.device)

@@ -39,7 +39,7 @@ METRIC_FIELDS = ["step", "loss", "mse", "vb", "lr", "grad_norm", "steps_per_s", 
 
 @dataclass
 class TrainConfig:
-    data_path: str = "fashion-mnist"
+    data_path: str | None = None  # None: "fashion-mnist" (or, on resume, the run's own data)
     results_dir: str = "results"
     num_steps: int = 400_000
     batch_size: int = 256  # global: split evenly over ranks
@@ -176,6 +176,7 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = N
     """
     d = dist_utils.init(tc.device)
     device = d.device
+    torch.set_flush_denormal(True)  # CPU: denormal floats (tiny Adam moments, zero-init layers) cost ~10x per op
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -190,7 +191,9 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = N
                                 "ema_stds": tuple(saved["train"]["ema_stds"])})
         # what may change on resume: the run length and where/how it runs
         tc = dataclasses.replace(stored, num_steps=max(tc.num_steps, stored.num_steps), device=tc.device,
-                                 compile=tc.compile, results_dir=str(run_dir.parent))
+                                 compile=tc.compile, results_dir=str(run_dir.parent),
+                                 data_path=tc.data_path or stored.data_path)
+    tc = dataclasses.replace(tc, data_path=tc.data_path or "fashion-mnist")
     tc.check(d.world_size)
     data = load_dataset(tc.data_path, patch_size=model_cfg.patch_size, image_size=tc.image_size,
                         hflip=tc.hflip)
@@ -379,8 +382,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
     add_model_args(p, data_defaults=False)
     g = p.add_argument_group("training")
-    g.add_argument("--data-path", default="fashion-mnist",
-                   help="'fashion-mnist', a folder of IDX files, a folder of class subfolders, or prepared latents")
+    g.add_argument("--data-path", default=None,
+                   help="(default fashion-mnist) 'fashion-mnist', a folder of IDX files, a folder of class subfolders, or prepared latents")
     g.add_argument("--results-dir", default="results")
     g.add_argument("--num-steps", type=int, default=400_000)
     g.add_argument("--global-batch-size", "--batch-size", dest="batch_size", type=int, default=256)

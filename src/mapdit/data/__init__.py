@@ -209,9 +209,16 @@ def load_dataset(
     """Load "fashion-mnist"/"fmnist", a folder of IDX files, or a class-per-subfolder folder.
 
     `split` selects train/test for IDX data; image folders have no splits (it is only recorded).
+    A folder holding latents.json (made by `mapdit prepare`) loads as a LatentDataset (latents.py).
     """
-    _check_args(image_size, patch_size, channels)
     path = str(path)
+    if not fashion_mnist.is_alias(path):
+        candidate = Path(path).expanduser()
+        if (candidate / "latents.json").is_file() or (candidate.name == "latents.json" and candidate.is_file()):
+            from mapdit.data.latents import load_latents
+
+            return load_latents(candidate, split, image_size, patch_size, channels, hflip=hflip)
+    _check_args(image_size, patch_size, channels)
     if fashion_mnist.is_alias(path):
         folder = fashion_mnist.default_dir()
         if not folder.is_dir() or not fashion_mnist.has_idx_files(folder):

@@ -1,0 +1,155 @@
+"""Training end to end: loss goes down, exact resume, torchrun equivalence, the seed commands."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mapdit.config import make_config
+from mapdit.errors import UserError
+from mapdit.runio import list_checkpoints, load_tensors, split_prefix
+from mapdit.train import TrainConfig, lr_multiplier, train
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = Path(os.environ.get("MAPDIT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").exists(),
+                                  reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+
+def tiny_model(preset="E", **kw):
+    return make_config("DiT-XXS/4", preset=preset, input_size=28, in_channels=1, num_classes=10, **kw)
+
+
+def tiny_train(tmp_path, **kw) -> TrainConfig:
+    base = dict(data_path="fashion-mnist", results_dir=str(tmp_path), num_steps=6, batch_size=8, log_every=2,
+                ema_snapshots=3, ckpt_every=3, seed=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    step, path = list_checkpoints(run_dir)[-1]
+    return load_tensors(path)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_lr_schedule_warmup_then_inverse_sqrt():
+    assert lr_multiplier(0, warmup=4, decay_start=10) == pytest.approx(0.25)
+    assert lr_multiplier(3, warmup=4, decay_start=10) == 1.0
+    assert lr_multiplier(9, warmup=4, decay_start=10) == 1.0
+    assert lr_multiplier(40, warmup=4, decay_start=10) == pytest.approx(0.5)
+
+
+def test_default_learning_rate_follows_weight_normalisation():
+    assert TrainConfig().resolved(tiny_model("A")).lr == 1e-4
+    assert TrainConfig().resolved(tiny_model("C")).lr == 1e-2
+    assert TrainConfig(lr=3e-3).resolved(tiny_model("E")).lr == 3e-3
+
+
+@needs_fmnist
+def test_run_folder_contents(tmp_path):
+    run = train(tiny_train(tmp_path), tiny_model())
+    assert run.name == "000-DiT-XXS-4"
+    assert {p.name for p in run.iterdir()} >= {"config.json", "log.txt", "metrics.csv", "checkpoints", "ema"}
+    rows = read_metrics(run)
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert all(float(r["images_per_s"]) > 0 and float(r["lr"]) > 0 for r in rows)
+    assert [s for s, _ in list_checkpoints(run)] == [3, 6]
+    tensors = final_params(run)
+    assert any(k.startswith("ema.0.050/") for k in tensors) and any(k.startswith("opt.") for k in tensors)
+    snaps = sorted(p.name for p in (run / "ema" / "sigma-0.100").iterdir())
+    assert snaps == ["step-0000002.safetensors", "step-0000004.safetensors", "step-0000006.safetensors"]
+    # a second run never reuses the folder
+    assert train(tiny_train(tmp_path, num_steps=1), tiny_model()).name == "001-DiT-XXS-4"
+
+
+@needs_fmnist
+def test_resume_continues_exactly(tmp_path):
+    full = train(tiny_train(tmp_path / "a"), tiny_model())
+    part = train(tiny_train(tmp_path / "b", num_steps=3), tiny_model())
+    resumed = train(tiny_train(tmp_path / "b", num_steps=6), None, resume=str(part))
+    assert resumed == part
+    a, b = final_params(full), final_params(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [int(r["step"]) for r in read_metrics(resumed)] == [2, 3, 4, 6]  # stop at 3 logs a row
+
+
+@needs_fmnist
+def test_resume_rejects_mismatched_data(tmp_path):
+    from PIL import Image
+
+    run = train(tiny_train(tmp_path, num_steps=2), tiny_model())
+    folder = tmp_path / "images"
+    for c in range(3):
+        (folder / f"class{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (32, 32), (40 * i, 80 * c, 30)).save(folder / f"class{c}" / f"{i}.png")
+    with pytest.raises(UserError, match="does not match"):
+        train(tiny_train(tmp_path, num_steps=4, data_path=str(folder)), None, resume=str(run))
+
+
+@needs_fmnist
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["A", "E"])
+def test_loss_decreases_on_fashion_mnist(tmp_path, preset):
+    run = train(tiny_train(tmp_path, num_steps=200, batch_size=32, log_every=20, ckpt_every=200, ema_snapshots=0,
+                           lr=1e-3 if preset == "A" else None), tiny_model(preset))
+    losses = [float(r["mse"]) for r in read_metrics(run)]
+    print(preset, [f"{v:.3f}" for v in losses])
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    args = ["--data-path", "fashion-mnist", "--model", "DiT-XXS/4", "--config", "E", "--num-steps", "4",
+            "--global-batch-size", "8", "--log-every", "2", "--ema-snapshots", "0", "--ckpt-every", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "mapdit.cli", "train", "--results-dir", str(tmp_path / "one"), *args],
+                   check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                    f"--master_port={_free_port()}", "-m", "mapdit.cli", "train", "--results-dir",
+                    str(tmp_path / "two"), *args], check=True, env=env, capture_output=True)
+    one = final_params(tmp_path / "one" / "000-DiT-XXS-4")
+    two = final_params(tmp_path / "two" / "000-DiT-XXS-4")
+    for key in split_prefix(one, "model."):
+        torch.testing.assert_close(one[f"model.{key}"], two[f"model.{key}"], rtol=1e-4, atol=1e-5)
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_seed_commands_run_end_to_end(tmp_path):
+    results = tmp_path / "R"
+    subprocess.run([sys.executable, "train.py", "--data-path", "fashion-mnist", "--results-dir", str(results),
+                    "--model", "DiT-XXS/4", "--num-steps", "4", "--global-batch-size", "8", "--use-all-mp",
+                    "--ema-snapshots", "2"], check=True, cwd=REPO, capture_output=True)
+    run = results / "000-DiT-XXS-4"
+    out = subprocess.run([sys.executable, "sample.py", "--result-dir", str(run), "--class-label", "3",
+                          "--steps", "5", "--num-samples", "4"], check=True, cwd=REPO, capture_output=True, text=True)
+    png = Path(out.stdout.strip().splitlines()[-1])
+    assert png.exists() and png.suffix == ".png"
+    out = subprocess.run([sys.executable, "sample.py", "--result-dir", str(run), "--num-samples", "10", "--out",
+                          str(tmp_path / "s.npz"), "--steps", "3"], check=True, cwd=REPO, capture_output=True,
+                         text=True)
+    import numpy as np
+
+    data = np.load(tmp_path / "s.npz")
+    assert data["arr_0"].shape == (10, 28, 28, 1) and data["arr_0"].dtype == np.uint8
+    assert data["arr_1"].shape == (10,) and data["arr_1"].max() < 10
