@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add sub-commands: each has `register(subparsers)`; imports inside commands stay lazy.
 COMMAND_MODULES: list[str] = ["mapdit.train", "mapdit.sample", "mapdit.weights",
-                                 "mapdit.evaluate.fmnist_classifier"]
+                                 "mapdit.evaluate.fmnist_classifier", "mapdit.data.prepare"]
 
 
 def main(argv: list[str] | None = None) -> int:
