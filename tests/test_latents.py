@@ -349,7 +349,6 @@ def test_cli_prepare(images, vae_dir, tmp_path, monkeypatch, capsys):
 
     import mapdit.cli as cli
 
-    monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "mapdit.data.prepare"])
     argv = ["prepare", "--image-folder", str(images), "--out", str(tmp_path / "cli"), "--resolution", "16",
             "--vae", str(vae_dir), "--shard-size", "100", "--num-workers", "1", "--no-progress"]
     assert cli.main(argv) == 0

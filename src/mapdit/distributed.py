@@ -1,4 +1,9 @@
-"""torchrun awareness: one process per rank, NCCL on GPUs, gloo on CPUs; plain runs are rank 0 of 1."""
+"""torchrun awareness: one process per rank, NCCL on GPUs, gloo on CPUs; plain runs are rank 0 of 1.
+
+Failure model: every collective has a timeout (default 600 s, MAPDIT_DIST_TIMEOUT_S overrides it), and a
+rank that fails exits non-zero (the CLI turns a UserError into exit code 2), which makes torchrun stop the
+other ranks. So when one rank fails the job ends with that rank's error; no rank waits forever.
+"""
 from __future__ import annotations
 
 import datetime
@@ -7,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .errors import UserError
 
 
 @dataclass
@@ -25,23 +32,50 @@ class Dist:
         return self.world_size > 1
 
 
-def init(device: str | None = None, timeout_s: float = 600.0) -> Dist:
+DEFAULT_TIMEOUT_S = 600.0
+TIMEOUT_ENV = "MAPDIT_DIST_TIMEOUT_S"
+
+
+def world_size_from_env() -> int:
+    """The number of ranks torchrun started (1 outside torchrun), known before joining the group."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def collective_timeout_s() -> float:
+    try:
+        value = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    except ValueError:
+        value = DEFAULT_TIMEOUT_S
+    return value if value > 0 else DEFAULT_TIMEOUT_S
+
+
+def init(device: str | None = None, timeout_s: float | None = None) -> Dist:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1), else a single process.
 
-    `timeout_s` bounds every collective: when one rank dies, the others fail instead of hanging.
+    `timeout_s` (default: $MAPDIT_DIST_TIMEOUT_S or 600) bounds every collective: when one rank dies, the
+    others fail instead of hanging.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size_from_env()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank if world > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = collective_timeout_s() if timeout_s is None else timeout_s
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     return Dist(rank, world, local_rank, dev)
 
 
@@ -63,6 +97,18 @@ def all_reduce_mean_(d: Dist, tensor: torch.Tensor) -> torch.Tensor:
     if d.enabled:
         dist.all_reduce(tensor)
         tensor /= d.world_size
+    return tensor
+
+
+def all_reduce_min_(d: Dist, tensor: torch.Tensor) -> torch.Tensor:
+    if d.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
+def all_reduce_max_(d: Dist, tensor: torch.Tensor) -> torch.Tensor:
+    if d.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 

@@ -5,6 +5,16 @@ initialisation and state-dict names (the patch embedding is a linear over patchi
 strided conv; `convert_dit_state_dict` maps the conv weight). Every option swaps a layer or a function
 when the model is built (`DiT.__init__`), so forwards contain no option checks.
 
+Magnitude preservation at (nearly) no cost in eager mode -- every rewrite below is exact algebra:
+  * MP SiLU before an MP linear is a plain SiLU; the 1/0.596 is folded into the linear's weight scale;
+  * a block residual (with or without the MP sum) and its gate are one multiply-add:
+    x + (b*g) * branch; the MP sum's factor a on the stream is carried to the next site's modulation
+    coefficients (tiny (N, 1, D) tensors) and applied once at the block's end;
+  * scale and rotation of a site are one fused operator (`nn.scale_rotate_pairs`); with no LayerNorm the
+    carried stream factor joins their coefficients too;
+  * cosine attention normalises q and k of the fused qkv tensor in one operator (`nn.normalize_qk`).
+A block still takes and returns the true residual stream, so forward hooks see what they always saw.
+
 Shapes: N batch, C channels, H=W input side, p patch, T=(H/p)^2 tokens, D width.
 """
 from __future__ import annotations
@@ -18,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .nn import (MPEmbedding, MPLinear, MPSiLU, cosine_attention, mp_sincos_pos_embed_2d, mp_sum,
-                 project_mp_weights_, rotate_pairs, sincos_pos_embed_2d, softmax_attention)
+from .nn import (SILU_RMS, MPEmbedding, MPLinear, MPSiLU, mp_sincos_pos_embed_2d, mp_sum_coefficients,
+                 normalize_qk, project_mp_weights_, scale_rotate_pairs, sincos_pos_embed_2d)
 
 FREQ_DIM = 256  # width of the timestep features (DiT's frequency_embedding_size)
 
@@ -34,23 +44,31 @@ class Layers:
         self.cfg = cfg
         self.mp = cfg.uses_mp_linear
 
-    def linear(self, d_in: int, d_out: int) -> nn.Module:
+    def linear(self, d_in: int, d_out: int, after_act: bool = False) -> nn.Module:
+        """after_act: the input comes from `act()` (which may leave its MP division to this layer)."""
         if self.mp:
-            return MPLinear(d_in, d_out, self.cfg.weight_normalization, self.cfg.forced_weight_normalization)
+            return MPLinear(d_in, d_out, self.cfg.weight_normalization, self.cfg.forced_weight_normalization,
+                            input_scale=self.act_gain if after_act else 1.0)
         return nn.Linear(d_in, d_out)
 
-    def zero_linear(self, d_in: int, d_out: int) -> nn.Module:
+    def zero_linear(self, d_in: int, d_out: int, after_act: bool = False) -> nn.Module:
         """A linear whose output is exactly zero at init (AdaLN-Zero modulation, final layer)."""
         if self.mp:  # MP weights cannot be zero: a learned scalar gain starting at 0 instead
             return MPLinear(d_in, d_out, self.cfg.weight_normalization, self.cfg.forced_weight_normalization,
-                            gain=0.0)
+                            gain=0.0, input_scale=self.act_gain if after_act else 1.0)
         layer = nn.Linear(d_in, d_out)
         layer.zero_init = True  # read by DiT.initialize_weights
         return layer
 
+    @property
+    def act_gain(self) -> float:
+        """MP SiLU feeding an MP linear: the activation is a plain SiLU and the linear scales by 1/0.596."""
+        return 1.0 / SILU_RMS if (self.cfg.mp_silu and self.mp) else 1.0
+
     def act(self, mlp: bool = False) -> nn.Module:
+        """The activation in front of a `linear(..., after_act=True)`."""
         if self.cfg.mp_silu:
-            return MPSiLU()
+            return nn.SiLU() if self.mp else MPSiLU()  # with MP linears the division is in the next layer
         return nn.GELU(approximate="tanh") if mlp else nn.SiLU()  # DiT: GELU in the MLP, SiLU elsewhere
 
     def norm(self, dim: int) -> nn.Module:
@@ -66,18 +84,29 @@ class Layers:
         return table
 
     @property
-    def attention_fn(self) -> Callable:
-        return cosine_attention if self.cfg.cosine_attention else softmax_attention
-
-    @property
     def combine(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Sum of two equally important signals (tokens + positions, timestep + label)."""
-        return (lambda a, b: mp_sum(a, b, 0.5)) if self.cfg.mp_residual else torch.add
+        return _mp_sum_half if self.cfg.mp_residual else torch.add
 
     @property
-    def residual(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        t = self.cfg.residual_blend
-        return (lambda x, branch: mp_sum(x, branch, t)) if self.cfg.mp_residual else torch.add
+    def residual_coefficients(self) -> tuple[float, float]:
+        """(a, b): a block residual is x <- a*x + b*branch (MP sum with blend t, or the plain sum)."""
+        return mp_sum_coefficients(self.cfg.residual_blend) if self.cfg.mp_residual else (1.0, 1.0)
+
+
+_HALF_MP = mp_sum_coefficients(0.5)[0]  # mp_sum(a, b, 0.5) = (a + b) * sqrt(1/2)
+
+
+def _mp_sum_half(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """mp_sum(a, b, 0.5) as one add and one in-place scale (no lerp, no division)."""
+    return torch.add(a, b).mul_(_HALF_MP)
+
+
+def gated_add(x: torch.Tensor, y: torch.Tensor, coef: torch.Tensor | None, b: float = 1.0) -> torch.Tensor:
+    """x + b * coef * y in one operator (coef: a per-sample gate (N, 1, D), or None for no gate)."""
+    if coef is None:
+        return torch.add(x, y, alpha=b) if b != 1.0 else x + y
+    return torch.addcmul(x, y, coef if b == 1.0 else coef * b)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,7 +117,8 @@ class SiteModulation:
 
     Parameters arrive as one tensor (N, 1, K) holding, in order, the enabled chunks of
     [shift (D), scale (D), rotate (D/2), gate (D)]. Pre-branch order: scale, shift (one fused addcmul),
-    then rotate. The gate multiplies the branch output: g (zero init, AdaLN-Zero) or 1+g (identity init).
+    then rotate (scale and rotate fused when there is no shift). The gate multiplies the branch output:
+    g (zero init, AdaLN-Zero) or 1+g (identity init); blocks fold it into the residual (`gate_coef`).
     """
 
     WIDTH = {"shift": 1.0, "scale": 1.0, "rotate": 0.5, "gate": 1.0}
@@ -98,36 +128,47 @@ class SiteModulation:
         self.width = sum(self.widths)
         self.slot = {p: i for i, p in enumerate(parts)}
         self.pairing = pairing
-        self.pre = self._build_pre(parts)
-        self.gate = self._build_gate(parts, gate_init)
+        self.gate_init = gate_init
+        self._shift, self._scale, self._rotate, self._gate = (self.slot.get(p) for p in MODULATION_ORDER)
 
-    def _build_pre(self, parts) -> Callable:
-        shift, scale, rotate = (self.slot.get(p) for p in ("shift", "scale", "rotate"))
-        pairing = self.pairing
+    def pre(self, h: torch.Tensor, m: tuple[torch.Tensor, ...], s: float = 1.0) -> torch.Tensor:
+        """The branch input for the stream s*h: h*(1+scale)*s + shift, then the rotation.
 
-        def affine(h, m):
-            if scale is not None and shift is not None:
-                return torch.addcmul(m[shift], h, 1 + m[scale])  # h*(1+s) + b
-            if scale is not None:
-                return h * (1 + m[scale])
-            return h + m[shift]
+        s is a Python float carried from an MP residual; it joins the (N, 1, D) coefficients, never the
+        token-sized tensor. Tokens see one operator: an addcmul, a multiply, or the fused scale-rotation.
+        """
+        shift, scale, rotate = self._shift, self._scale, self._rotate
+        k: torch.Tensor | float = 1.0
+        if scale is not None:
+            k = 1 + m[scale] if s == 1.0 else (1 + m[scale]) * s
+        elif s != 1.0:
+            k = s
+        if shift is not None:
+            if isinstance(k, torch.Tensor):
+                h = torch.addcmul(m[shift], h, k)  # h*k + b
+            else:
+                h = torch.add(m[shift], h, alpha=k) if k != 1.0 else h + m[shift]
+            k = 1.0
+        if rotate is not None:
+            return scale_rotate_pairs(h, m[rotate], k, self.pairing)
+        return h * k if shift is None else h
 
-        if rotate is None:
-            return affine
-        if scale is None and shift is None:
-            return lambda h, m: rotate_pairs(h, m[rotate], pairing)
-        return lambda h, m: rotate_pairs(affine(h, m), m[rotate], pairing)
+    def gate_coef(self, m: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """The per-sample factor (N, 1, D) on the branch output, or None without a gate."""
+        if self._gate is None:
+            return None
+        g = m[self._gate]
+        return g if self.gate_init == "zero" else 1 + g
 
-    def _build_gate(self, parts, gate_init) -> Callable:
-        if "gate" not in parts:
-            return lambda y, m: y
-        g = self.slot["gate"]
-        if gate_init == "zero":
-            return lambda y, m: y * m[g]
-        return lambda y, m: y * (1 + m[g])
+    def gate(self, y: torch.Tensor, m: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        coef = self.gate_coef(m)
+        return y if coef is None else y * coef
 
     def split(self, params: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return params.split(self.widths, dim=-1)
+
+
+MODULATION_ORDER = ("shift", "scale", "rotate", "gate")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,7 +227,7 @@ class TimestepEmbedder(nn.Module):
             self.table = MPEmbedding(num_train_steps, FREQ_DIM)  # learned, rows of magnitude 1
         else:
             self.table = SinusoidFeatures()
-        self.mlp = nn.Sequential(layers.linear(FREQ_DIM, dim), layers.act(), layers.linear(dim, dim))
+        self.mlp = nn.Sequential(layers.linear(FREQ_DIM, dim), layers.act(), layers.linear(dim, dim, after_act=True))
         for layer in (self.mlp[0], self.mlp[2]):
             layer.dit_std = 0.02
 
@@ -212,17 +253,23 @@ class LabelEmbedder(nn.Module):
 # Transformer block
 # ------------------------------------------------------------------------------------------------
 class Attention(nn.Module):
+    """Multi-head self-attention through scaled_dot_product_attention; cosine attention normalises q and k
+    per head first (logits sqrt(d_h) * cos(q, k); `nn.cosine_attention` is the same on separate q, k, v)."""
+
     def __init__(self, layers: Layers, dim: int, heads: int):
         super().__init__()
         self.heads = heads
         self.qkv = layers.linear(dim, 3 * dim)
         self.proj = layers.linear(dim, dim)
-        self.attend = layers.attention_fn
+        self.cosine = layers.cfg.cosine_attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, T, D) -> (N, T, D)
         n, t, d = x.shape
-        q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3x(N,h,T,dh)
-        out = self.attend(q, k, v)  # (N, h, T, dh)
+        qkv = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads)  # (N, T, 3, h, dh)
+        if self.cosine:
+            qkv = normalize_qk(qkv)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (N, h, T, dh), views
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, h, T, dh)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
 
@@ -231,14 +278,20 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = layers.linear(dim, hidden)
         self.act = layers.act(mlp=True)
-        self.fc2 = layers.linear(hidden, dim)
+        self.fc2 = layers.linear(hidden, dim, after_act=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
 
 class DiTBlock(nn.Module):
-    """x <- residual(x, gate(attn(modulate(norm(x))))); the same for the MLP. x: (N, T, D), c: (N, D)."""
+    """x <- residual(x, gate(attn(modulate(norm(x))))); the same for the MLP. x: (N, T, D), c: (N, D).
+
+    residual(x, y) = a*x + b*y: the plain sum (a = b = 1) or the MP sum with blend t (spec §1).
+    Computed as x1 = a * x1s with x1s = x + (b/a) * gate * y1 (one addcmul); the MLP site reads the
+    stream through its coefficients (s = a) when there is no LayerNorm; the block returns
+    a*a*x1s + b * gate * y2 (a multiply and an addcmul), the true residual stream.
+    """
 
     def __init__(self, layers: Layers, dim: int, heads: int, mlp_ratio: float, site: SiteModulation):
         super().__init__()
@@ -246,17 +299,21 @@ class DiTBlock(nn.Module):
         self.attn = Attention(layers, dim, heads)
         self.norm2 = layers.norm(dim)
         self.mlp = Mlp(layers, dim, int(dim * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(layers.act(), layers.zero_linear(dim, 2 * site.width))
+        self.adaLN_modulation = nn.Sequential(layers.act(), layers.zero_linear(dim, 2 * site.width, after_act=True))
         self.site = site
-        self.residual = layers.residual
+        self.a, self.b = layers.residual_coefficients
+        self.fold_stream_scale = isinstance(self.norm2, nn.Identity)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        site = self.site
+        site, a, b = self.site, self.a, self.b
         m_attn, m_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)  # 2 x (N, 1, K)
         m_attn, m_mlp = site.split(m_attn), site.split(m_mlp)
-        x = self.residual(x, site.gate(self.attn(site.pre(self.norm1(x), m_attn)), m_attn))
-        x = self.residual(x, site.gate(self.mlp(site.pre(self.norm2(x), m_mlp)), m_mlp))
-        return x
+        x1s = gated_add(x, self.attn(site.pre(self.norm1(x), m_attn)), site.gate_coef(m_attn), b / a)  # x1 = a*x1s
+        if self.fold_stream_scale:
+            h = site.pre(x1s, m_mlp, a)
+        else:
+            h = site.pre(self.norm2(x1s if a == 1.0 else x1s * a), m_mlp)
+        return gated_add(x1s if a == 1.0 else x1s * (a * a), self.mlp(h), site.gate_coef(m_mlp), b)
 
 
 class FinalLayer(nn.Module):
@@ -266,7 +323,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm_final = layers.norm(dim)
         self.linear = layers.zero_linear(dim, patch * patch * out_channels)
-        self.adaLN_modulation = nn.Sequential(layers.act(), layers.zero_linear(dim, site.width))
+        self.adaLN_modulation = nn.Sequential(layers.act(), layers.zero_linear(dim, site.width, after_act=True))
         self.site = site
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (N,T,D) -> (N,T,p*p*out)

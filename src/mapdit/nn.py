@@ -3,10 +3,25 @@
 "Magnitude" of a tensor x with n channels is M[x] = sqrt(mean(x**2)) over its last dimension, averaged
 over everything else (spec §1). Every block here is documented with the magnitude property it keeps.
 Pure functions for the math; two small modules (`MPLinear`, `MPEmbedding`) for the learned parts.
+
+Speed notes (measured in benchmarks/bench.py, see BENCHMARKS.md). Eager PyTorch pays one pass over
+memory, and on a busy CPU one thread rendezvous, per operator, so the hot paths here are written as few
+operators as possible:
+  * row normalisation (of weights, and of q/k in cosine attention) is a custom autograd Function whose
+    forward is one multiply and whose backward is one row dot product and one multiply-add, instead of
+    the ~10 operators autograd records for x / (||x|| / sqrt(n) + eps);
+  * an MP linear whose weight was just projected onto the sphere (forced weight normalisation) reuses
+    the row norms of that projection: its forward is a single multiply, computed once per optimizer step;
+  * pair rotation (optionally fused with a per-channel scale) is one Function: two multiplies and two
+    multiply-adds forward, the same backward, no concatenation.
+Under torch.compile (`torch.compiler.is_compiling()`), every block falls back to the plain formulas,
+which Inductor fuses by itself; nothing on that path reads `_version` or a Python-side cache, so models
+compile without graph breaks.
 """
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -17,23 +32,79 @@ SILU_RMS = 0.596
 EPS = 1e-4
 
 
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 def magnitude(x: torch.Tensor) -> torch.Tensor:
     """M[x]: root-mean-square over the last (channel) dimension, averaged over all other positions."""
     return x.float().pow(2).mean(dim=-1).sqrt().mean()
 
 
 def normalize(x: torch.Tensor, dim: int | tuple[int, ...] = -1, eps: float = EPS) -> torch.Tensor:
-    """Scale every row (along `dim`) to RMS 1, i.e. norm sqrt(n). Output magnitude: exactly 1 (up to eps)."""
-    dim = (dim,) if isinstance(dim, int) else dim
-    n = math.prod(x.shape[d] for d in dim)
+    """Scale every row (along `dim`) to RMS 1, i.e. norm sqrt(n). Output magnitude: exactly 1 (up to eps).
+
+    The plain, differentiable reference formula; `normalize_rows` computes the same with a cheaper backward.
+    """
+    dim = (dim,) if isinstance(dim, int) else tuple(dim)
+    n = 1
+    for d in dim:  # (a loop, not a generator: torch.compile traces it without a graph break)
+        n *= x.shape[d]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # half inputs: norm in fp32
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=acc)
     return x / (norm / math.sqrt(n) + eps).to(x.dtype)
 
 
+@torch.no_grad()
+def _row_rms(x: torch.Tensor) -> torch.Tensor:
+    """RMS of every row along the last dim, (..., 1), in fp32 (fp64 for fp64 input), outside autograd."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc).div_(math.sqrt(x.shape[-1]))
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) over the last dim, keepdim (one fused pass, no product tensor)."""
+    return torch.linalg.vecdot(a, b).unsqueeze(-1)
+
+
+class _RowNormalize(torch.autograd.Function):
+    """y = x * inv with inv = 1 / (rms(x) + eps) per row: `normalize` along the last dim.
+
+    Backward of the exact formula, written on the output: dx = inv * g - y * (g . y) / (n * rms), one row dot
+    and two fused elementwise operators (autograd of `normalize` records about ten).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        rms = _row_rms(x)
+        inv = (rms + EPS).reciprocal_()
+        y = x * inv.to(x.dtype)
+        ctx.save_for_backward(y, inv, rms)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        y, inv, rms = ctx.saved_tensors
+        coef = _rowdot(g, y).div_(rms * y.shape[-1])
+        return torch.addcmul(g * inv.to(g.dtype), y, coef.to(g.dtype), value=-1)
+
+
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """`normalize(x)` along the last dim, equal within rounding, with a cheap backward (see `_RowNormalize`)."""
+    if _compiling() or not (torch.is_grad_enabled() and x.requires_grad):
+        return normalize(x)
+    return _RowNormalize.apply(x)
+
+
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """Blend (1-t)*a + t*b, rescaled so that uncorrelated a, b of equal magnitude give that magnitude."""
     return torch.lerp(a, b, t) / math.sqrt((1 - t) ** 2 + t**2)
+
+
+def mp_sum_coefficients(t: float) -> tuple[float, float]:
+    """(alpha, beta) with mp_sum(a, b, t) = alpha * a + beta * b."""
+    c = math.sqrt((1 - t) ** 2 + t**2)
+    return (1 - t) / c, t / c
 
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
@@ -42,10 +113,112 @@ def mp_silu(x: torch.Tensor) -> torch.Tensor:
 
 
 class MPSiLU(nn.Module):
-    """Module form of `mp_silu` (so a model can pick the activation layer once, at build time)."""
+    """Module form of `mp_silu` (so a model can pick the activation layer once, at build time).
+
+    When the consumer is an `MPLinear`, a model can instead use a plain SiLU and give the linear
+    `input_scale=1/SILU_RMS`: the same function with the division folded into the weight scale (free).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return mp_silu(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rotation of channel pairs
+# ------------------------------------------------------------------------------------------------
+def _pair_views(x: torch.Tensor, pairing: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two members (a, b) of every channel pair of x (..., D), as views of shape (..., D/2)."""
+    if pairing == "half":
+        pairs = x.unflatten(-1, (2, -1))  # (..., 2, D/2)
+        return pairs[..., 0, :], pairs[..., 1, :]
+    if pairing == "interleaved":
+        pairs = x.unflatten(-1, (-1, 2))  # (..., D/2, 2)
+        return pairs[..., 0], pairs[..., 1]
+    raise ValueError(f"unknown rotation pairing {pairing!r}: use 'half' or 'interleaved'")
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce a broadcast result back to `shape` (sum over the broadcast dimensions)."""
+    lead = t.dim() - len(shape)
+    dims = list(range(lead)) + [lead + i for i, s in enumerate(shape) if s == 1 and t.shape[lead + i] != 1]
+    return t.sum(dims, keepdim=True).reshape(shape) if dims else t
+
+
+class _PairMix(torch.autograd.Function):
+    """out_a = a*ca + b*sa, out_b = b*cb + a*sb for every channel pair (a, b) of x.
+
+    With ca = ka*cos, cb = kb*cos, sa = -kb*sin, sb = ka*sin this is a rotation by theta of x scaled by k.
+    Coefficients (..., D/2) broadcast against the pair views. Two multiplies and two multiply-adds
+    into one output buffer, forward and backward; no chunk/cat copies.
+    """
+
+    @staticmethod
+    def forward(ctx, x, ca, cb, sa, sb, pairing: str):
+        a, b = _pair_views(x, pairing)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        oa, ob = _pair_views(out, pairing)
+        torch.mul(a, ca, out=oa)
+        oa.addcmul_(b, sa)
+        torch.mul(b, cb, out=ob)
+        ob.addcmul_(a, sb)
+        ctx.save_for_backward(x, ca, cb, sa, sb)
+        ctx.pairing = pairing
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, ca, cb, sa, sb = ctx.saved_tensors
+        pairing = ctx.pairing
+        a, b = _pair_views(x, pairing)
+        g = g.contiguous()
+        ga, gb = _pair_views(g, pairing)
+        gx = None
+        if ctx.needs_input_grad[0]:  # the transpose of the 2x2 map of every pair
+            gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+            gxa, gxb = _pair_views(gx, pairing)
+            torch.mul(ga, ca, out=gxa)
+            gxa.addcmul_(gb, sb)
+            torch.mul(gb, cb, out=gxb)
+            gxb.addcmul_(ga, sa)
+        grads = [None] * 4
+        if any(ctx.needs_input_grad[1:5]):
+            same = g * x  # (ga*a | gb*b): grads of ca, cb
+            cross = torch.empty_like(same)  # (ga*b | gb*a): grads of sa, sb
+            xa, xb = _pair_views(cross, pairing)
+            torch.mul(ga, b, out=xa)
+            torch.mul(gb, a, out=xb)
+            s_a, s_b = _pair_views(same, pairing)
+            grads = [_sum_to(s_a, ca.shape), _sum_to(s_b, cb.shape), _sum_to(xa, sa.shape), _sum_to(xb, sb.shape)]
+        return (gx, *grads, None)
+
+
+def scale_rotate_pairs(x: torch.Tensor, theta: torch.Tensor, scale: torch.Tensor | float | None = None,
+                       pairing: str = "half") -> torch.Tensor:
+    """rotate_pairs(x * scale, theta, pairing) in one fused operator (scale: (..., D), a float, or None).
+
+    theta (..., D/2) broadcasts against x (..., D) minus its last dim; so does scale. With scale a per-sample
+    (N, 1, D) tensor, all coefficient algebra happens on (N, 1, D/2) tensors; the token-sized work is the
+    four multiply(-add)s of `_PairMix`.
+    """
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    if scale is None or isinstance(scale, (int, float)):
+        k = 1.0 if scale is None else float(scale)
+        ca = cb = cos if k == 1.0 else cos * k
+        sb = sin if k == 1.0 else sin * k
+        sa = -sb
+    else:
+        ka, kb = _pair_views(scale, pairing)
+        ca, cb, sa, sb = ka * cos, kb * cos, -(kb * sin), ka * sin
+    if _compiling():  # the same arithmetic in plain operators: Inductor fuses it
+        a, b = _pair_views(x, pairing)
+        return _pair_join(a * ca + b * sa, b * cb + a * sb, pairing)
+    return _PairMix.apply(x, ca, cb, sa, sb, pairing)
+
+
+def _pair_join(a: torch.Tensor, b: torch.Tensor, pairing: str) -> torch.Tensor:
+    if pairing == "half":
+        return torch.cat((a, b), dim=-1)
+    return torch.stack((a, b), dim=-1).flatten(-2)
 
 
 def rotate_pairs(x: torch.Tensor, theta: torch.Tensor, pairing: str = "half") -> torch.Tensor:
@@ -56,24 +229,19 @@ def rotate_pairs(x: torch.Tensor, theta: torch.Tensor, pairing: str = "half") ->
     pairing="interleaved": pairs (x_{2i}, x_{2i+1}) -- the paper's Eq. 6 indexing.
     The two are the same transform up to a fixed channel permutation.
     """
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    if pairing == "half":
-        a, b = x.chunk(2, dim=-1)
-        return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
-    if pairing == "interleaved":
-        pairs = x.unflatten(-1, (-1, 2))  # (..., D/2, 2)
-        a, b = pairs[..., 0], pairs[..., 1]
-        return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
-    raise ValueError(f"unknown rotation pairing {pairing!r}: use 'half' or 'interleaved'")
+    return scale_rotate_pairs(x, theta, None, pairing)
 
 
+# ------------------------------------------------------------------------------------------------
+# Attention
+# ------------------------------------------------------------------------------------------------
 def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Attention with q and k normalised per head to norm sqrt(d_h).
 
     q, k, v: (N, heads, T, d_h). With the usual 1/sqrt(d_h) scale the logits become sqrt(d_h)*cos(q, k),
     bounded in [-sqrt(d_h), sqrt(d_h)] whatever the input magnitude (a fixed temperature).
     """
-    return F.scaled_dot_product_attention(normalize(q), normalize(k), v)
+    return F.scaled_dot_product_attention(normalize_rows(q), normalize_rows(k), v)
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -81,6 +249,54 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return F.scaled_dot_product_attention(q, k, v)
 
 
+class _CosineQKV(torch.autograd.Function):
+    """qkv (N, T, 3, h, d_h) -> the same layout with q and k normalised per head (v copied).
+
+    One operator pass for the norms and one multiply forward; the backward of `_RowNormalize` on q and k.
+    Keeping q, k and v in one buffer keeps autograd's gradient of the qkv projection a single tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor) -> torch.Tensor:
+        qk = qkv[:, :, :2]
+        rms = _row_rms(qk)
+        inv = (rms + EPS).reciprocal_()
+        out = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+        torch.mul(qk, inv.to(qkv.dtype), out=out[:, :, :2])
+        out[:, :, 2].copy_(qkv[:, :, 2])
+        ctx.save_for_backward(out, inv, rms)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        out, inv, rms = ctx.saved_tensors
+        y, gqk = out[:, :, :2], g[:, :, :2]
+        coef = _rowdot(gqk, y).div_(rms * y.shape[-1])
+        gx = torch.empty_like(out)
+        torch.mul(gqk, inv.to(g.dtype), out=gx[:, :, :2])
+        gx[:, :, :2].addcmul_(y, coef.to(g.dtype), value=-1)
+        gx[:, :, 2].copy_(g[:, :, 2])
+        return gx
+
+
+def normalize_qk(qkv: torch.Tensor) -> torch.Tensor:
+    """qkv (N, T, 3, h, d_h) with q and k normalised per head (the cosine-attention inputs), v unchanged.
+
+    With autograd: one fused Function. Without (sampling): q and k are normalised in place (qkv must be a
+    fresh tensor the caller owns, e.g. the output of the qkv projection).
+    """
+    if _compiling():
+        return torch.cat((normalize(qkv[:, :, :2]), qkv[:, :, 2:]), dim=2)
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return _CosineQKV.apply(qkv)
+    qk = qkv[:, :, :2]
+    qk.mul_((_row_rms(qk) + EPS).reciprocal_().to(qkv.dtype))
+    return qkv
+
+
+# ------------------------------------------------------------------------------------------------
+# Positional tables
+# ------------------------------------------------------------------------------------------------
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     """Fixed 2-D sin-cos positional table (T=grid_h*grid_w, dim), float64, the MAE/DiT recipe.
 
@@ -106,6 +322,41 @@ def mp_sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     return normalize(sincos_pos_embed_2d(dim, grid_h, grid_w))
 
 
+# ------------------------------------------------------------------------------------------------
+# Weight-normalised layers
+# ------------------------------------------------------------------------------------------------
+class _NormalizedWeight(torch.autograd.Function):
+    """W_eff = W * inv * k per row, inv = 1 / (rms + eps): `normalize(W) * k` given W's row statistics.
+
+    rms, inv: (out, 1) row statistics of W (measured by the caller: by the forced projection that just put
+    W on the sphere, or on the spot). k = gain * scale, gain an optional scalar parameter.
+    Forward: one multiply. Backward (exact Jacobian of normalize, with rho = rms):
+        dW = k * inv * (G - W * (G . W) * inv / (n * rho)),   dgain = scale * sum_rows inv * (G . W)
+    i.e. one row dot product and one multiply-add over W. The tangent projection of the gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, rms, inv, gain, scale: float):
+        coef = inv * scale if gain is None else inv * (gain.detach() * scale)
+        ctx.save_for_backward(weight, rms, inv, gain)
+        ctx.scale = scale
+        return weight * coef.to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, rms, inv, gain = ctx.saved_tensors
+        scale = ctx.scale
+        k = scale if gain is None else gain * scale
+        dot = _rowdot(g, weight)  # (out, 1): G . W per row
+        grad_w = grad_gain = None
+        if ctx.needs_input_grad[0]:
+            radial = dot * inv * inv / (rms * weight.shape[-1])
+            grad_w = torch.addcmul(g * (inv * k).to(g.dtype), weight, (radial * k).to(g.dtype), value=-1)
+        if gain is not None and ctx.needs_input_grad[3]:
+            grad_gain = (dot * inv).sum().mul_(scale).to(gain.dtype)
+        return grad_w, None, None, grad_gain, None
+
+
 class MPLinear(nn.Module):
     """Bias-free weight-normalised linear layer: y = x @ W_eff.T with W_eff = g * normalize(W) / sqrt(fan_in).
 
@@ -118,8 +369,16 @@ class MPLinear(nn.Module):
         so ||W|| cannot grow and the effective learning rate does not decay (EDM2's scheme).
         A model can project all its layers at once (`project_mp_weights_`); the layer then skips it.
     gain: None (g = 1), or the initial value of a learned scalar gain (0.0 gives a zero output at init).
+    input_scale: a constant folded into W_eff (e.g. 1/0.596 when the input is a plain SiLU whose MP
+        division is done here, for free); the output is input_scale times the layer above.
     Init: W ~ N(0, 1).
-    In eval mode without autograd, the effective weight is computed once and reused until W or g change.
+
+    Cost of the weight normalisation (eager): the projection measures the row norms once per optimizer
+    step and keeps them; the training forward is then one multiply of W and the backward one row dot and
+    one multiply-add (`_NormalizedWeight`). In eval mode without autograd, W_eff is computed once and reused
+    until W or g change (keyed on their version counters). Under torch.compile the forward is the plain
+    formula and the in-place projection must come from outside (`project_mp_weights_`, as the training
+    loop does before every step).
     """
 
     def __init__(
@@ -129,47 +388,82 @@ class MPLinear(nn.Module):
         normalize_on_use: bool = True,
         forced: bool = True,
         gain: float | None = None,
+        input_scale: float = 1.0,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.normalize_on_use, self.forced = normalize_on_use, forced
+        self.input_scale = float(input_scale)
         self.weight = nn.Parameter(torch.randn(out_features, in_features))
         self.gain = None if gain is None else nn.Parameter(torch.tensor(float(gain)))
         self._projected_version = -1  # weight._version right after our last in-place projection
+        self._stats: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, rms, inv) of W's rows
         self._cache: tuple[tuple, torch.Tensor] | None = None
 
+    @property
+    def scale(self) -> float:
+        return self.input_scale / math.sqrt(self.in_features)
+
     def extra_repr(self) -> str:
+        extra = f", input_scale={self.input_scale:g}" if self.input_scale != 1.0 else ""
         return (f"{self.in_features}, {self.out_features}, normalize_on_use={self.normalize_on_use}, "
-                f"forced={self.forced}, gain={'learned' if self.gain is not None else 'none'}")
+                f"forced={self.forced}, gain={'learned' if self.gain is not None else 'none'}{extra}")
+
+    def _weight_key(self) -> tuple:
+        return (self.weight._version, self.weight.data_ptr(), self.weight.device)
 
     @torch.no_grad()
     def project_(self) -> None:
         """Forced weight normalisation of this layer: W <- normalize(W), in place."""
-        self.weight.copy_(normalize(self.weight))
+        rms = _row_rms(self.weight)
+        denom = rms + EPS
+        self.weight.div_(denom.to(self.weight.dtype))
+        self._after_projection(rms / denom)
+
+    def _after_projection(self, new_rms: torch.Tensor) -> None:
+        """Record that W was just projected and that its rows now have RMS `new_rms` (computed, not measured)."""
         self._projected_version = self.weight._version
+        self._stats = (self._weight_key(), new_rms, (new_rms + EPS).reciprocal_())
 
     def effective_weight(self) -> torch.Tensor:
+        """The plain differentiable formula (reference; used under torch.compile and with grad in eval)."""
         w = normalize(self.weight) if self.normalize_on_use else self.weight
-        scale = 1.0 / math.sqrt(self.in_features)
-        return w * (self.gain * scale) if self.gain is not None else w * scale
+        return w * (self.gain * self.scale) if self.gain is not None else w * self.scale
 
-    def _cached_weight(self) -> torch.Tensor:
-        key = (self.weight._version, self.weight.data_ptr(),
+    def _row_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms, inv) of W's rows: from the last projection if W has not changed since, else measured now."""
+        stats = self._stats
+        if stats is not None and stats[0] == self._weight_key():
+            return stats[1], stats[2]
+        rms = _row_rms(self.weight)
+        return rms, (rms + EPS).reciprocal_()
+
+    def _training_weight(self) -> torch.Tensor:
+        if not self.normalize_on_use:
+            return self.weight * (self.gain * self.scale) if self.gain is not None else self.weight * self.scale
+        rms, inv = self._row_stats()
+        return _NormalizedWeight.apply(self.weight, rms, inv, self.gain, self.scale)
+
+    def _cached_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        key = (self._weight_key(), dtype,
                None if self.gain is None else (self.gain._version, self.gain.data_ptr()))
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.effective_weight())
+            self._cache = None  # free the old one first
+            self._cache = (key, self.effective_weight().to(dtype))
         return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
+        if _compiling():
+            w = self.effective_weight()
+        elif self.training:
             if self.forced and self.weight._version != self._projected_version:
                 self.project_()
             self._cache = None
-            w = self.effective_weight()
+            w = self._training_weight()
         elif torch.is_grad_enabled():
-            w = self.effective_weight()
+            w = self._training_weight()
         else:
-            w = self._cached_weight()
+            return F.linear(x, self._cached_weight(x.dtype))
         return F.linear(x, w.to(x.dtype))
 
 
@@ -189,30 +483,49 @@ class MPEmbedding(nn.Module):
     @torch.no_grad()
     def project_(self) -> None:
         self.weight.copy_(normalize(self.weight))
+        self._after_projection(None)
+
+    def _after_projection(self, new_rms) -> None:
         self._projected_version = self.weight._version
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
-        if self.training and self.forced and self.weight._version != self._projected_version:
+        if self.training and self.forced and not _compiling() and self.weight._version != self._projected_version:
             self.project_()
-        return normalize(self.weight[index])
+        return normalize_rows(self.weight[index])
 
 
 @torch.no_grad()
 def project_mp_weights_(module: nn.Module) -> int:
     """Forced weight normalisation of every MPLinear/MPEmbedding with forced=True in `module`, batched.
 
-    One pass of foreach kernels over all weights instead of one small kernel chain per layer; the result
-    equals calling `project_()` on each layer. Returns the number of tensors projected.
+    W <- normalize(W) for all of them; the result equals calling `project_()` on each layer. Row norms are
+    computed per group of weights sharing a row length and device/dtype: on CUDA each group is one
+    concatenated norm kernel; on CPU, where a kernel launch is cheap and memory traffic is what counts,
+    one norm per weight (the concatenation would be an extra read and write of every weight). The rest is
+    foreach arithmetic on the (rows, 1) statistics and one in-place foreach multiply of all weights.
+    The layers record the new row statistics, so their next training forward does not measure them again.
+    Returns the number of tensors projected.
     """
     layers = [m for m in module.modules() if isinstance(m, (MPLinear, MPEmbedding)) and m.forced]
     if not layers:
         return 0
-    weights = [m.weight for m in layers]
-    # Row norms of every weight, then the scale sqrt(n)/(norm + eps*sqrt(n)) as in `normalize`.
-    norms = [torch.linalg.vector_norm(w, dim=-1, keepdim=True) for w in weights]
-    rms = torch._foreach_div(norms, [math.sqrt(w.shape[-1]) for w in weights])
-    torch._foreach_add_(rms, EPS)
-    torch._foreach_div_(weights, rms)
+    groups: dict[tuple, list] = defaultdict(list)
     for m in layers:
-        m._projected_version = m.weight._version
+        w = m.weight
+        groups[(w.shape[-1], w.device, w.dtype)].append(m)
+    for (n, device, dtype), members in groups.items():
+        weights = [m.weight for m in members]
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        if device.type != "cpu" and len(weights) > 1:
+            flat = torch.cat([w.reshape(-1, n) for w in weights])
+            norms = list(torch.linalg.vector_norm(flat, dim=-1, keepdim=True, dtype=acc)
+                         .split([w.shape[0] for w in weights]))
+        else:
+            norms = [torch.linalg.vector_norm(w, dim=-1, keepdim=True, dtype=acc) for w in weights]
+        rms = torch._foreach_div(norms, math.sqrt(n))
+        denom = torch._foreach_add(rms, EPS)  # rms + eps, as in `normalize`
+        torch._foreach_div_(weights, denom if dtype == acc else [d.to(dtype) for d in denom])
+        new_rms = torch._foreach_div(rms, denom)  # the rows' RMS after the projection
+        for m, r in zip(members, new_rms):
+            m._after_projection(r)
     return len(layers)

@@ -7,29 +7,38 @@ A run folder is the contract between training, sampling, post-hoc EMA and evalua
       log.txt, metrics.csv             human log; one row per report (every --log-every steps)
       checkpoints/step-0000100.safetensors   model, EMA, optimizer, schedule (tensors only)
       checkpoints/step-0000100.json          step, size and sha256 of the .safetensors (written last)
+      checkpoints/*.broken             newer checkpoints found damaged on resume, set aside (never loaded)
       ema/sigma-0.050/step-0000100.safetensors   EMA snapshots for post-hoc reconstruction
       samples/, eval/                  grids, npz files, FID and magnitude results
 
 Tensors are only ever read from safetensors and metadata from JSON: nothing here unpickles.
-A checkpoint counts only when its JSON sidecar exists and the file's size and checksum match it.
+A checkpoint counts only when its JSON sidecar exists, the file's size and checksum match it and its
+header parses as safetensors. Every file here is written by `atomic_write` (temporary file, fsync, rename),
+except log.txt and metrics.csv, which grow a line at a time; on resume metrics.csv is cut back to the
+checkpoint's step (rewritten atomically), so a killed and resumed run has no duplicate rows.
 """
 from __future__ import annotations
 
+import contextlib
+import csv
+import errno
 import hashlib
+import io
 import json
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 
 CHECKPOINT_RE = re.compile(r"step-(\d{7,})\.safetensors$")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -41,6 +50,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Write a file by `write(tmp_path)` into a temporary file beside `path`, fsync, then rename.
 
     A crash or a full disk at any moment leaves either the old file or the new one, never half of one.
+    A full disk (ENOSPC/EDQUOT) becomes a one-line UserError; the temporary file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,14 +64,37 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
-        if err.errno == 28:  # ENOSPC
-            raise UserError(f"disk full while writing {path}; the previous files are intact: free space "
-                            "and resume") from err
+        if err.errno in DISK_FULL:
+            raise DiskFullError(path) from err
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
     return path
+
+
+class DiskFullError(UserError):
+    """The disk (or quota) filled up while writing `path`; the file's previous version is intact."""
+
+    def __init__(self, path: str | Path, message: str | None = None):
+        self.path = Path(path)
+        super().__init__(message or f"disk full while writing {path}; the previous files are intact: free "
+                                    "space and resume")
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename in `folder` durable (not every filesystem lets a directory be fsynced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -115,7 +148,12 @@ def create_run_dir(results_dir: str | Path, model_name: str) -> Path:
     """Make results_dir/NNN-<model>/ with the next free number. `mkdir` is atomic, so two runs started
     at once get different folders; an existing folder is never reused."""
     results_dir = Path(results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"--results-dir {results_dir} is not a folder") from None
+    except OSError as err:
+        raise UserError(f"cannot create --results-dir {results_dir}: {err.strerror}") from None
     tag = model_name.replace("/", "-")
     while True:
         numbers = [int(m.group(1)) for p in results_dir.iterdir() if (m := re.match(r"(\d{3,})-", p.name))]
@@ -123,7 +161,7 @@ def create_run_dir(results_dir: str | Path, model_name: str) -> Path:
         try:
             path.mkdir()
             return path
-        except FileExistsError:
+        except FileExistsError:  # another run took this number between our listing and mkdir
             continue
 
 
@@ -141,7 +179,114 @@ def load_run_config(run_dir: str | Path) -> dict:
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist: pass the folder a training run created "
                         "(e.g. results/000-DiT-S-2)")
-    return read_json(run_dir / "config.json")
+    if not (run_dir / "config.json").exists():
+        raise UserError(f"run folder {run_dir} has no config.json: its training was stopped before it started, "
+                        "so there is nothing to resume or sample; start a new run")
+    config = read_json(run_dir / "config.json")
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("model", "train")):
+        raise UserError(f"{run_dir / 'config.json'} is not a mapdit run config (no model and train sections)")
+    return config
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder while training it: a second `--resume` of the same run
+    fails at once instead of both writing into it. The kernel drops the lock when the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    path = Path(run_dir) / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except OSError as err:
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise UserError(f"{run_dir} is being trained by {holder}: wait for it to finish (or stop it) "
+                                "before resuming") from None
+            locked = False  # this filesystem has no locks (some NFS): go on without
+        if locked:
+            f.seek(0)
+            f.truncate()
+            f.write(f"process {os.getpid()}")
+            f.flush()
+        try:
+            yield
+        finally:
+            if locked:
+                f.seek(0)
+                f.truncate()
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resuming: cut the run back to the checkpoint it continues from
+# ------------------------------------------------------------------------------------------------
+def trim_metrics(path: str | Path, fields: list[str], max_step: int) -> int:
+    """Keep the header and the well-formed rows with step <= max_step (rows after the checkpoint will be
+    logged again; a row cut short by a kill is dropped). Rewritten atomically. Returns rows dropped."""
+    path = Path(path)
+    header, rows, dropped = list(fields), [], 0
+    if path.exists():
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            found = next(reader, None)
+            if found and found[0] == "step":
+                header = found
+            for row in reader:
+                if len(row) == len(header) and row[0].isdigit() and int(row[0]) <= max_step:
+                    rows.append(row)
+                else:
+                    dropped += 1
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+    return dropped
+
+
+def _step_of(name: str) -> int | None:
+    m = re.search(r"step-(\d+)\.safetensors$", name)
+    return int(m.group(1)) if m else None
+
+
+def rewind_run(run_dir: str | Path, step: int) -> list[str]:
+    """Remove what a killed run left beyond checkpoint `step`; returns one line per kind of thing removed.
+
+    - temporary files of interrupted atomic writes (checkpoints/, ema/sigma-*/, the run folder);
+    - EMA snapshots after `step` (an abandoned future; the resumed run writes its own) and post-hoc EMA
+      results cached for steps after it;
+    - checkpoints newer than `step` (they failed verification, or resume would have used them): renamed
+      to *.broken, kept for inspection but never loaded.
+    """
+    run_dir = Path(run_dir)
+    notes = []
+    tmp = [p for folder in (run_dir, run_dir / "checkpoints", *run_dir.glob("ema/sigma-*"))
+           for p in folder.glob(".*.tmp*") if p.is_file()]
+    for p in tmp:
+        p.unlink(missing_ok=True)
+    if tmp:
+        notes.append(f"removed {len(tmp)} temporary file(s) of interrupted writes")
+    later = [p for p in (*run_dir.glob("ema/sigma-*/step-*.safetensors"), *run_dir.glob("ema/posthoc/*.safetensors"))
+             if (s := _step_of(p.name)) is not None and s > step]
+    for p in later:
+        p.unlink(missing_ok=True)
+    if later:
+        notes.append(f"removed {len(later)} EMA file(s) after step {step}")
+    broken = [p for s, p in list_checkpoints(run_dir) if s > step]
+    for p in broken:
+        os.replace(p, p.with_name(p.name + ".broken"))
+        sidecar = p.with_suffix(".json")
+        if sidecar.exists():
+            os.replace(sidecar, sidecar.with_name(sidecar.name + ".broken"))
+    if broken:
+        notes.append(f"set aside {len(broken)} damaged checkpoint(s) after step {step} as *.broken")
+    return notes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,19 +308,27 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Ten
 
 def verify_checkpoint(path: Path) -> str | None:
     """None if the checkpoint is complete and intact, else the reason it is not."""
+    path = Path(path)
     sidecar = path.with_suffix(".json")
     if not sidecar.exists():
         return "no sidecar .json (the write did not finish)"
     try:
         meta = json.loads(sidecar.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return "unreadable sidecar .json"
+    if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
+        return "sidecar .json lacks the size and checksum"
     if not path.exists():
         return "file missing"
-    if path.stat().st_size != meta.get("bytes"):
-        return f"size {path.stat().st_size} != {meta.get('bytes')} recorded (truncated?)"
-    if sha256_file(path) != meta.get("sha256"):
+    if path.stat().st_size != meta["bytes"]:
+        return f"size {path.stat().st_size} != {meta['bytes']} recorded (truncated?)"
+    if sha256_file(path) != meta["sha256"]:
         return "checksum mismatch (corrupt)"
+    try:  # reads only the JSON header: a file that is not safetensors (e.g. a pickle) is never opened as one
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as err:
+        return f"not a safetensors file ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
     return None
 
 

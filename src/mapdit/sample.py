@@ -93,6 +93,12 @@ def unused_path(path: Path) -> Path:
 # `mapdit sample` and the seed's `python sample.py`
 # ------------------------------------------------------------------------------------------------
 def cmd_sample(args: argparse.Namespace) -> Path:
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                        ("--num-samples", args.num_samples)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value} must be at least 1")
+    if args.weights == "raw" and args.ema_std is not None:
+        raise UserError("--ema-std chooses an EMA width, which contradicts --weights raw: drop one of them")
     d = dist_utils.init(args.device)
     torch.set_flush_denormal(True)  # CPU: denormal floats make every op ~10x slower
     run_dir = Path(args.result_dir)

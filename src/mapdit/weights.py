@@ -6,26 +6,43 @@ Post-hoc results are cached as run/ema/posthoc/sigma-0.080-step-0000300.safetens
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
 from .ema import list_snapshots, parse_sweep, reconstruct
 from .errors import UserError
 from .model import DiT
-from .runio import (find_resumable_checkpoint, load_run_config, load_tensors, save_tensors, split_prefix,
-                    verify_checkpoint)
+from .runio import (CHECKPOINT_RE, find_resumable_checkpoint, load_run_config, load_tensors, save_tensors,
+                    split_prefix, verify_checkpoint)
 
 
 def posthoc_path(run_dir: Path, sigma_rel: float, step: int) -> Path:
     return Path(run_dir) / "ema" / "posthoc" / f"sigma-{sigma_rel:.3f}-step-{step:07d}.safetensors"
 
 
+def check_snapshot_files(folder: Path) -> None:
+    """Every EMA snapshot must at least have a safetensors header: anything else (a truncated file, a pickle)
+    is a one-line error naming it. Nothing is ever unpickled."""
+    for path in sorted(Path(folder).glob("sigma-*/step-*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.metadata()
+        except (SafetensorError, OSError, ValueError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"{path} is not a readable EMA snapshot ({reason}): move it out of the run folder "
+                            "and try again") from None
+
+
 def posthoc_ema(run_dir: str | Path, sigma_rel: float, step: int | None = None, out: str | Path | None = None,
                 progress: bool = True, log=print) -> tuple[Path, dict[str, torch.Tensor]]:
     """Reconstruct the EMA of width sigma_rel at `step` (None: last snapshot); cached beside the run."""
     run_dir = Path(run_dir)
+    check_snapshot_files(run_dir / "ema")
     snaps = list_snapshots(run_dir / "ema")
     if not snaps:
         raise UserError(f"no EMA snapshots in {run_dir / 'ema'}: train with --ema-snapshots > 0 "
@@ -44,6 +61,8 @@ def posthoc_ema(run_dir: str | Path, sigma_rel: float, step: int | None = None, 
 
 
 def resolve_checkpoint(run_dir: Path, ckpt: str | None) -> tuple[int, Path]:
+    """(step, path) of `ckpt` (verified: size, checksum, safetensors header) or of the run's newest intact
+    checkpoint; damaged newer ones are reported on stderr, one line each, and skipped."""
     if ckpt is not None:
         path = Path(ckpt)
         if not path.exists():
@@ -51,8 +70,12 @@ def resolve_checkpoint(run_dir: Path, ckpt: str | None) -> tuple[int, Path]:
         problem = verify_checkpoint(path)
         if problem:
             raise UserError(f"checkpoint {path} is not usable: {problem}")
-        return int(path.stem.split("-")[-1]), path
-    found = find_resumable_checkpoint(run_dir, log=lambda m: print(m))
+        m = CHECKPOINT_RE.search(path.name)
+        step = json.loads(path.with_suffix(".json").read_text()).get("step") if m is None else int(m.group(1))
+        if not isinstance(step, int):
+            raise UserError(f"checkpoint {path}: no step in its name or its .json sidecar")
+        return step, path
+    found = find_resumable_checkpoint(run_dir, log=lambda m: print(m, file=sys.stderr))
     if found is None:
         raise UserError(f"no complete checkpoint in {run_dir / 'checkpoints'}: train first (or pass --ckpt)")
     return found
@@ -74,8 +97,8 @@ def load_model(run_dir: str | Path, weights: str = "ema", ema_std: float | None 
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise UserError(f"checkpoint {path} does not match the run's model config: "
-                        f"{str(err).splitlines()[0]}") from None
+        detail = " ".join(str(err).split())
+        raise UserError(f"checkpoint {path} does not match the run's model config ({detail[:300]})") from None
     desc = f"raw weights at step {step}"
     if weights == "ema":
         tracked = config["train"]["ema_stds"]
@@ -83,13 +106,17 @@ def load_model(run_dir: str | Path, weights: str = "ema", ema_std: float | None 
         if f"{sigma:.3f}" in {f"{s:.3f}" for s in tracked}:
             ema = split_prefix(tensors, f"ema.{sigma:.3f}/")
             desc = f"tracked EMA sigma_rel={sigma:.3f} at step {step}"
-        else:
-            _, ema = posthoc_ema(run_dir, sigma, progress=True, log=log)
-            desc = f"post-hoc EMA sigma_rel={sigma:.3f}"
+        else:  # at the checkpoint's step when one was named, else at the last snapshot
+            _, ema = posthoc_ema(run_dir, sigma, step=step if ckpt is not None else None, progress=True, log=log)
+            desc = f"post-hoc EMA sigma_rel={sigma:.3f}" + (f" at step {step}" if ckpt is not None else "")
         own = dict(model.named_parameters())
         unknown = set(ema) - set(own)
         if unknown or not ema:
             raise UserError(f"EMA weights do not match the model (unexpected {sorted(unknown)[:3]})")
+        wrong = [n for n, v in ema.items() if tuple(v.shape) != tuple(own[n].shape)]
+        if wrong:
+            raise UserError(f"EMA weights do not match the model: {wrong[0]} is {tuple(ema[wrong[0]].shape)}, the "
+                            f"model's is {tuple(own[wrong[0]].shape)}")
         with torch.no_grad():
             for name, value in ema.items():
                 own[name].copy_(value)
