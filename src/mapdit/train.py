@@ -49,7 +49,7 @@ from .runio import (DISK_FULL, DiskFullError, create_run_dir, find_resumable_che
 
 DEFAULT_SNAPSHOT_DTYPE = str(_SNAP_DTYPE).removeprefix("torch.")
 METRIC_FIELDS = ["step", "loss", "mse", "vb", "lr", "grad_norm", "steps_per_s", "images_per_s", "skipped",
-                 "elapsed_s"]
+                 "elapsed_s", "max_block_magnitude", "fid"]
 SNAPSHOT_DTYPES = ("float32", "bfloat16", "float16")
 # what `--resume` may change; every other training option is the run's own
 RESUME_MAY_CHANGE = ("num_steps", "lr", "grad_clip", "skip_nonfinite", "log_every", "ckpt_every", "data_path",
@@ -82,6 +82,10 @@ class TrainConfig:
     skip_nonfinite: bool = False
     image_size: int | None = None
     hflip: bool = False
+    sample_every: int = 0  # write a grid from the EMA weights every N steps (0: never)
+    fid_every: int = 0  # FID (FD_fmnist on Fashion-MNIST) of the EMA weights every N steps, in metrics.csv
+    fid_samples: int = 1000
+    magnitude_every: int = 0  # residual-stream magnitude per block every N steps (a multiple of log_every)
 
     def resolved(self, model: ModelConfig) -> "TrainConfig":
         """Fill the defaults that depend on the run length and the model."""
@@ -130,6 +134,15 @@ class TrainConfig:
             raise UserError(f"--decay-start {self.decay_start} must be at least 1")
         if not 0 <= self.label_dropout < 1:
             raise UserError(f"label dropout {self.label_dropout} must be in [0, 1)")
+        for name in ("sample_every", "fid_every", "magnitude_every"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be 0 (off) or more")
+        for name in ("fid_every", "magnitude_every"):  # logged on metrics rows
+            if getattr(self, name) % self.log_every:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a multiple of "
+                                f"--log-every {self.log_every} (its value goes into that row of metrics.csv)")
+        if self.fid_every and self.fid_samples < 2:
+            raise UserError(f"--fid-samples {self.fid_samples} must be at least 2")
 
 
 def lr_multiplier(step: int, warmup: int, decay_start: int) -> float:
@@ -393,6 +406,26 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = N
         if tc.compile:
             fwd = torch.compile(fwd)
 
+        def evaluate_now(step: int, x, t, y) -> tuple[str, str]:
+            """Residual magnitudes (cheap, this batch) and FID of the EMA weights, only on the steps asked for."""
+            max_mag = fid = ""
+            if tc.magnitude_every and step % tc.magnitude_every == 0:
+                from .evaluate.magnitudes import residual_magnitudes
+
+                mags = residual_magnitudes(model, x[:16], t[:16], y[:16])
+                max_mag = f"{max(mags):.4g}"
+                if d.is_main:
+                    with open(run_dir / "residual_magnitudes.csv", "a", newline="") as f:
+                        csv.writer(f).writerow([step, *(f"{m:.5g}" for m in mags)])
+            if tc.fid_every and step % tc.fid_every == 0:  # all ranks: sampling is sharded
+                from .evaluate.fid_cli import model_with_weights, quick_fid
+
+                value = quick_fid(model_with_weights(model, ema.averaged(min(tc.ema_stds))), data.meta(),
+                                  tc.fid_samples)
+                fid = f"{value:.5g}"
+                log(f"step {step}: FID of the EMA (sigma_rel {min(tc.ema_stds)}) on {tc.fid_samples} samples: {fid}")
+            return max_mag, fid
+
         diffusion = make_diffusion(model_cfg.num_train_steps, learn_sigma=model_cfg.learn_sigma)
         per_rank = tc.batch_size // d.world_size
         stream = IndexStream(len(data), per_rank, tc.seed, d.rank, d.world_size)
@@ -529,9 +562,10 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = N
                     now = time.perf_counter()
                     elapsed = now - window_start
                     loss_v, mse_v, vb_v, gn_v = (sums / max(1, window_steps - window_skipped)).tolist()
+                    max_mag, fid = evaluate_now(done, x, t, y)  # "" unless due at this step
                     row = [done, f"{loss_v:.6g}", f"{mse_v:.6g}", f"{vb_v:.6g}", f"{lr:.6g}", f"{gn_v:.6g}",
                            f"{window_steps / elapsed:.4g}", f"{window_steps * tc.batch_size / elapsed:.4g}",
-                           skipped_total, f"{now - run_start:.1f}"]
+                           skipped_total, f"{now - run_start:.1f}", max_mag, fid]
                     if d.is_main:
                         with open(metrics_path, "a", newline="") as f:
                             csv.writer(f).writerow(row)
@@ -539,6 +573,12 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = N
                     sums.zero_()
                     window_steps, window_skipped, window_start = 0, 0, time.perf_counter()
 
+                if tc.sample_every and done % tc.sample_every == 0 and d.is_main:
+                    from .evaluate.fid_cli import model_with_weights, sample_grid_from_model
+
+                    grid = sample_grid_from_model(model_with_weights(model, ema.averaged(min(tc.ema_stds))),
+                                                  data.meta(), run_dir / "samples" / f"train-{done:07d}.png")
+                    log(f"step {done}: sample grid {grid}")
                 bar.update(1)
                 if ckpt_now:
                     checkpoint(done)
@@ -596,6 +636,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="skip (and count) steps with a NaN/Inf loss or gradient instead of stopping")
     g.add_argument("--image-size", type=int, default=None)
     g.add_argument("--hflip", action="store_true")
+    g.add_argument("--sample-every", type=int, default=0, help="a sample grid from the EMA every N steps")
+    g.add_argument("--fid-every", type=int, default=0, help="FID of the EMA every N steps into metrics.csv")
+    g.add_argument("--fid-samples", type=int, default=1000)
+    g.add_argument("--magnitude-every", type=int, default=0,
+                   help="residual-stream magnitude per block every N steps (residual_magnitudes.csv)")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue a run: its folder, or nothing for the newest run in --results-dir. Only "
                         "--num-steps, --lr, --grad-clip, --skip-nonfinite, --log-every, --ckpt-every, --data-path, "
@@ -656,7 +701,9 @@ def run_from_args(args: argparse.Namespace) -> Path:
                      ema_stds=tuple(args.ema_stds), ema_snapshots=args.ema_snapshots,
                      snapshot_dtype=args.snapshot_dtype, ckpt_every=args.ckpt_every, log_every=args.log_every,
                      precision=args.precision, compile=args.compile, device=args.device,
-                     skip_nonfinite=args.skip_nonfinite, image_size=args.image_size, hflip=args.hflip)
+                     skip_nonfinite=args.skip_nonfinite, image_size=args.image_size, hflip=args.hflip,
+                     sample_every=args.sample_every, fid_every=args.fid_every, fid_samples=args.fid_samples,
+                     magnitude_every=args.magnitude_every)
     if args.resume:
         run_dir = resolve_run_dir(args.results_dir, args.resume)
         saved = load_run_config(run_dir)
