@@ -1,5 +1,6 @@
 """`mapdit demo`: the README's main job. Trains a small MaP-DiT (Config E) on Fashion-MNIST on the CPU,
-samples one row per class and writes the grid. About 5-7 minutes on 2 CPU cores."""
+samples one row per class (250-step ancestral sampling, guidance 2, EMA sigma_rel 0.10) and writes the grid.
+About 7 minutes on 2 CPU cores: DiT-XXS/4 (1.5M parameters), 2000 steps of batch 64 (about two epochs)."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +10,8 @@ import time
 from .config import make_config
 from .train import TrainConfig, train
 
-DEMO_MODEL = "DiT-XXS/2"
-DEMO_STEPS = 1000
+DEMO_MODEL = "DiT-XXS/4"
+DEMO_STEPS = 2000
 DEMO_BATCH = 64
 
 
@@ -26,9 +27,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     trained = time.perf_counter() - start
     parser = argparse.ArgumentParser()
     add_sample_args(parser)
-    sample_args = parser.parse_args(["--result-dir", str(run_dir), "--sampler", "ddim", "--steps",
-                                     str(args.sampling_steps), "--num-samples", "10", "--cfg-scale",
-                                     str(args.cfg_scale), "--seed", str(args.seed)])
+    sample_args = parser.parse_args(["--result-dir", str(run_dir), "--steps", str(args.sampling_steps),
+                                     "--num-samples", "10", "--cfg-scale", str(args.cfg_scale), "--ema-std", "0.10",
+                                     "--seed", str(args.seed)])
     grid = cmd_sample(sample_args)
     print(f"demo: trained {args.num_steps} steps in {trained / 60:.1f} min, sampled in "
           f"{(time.perf_counter() - start - trained) / 60:.1f} min; one row per class "
@@ -43,7 +44,7 @@ def register(sub) -> None:
     p.add_argument("--model", default=DEMO_MODEL)
     p.add_argument("--num-steps", type=int, default=DEMO_STEPS)
     p.add_argument("--batch-size", type=int, default=DEMO_BATCH)
-    p.add_argument("--sampling-steps", type=int, default=50)
+    p.add_argument("--sampling-steps", type=int, default=250)
     p.add_argument("--cfg-scale", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist_utils
-from .data import decoder_for
+from .data import clip_denoised_for, decoder_for
 from .errors import UserError
 from .runio import atomic_write
 from .samplers import sample as run_sampler
@@ -28,9 +28,10 @@ def batch_generator(seed: int, batch_index: int, device: torch.device) -> torch.
 @torch.no_grad()
 def generate(model, labels: torch.Tensor, *, sampler: str = "ddpm", steps: int = 250, cfg_scale: float = 1.0,
              seed: int = 0, batch_size: int = 64, guide_channels: int | None = None, eta: float = 0.0,
-             progress: bool = False, rank: int = 0, world_size: int = 1) -> dict[int, torch.Tensor]:
+             progress: bool = False, rank: int = 0, world_size: int = 1,
+             clip_denoised: bool = False) -> dict[int, torch.Tensor]:
     """Samples in model space for `labels` (N,): {batch index: (B, C, H, W)} for this rank's batches
-    (batches rank, rank + world_size, ...)."""
+    (batches rank, rank + world_size, ...). `clip_denoised`: clip x0 estimates to [-1, 1] (pixel data)."""
     cfg = model.config
     device = next(model.parameters()).device
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
@@ -47,7 +48,7 @@ def generate(model, labels: torch.Tensor, *, sampler: str = "ddpm", steps: int =
         out[b] = run_sampler(model, shape=(len(y), *shape), y=y, sampler=sampler, steps=steps, eta=eta,
                              cfg_scale=cfg_scale, null_class=cfg.null_class, guide_channels=guide_channels,
                              generator=g, noise=noise, num_train_steps=cfg.num_train_steps,
-                             learn_sigma=cfg.learn_sigma).cpu()
+                             learn_sigma=cfg.learn_sigma, clip_denoised=clip_denoised).cpu()
     return out
 
 
@@ -110,6 +111,7 @@ def cmd_sample(args: argparse.Namespace) -> Path:
         raise UserError(f"--class-label {args.class_label} is out of range: this model has classes "
                         f"0..{cfg.num_classes - 1}")
     npz = args.out is not None and args.out.endswith(".npz")
+    clip = clip_denoised_for(config["data"]) if args.clip_denoised == "auto" else args.clip_denoised == "yes"
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else (1.0 if npz else 4.0)
     if npz:
         n = args.num_samples or 1000
@@ -128,7 +130,8 @@ def cmd_sample(args: argparse.Namespace) -> Path:
               f"cfg {cfg_scale}", file=sys.stderr)
     parts = generate(model, labels, sampler=args.sampler, steps=args.steps, cfg_scale=cfg_scale, seed=args.seed,
                      batch_size=args.batch_size, guide_channels=args.guide_channels, progress=d.is_main,
-                     rank=d.rank, world_size=d.world_size)
+                     rank=d.rank, world_size=d.world_size,
+                     clip_denoised=clip)
     if d.enabled:  # gather every rank's batches on rank 0, once
         gathered = [None] * d.world_size
         torch.distributed.all_gather_object(gathered, parts)
@@ -167,6 +170,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default 4 for grids, 1 for npz)")
     p.add_argument("--guide-channels", type=int, default=None,
                    help="guide only the first K channels (3 reproduces the original DiT); default all")
+    p.add_argument("--clip-denoised", choices=("auto", "yes", "no"), default="auto",
+                   help="clip x0 estimates to [-1, 1]: auto = yes for pixel data (as ADM), no for latents (as DiT)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")

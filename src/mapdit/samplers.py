@@ -101,7 +101,7 @@ def sample_ddim(model_fn: ModelFn, diffusion: GaussianDiffusion, shape, y: torch
 def sample(model_fn: ModelFn, *, shape, y: torch.Tensor, sampler: str = "ddpm", steps: int = 250, eta: float = 0.0,
            cfg_scale: float = 1.0, null_class: int | None = None, guide_channels: int | None = None,
            generator: torch.Generator | None = None, noise: torch.Tensor | None = None, progress: bool = False,
-           num_train_steps: int = 1000, learn_sigma: bool = True) -> torch.Tensor:
+           num_train_steps: int = 1000, learn_sigma: bool = True, clip_denoised: bool = False) -> torch.Tensor:
     """Sample x0 (N, C, H, W) with a `steps`-step respacing of the DiT diffusion, optionally with CFG."""
     kind = SAMPLER_NAMES.get(sampler)
     if kind is None:
@@ -114,5 +114,7 @@ def sample(model_fn: ModelFn, *, shape, y: torch.Tensor, sampler: str = "ddpm", 
     if cfg_scale != 1:
         model_fn = classifier_free_guidance(model_fn, cfg_scale, null_class, guide_channels)
     if kind == "ddim":
-        return sample_ddim(model_fn, diffusion, shape, y, eta=eta, noise=noise, generator=generator, progress=progress)
-    return sample_ddpm(model_fn, diffusion, shape, y, noise=noise, generator=generator, progress=progress)
+        return sample_ddim(model_fn, diffusion, shape, y, eta=eta, noise=noise, generator=generator, progress=progress,
+                           clip_denoised=clip_denoised)
+    return sample_ddpm(model_fn, diffusion, shape, y, noise=noise, generator=generator, progress=progress,
+                       clip_denoised=clip_denoised)

@@ -244,6 +244,12 @@ def load_dataset(
     )
 
 
+def clip_denoised_for(data_meta: dict) -> bool:
+    """Whether samplers should clip their x0 estimate to [-1, 1]: yes for pixel data, which lives there
+    (as ADM samples pixel models), no for VAE latents, which are unbounded (as DiT samples them)."""
+    return data_meta.get("kind") != "latents"
+
+
 def decoder_for(data_meta: dict, device: str | torch.device = "cpu"):
     """A function mapping model-space samples (N, C, H, W) to uint8 images (N, H, W, C) for this data.
 

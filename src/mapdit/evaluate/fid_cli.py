@@ -166,7 +166,7 @@ def sample_images(model, data_meta: dict, labels: torch.Tensor, *, sampler: str 
                   cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 64, progress: bool = False):
     """uint8 images (N, H, W, C) numpy for `labels` on rank 0 (None on other ranks): every rank samples
     and decodes its own batches, then they are gathered once. The model's train/eval mode is restored."""
-    from mapdit.data import decoder_for
+    from mapdit.data import clip_denoised_for, decoder_for
     from mapdit.sample import generate
 
     rank, world = _world()
@@ -176,7 +176,8 @@ def sample_images(model, data_meta: dict, labels: torch.Tensor, *, sampler: str 
     try:
         decode = decoder_for(data_meta, device)
         parts = generate(model, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                         batch_size=batch_size, progress=progress and rank == 0, rank=rank, world_size=world)
+                         batch_size=batch_size, progress=progress and rank == 0, rank=rank, world_size=world,
+                         clip_denoised=clip_denoised_for(data_meta))
         parts = {b: decode(x.to(device)).cpu().numpy() for b, x in parts.items()}
     finally:
         model.train(was_training)
@@ -322,7 +323,7 @@ def sample_grid_from_model(model, data_meta: dict, path: str | Path, *, per_clas
     (the plain DiT with the weights to show, e.g. `model_with_weights(model, ema.averaged(s))`).
     cfg_scale None: 4 when the model has a null class, else 1. Single process (call it on rank 0);
     returns the written path (`path`, or path-1.png, ... if it exists)."""
-    from mapdit.data import decoder_for
+    from mapdit.data import clip_denoised_for, decoder_for
     from mapdit.sample import generate, image_grid, save_png, unused_path
 
     cfg = model.config
@@ -336,7 +337,7 @@ def sample_grid_from_model(model, data_meta: dict, path: str | Path, *, per_clas
     model.eval()
     try:
         parts = generate(model, labels, sampler=sampler, steps=steps, cfg_scale=scale, seed=seed,
-                         batch_size=batch_size)
+                         batch_size=batch_size, clip_denoised=clip_denoised_for(data_meta))
         x = torch.cat([parts[b] for b in sorted(parts)])
         images = decoder_for(data_meta, device)(x.to(device)).cpu().numpy()
     finally:
