@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Modules that add sub-commands: each has `register(subparsers)`; imports inside commands stay lazy.
 COMMAND_MODULES: list[str] = ["mapdit.train", "mapdit.sample", "mapdit.weights",
                                  "mapdit.evaluate.fmnist_classifier", "mapdit.data.prepare", "mapdit.demo",
-                                 "mapdit.evaluate.fid_cli", "mapdit.evaluate.magnitudes", "mapdit.evaluate.ablate"]
+                                 "mapdit.evaluate.fid_cli", "mapdit.evaluate.magnitudes", "mapdit.evaluate.ablate",
+                                 "mapdit.evaluate.study"]
 
 
 def main(argv: list[str] | None = None) -> int:
