@@ -40,6 +40,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import unittest.mock
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -403,10 +405,26 @@ class InceptionFeatures(FeatureExtractor):
         else:  # torch-fidelity downloads into the torch hub cache; use a copy already there
             cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]
             weights_path = cached if cached.is_file() else None
+        self._weights_id = "default"
+        if weights_path is not None:  # the cache of reference statistics must not mix different weights
+            from mapdit.runio import sha256_file
+
+            self._weights_id = sha256_file(weights_path)[:16]
         try:
-            model = FeatureExtractorInceptionV3(
-                "inception-v3-compat", ["2048"],
-                feature_extractor_weights_path=None if weights_path is None else str(weights_path))
+            # torch-fidelity unpickles the weights file with weights_only=False; only tensors may be loaded
+            real_load = torch.load
+
+            def tensors_only_load(f, *args, **kwargs):
+                kwargs["weights_only"] = True
+                return real_load(f, *args, **kwargs)
+
+            with unittest.mock.patch.object(torch, "load", tensors_only_load):
+                model = FeatureExtractorInceptionV3(
+                    "inception-v3-compat", ["2048"],
+                    feature_extractor_weights_path=None if weights_path is None else str(weights_path))
+        except pickle.UnpicklingError as err:
+            raise UserError(f"Inception weights {weights_path} hold more than tensors; refusing to unpickle "
+                            f"them: {how_to_get}") from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
             raise UserError(f"could not download the Inception weights ({err}): {how_to_get}") from None
         except OSError as err:
@@ -417,7 +435,7 @@ class InceptionFeatures(FeatureExtractor):
 
     @property
     def fingerprint(self) -> str:
-        return "inception-v3-2015-12-05-pool2048"
+        return f"inception-v3-2015-12-05-pool2048-{self._weights_id}"
 
     def extract(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1:
