@@ -29,7 +29,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .nn import (SILU_RMS, MPEmbedding, MPLinear, MPSiLU, mp_sincos_pos_embed_2d, mp_sum_coefficients,
-                 normalize_qk, project_mp_weights_, scale_rotate_pairs, sincos_pos_embed_2d)
+                 mul_add, normalize_qk, project_mp_weights_, scale_rotate_pairs, sincos_pos_embed_2d)
 
 FREQ_DIM = 256  # width of the timestep features (DiT's frequency_embedding_size)
 
@@ -102,11 +102,13 @@ def _mp_sum_half(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.add(a, b).mul_(_HALF_MP)
 
 
-def gated_add(x: torch.Tensor, y: torch.Tensor, coef: torch.Tensor | None, b: float = 1.0) -> torch.Tensor:
-    """x + b * coef * y in one operator (coef: a per-sample gate (N, 1, D), or None for no gate)."""
+def gated_add(x: torch.Tensor, y: torch.Tensor, coef: torch.Tensor | None, b: float = 1.0,
+              a: float = 1.0) -> torch.Tensor:
+    """a * x + b * coef * y, fused (coef: a per-sample gate (N, 1, D), or None for no gate)."""
     if coef is None:
+        x = x if a == 1.0 else x * a
         return torch.add(x, y, alpha=b) if b != 1.0 else x + y
-    return torch.addcmul(x, y, coef if b == 1.0 else coef * b)
+    return mul_add(x, y, coef if b == 1.0 else coef * b, a)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,7 +147,7 @@ class SiteModulation:
             k = s
         if shift is not None:
             if isinstance(k, torch.Tensor):
-                h = torch.addcmul(m[shift], h, k)  # h*k + b
+                h = mul_add(m[shift], h, k)  # h*k + b
             else:
                 h = torch.add(m[shift], h, alpha=k) if k != 1.0 else h + m[shift]
             k = 1.0
@@ -265,10 +267,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, T, D) -> (N, T, D)
         n, t, d = x.shape
-        qkv = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads)  # (N, T, 3, h, dh)
+        qkv = self.qkv(x)  # (N, T, 3D)
         if self.cosine:
-            qkv = normalize_qk(qkv)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (N, h, T, dh), views
+            qkv = normalize_qk(qkv, self.heads)
+        q, k, v = qkv.reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (N, h, T, dh)
         out = F.scaled_dot_product_attention(q, k, v)  # (N, h, T, dh)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
@@ -313,7 +315,7 @@ class DiTBlock(nn.Module):
             h = site.pre(x1s, m_mlp, a)
         else:
             h = site.pre(self.norm2(x1s if a == 1.0 else x1s * a), m_mlp)
-        return gated_add(x1s if a == 1.0 else x1s * (a * a), self.mlp(h), site.gate_coef(m_mlp), b)
+        return gated_add(x1s, self.mlp(h), site.gate_coef(m_mlp), b, a * a)
 
 
 class FinalLayer(nn.Module):

@@ -124,6 +124,57 @@ class MPSiLU(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
+# Fused multiply-add (gates, residuals, modulation)
+# ------------------------------------------------------------------------------------------------
+class _MulAdd(torch.autograd.Function):
+    """out = base * alpha + y * k, k (and base) broadcast against y; alpha a Python float.
+
+    Forward: one addcmul (plus one scale when alpha != 1). Backward: grad*k for y, sum(grad*y) for k,
+    grad (*alpha, summed to base's shape) for base. Autograd's own addcmul formula computes
+    grad * (y * value) for k: an extra full-size multiply by the scalar, here avoided.
+    """
+
+    @staticmethod
+    def forward(ctx, base, y, k, alpha: float):
+        if alpha == 1.0:
+            out = torch.addcmul(base, y, k)
+        else:
+            out = torch.mul(base, alpha)
+            out = out.addcmul_(y, k) if out.shape == torch.broadcast_shapes(out.shape, y.shape) else out + y * k
+        ctx.save_for_backward(y, k)
+        ctx.alpha, ctx.base_shape = alpha, base.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        y, k = ctx.saved_tensors
+        grad_base = grad_y = grad_k = None
+        if ctx.needs_input_grad[0]:
+            grad_base = _sum_to(g if ctx.alpha == 1.0 else g * ctx.alpha, ctx.base_shape)
+        if ctx.needs_input_grad[1]:
+            grad_y = _sum_to(g * k, y.shape)
+        if ctx.needs_input_grad[2]:
+            grad_k = _sum_to(g * y, k.shape)
+        return grad_base, grad_y, grad_k, None
+
+
+def mul_add(base: torch.Tensor, y: torch.Tensor, k: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """base * alpha + y * k in one fused operator with a lean backward (see `_MulAdd`).
+
+    Used for gated residuals (base = stream, y = branch, k = per-sample gate (N, 1, D)) and for the
+    modulation h * (1 + scale) + shift (base = shift (N, 1, D), y = h, k = 1 + scale).
+    """
+    if _compiling():
+        return torch.addcmul(base if alpha == 1.0 else base * alpha, y, k)
+    if not torch.is_grad_enabled():  # sampling: at most one new buffer
+        if alpha == 1.0:
+            return torch.addcmul(base, y, k)
+        out = base * alpha
+        return out.addcmul_(y, k) if out.shape == torch.broadcast_shapes(out.shape, y.shape) else out + y * k
+    return _MulAdd.apply(base, y, k, alpha)
+
+
+# ------------------------------------------------------------------------------------------------
 # Rotation of channel pairs
 # ------------------------------------------------------------------------------------------------
 def _pair_views(x: torch.Tensor, pairing: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,46 +301,64 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 
 
 class _CosineQKV(torch.autograd.Function):
-    """qkv (N, T, 3, h, d_h) -> the same layout with q and k normalised per head (v copied).
+    """qkv (N, T, 3D) -> the same with q and k normalised per head (heads h, d_h = D / h); v unchanged.
 
-    One operator pass for the norms and one multiply forward; the backward of `_RowNormalize` on q and k.
-    Keeping q, k and v in one buffer keeps autograd's gradient of the qkv projection a single tensor.
+    The per-row factors of q and k (and 1 for v) form a small (N, T, 3, h, 1) tensor, so forward and
+    backward are whole-buffer operators on contiguous memory (measured ~2x faster on the CPU than the
+    same work on the strided q/k slice). Forward: the norms and one multiply, in place when the input is
+    a fresh non-leaf tensor (the qkv projection's output: its backward does not need it). Backward: the
+    `_RowNormalize` formula on q and k, v's gradient multiplied by 1. q, k and v stay in one buffer, so
+    autograd's gradient of the qkv projection is a single tensor.
     """
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor) -> torch.Tensor:
-        qk = qkv[:, :, :2]
-        rms = _row_rms(qk)
-        inv = (rms + EPS).reciprocal_()
-        out = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-        torch.mul(qk, inv.to(qkv.dtype), out=out[:, :, :2])
-        out[:, :, 2].copy_(qkv[:, :, 2])
-        ctx.save_for_backward(out, inv, rms)
+    def forward(ctx, qkv: torch.Tensor, heads: int, inplace: bool) -> torch.Tensor:
+        n, t, d3 = qkv.shape
+        q5 = qkv.view(n, t, 3, heads, -1)
+        rms = _row_rms(q5[:, :, :2])
+        factor = torch.ones(n, t, 3, heads, 1, dtype=rms.dtype, device=qkv.device)
+        torch.reciprocal(rms + EPS, out=factor[:, :, :2])  # 1 / (rms + eps) for q and k, 1 for v
+        factor = factor.to(qkv.dtype)
+        if inplace:
+            q5.mul_(factor)
+            ctx.mark_dirty(qkv)
+            out = qkv
+        else:
+            out = (q5 * factor).view(n, t, d3)
+        ctx.save_for_backward(out, factor, rms)
+        ctx.heads = heads
         return out
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
-        out, inv, rms = ctx.saved_tensors
-        y, gqk = out[:, :, :2], g[:, :, :2]
-        coef = _rowdot(gqk, y).div_(rms * y.shape[-1])
-        gx = torch.empty_like(out)
-        torch.mul(gqk, inv.to(g.dtype), out=gx[:, :, :2])
-        gx[:, :, :2].addcmul_(y, coef.to(g.dtype), value=-1)
-        gx[:, :, 2].copy_(g[:, :, 2])
-        return gx
+    def backward(ctx, g: torch.Tensor):
+        out, factor, rms = ctx.saved_tensors
+        n, t, _ = out.shape
+        y5 = out.view(n, t, 3, ctx.heads, -1)
+        g5 = g.reshape(n, t, 3, ctx.heads, -1)
+        coef = _rowdot(g5, y5)  # (N, T, 3, h, 1); the v rows are zeroed next
+        coef[:, :, :2].div_(rms * y5.shape[-1])
+        coef[:, :, 2].zero_()
+        gx = torch.mul(g5, factor)
+        gx.addcmul_(y5, coef.to(g.dtype), value=-1)
+        return gx.view(n, t, -1), None, None
 
 
-def normalize_qk(qkv: torch.Tensor) -> torch.Tensor:
-    """qkv (N, T, 3, h, d_h) with q and k normalised per head (the cosine-attention inputs), v unchanged.
+def normalize_qk(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """qkv (N, T, 3D), the fused projection's output, with q and k normalised per head (cosine attention).
 
-    With autograd: one fused Function. Without (sampling): q and k are normalised in place (qkv must be a
-    fresh tensor the caller owns, e.g. the output of the qkv projection).
+    With autograd: one Function (in place on a fresh non-leaf tensor, the usual case). Without (sampling):
+    q and k are normalised in place. Under torch.compile: the plain formula. Returns (N, T, 3D).
     """
+    n, t, d3 = qkv.shape
     if _compiling():
-        return torch.cat((normalize(qkv[:, :, :2]), qkv[:, :, 2:]), dim=2)
+        q5 = qkv.reshape(n, t, 3, heads, -1)
+        return torch.cat((normalize(q5[:, :, :2]), q5[:, :, 2:]), dim=2).reshape(n, t, d3)
     if torch.is_grad_enabled() and qkv.requires_grad:
-        return _CosineQKV.apply(qkv)
-    qk = qkv[:, :, :2]
+        inplace = not qkv.is_leaf and qkv._base is None and qkv.is_contiguous()
+        return _CosineQKV.apply(qkv, heads, inplace)
+    if qkv._base is not None or not qkv.is_contiguous():
+        qkv = qkv.contiguous()
+    qk = qkv.view(n, t, 3, heads, -1)[:, :, :2]
     qk.mul_((_row_rms(qk) + EPS).reciprocal_().to(qkv.dtype))
     return qkv
 
@@ -355,6 +424,45 @@ class _NormalizedWeight(torch.autograd.Function):
         if gain is not None and ctx.needs_input_grad[3]:
             grad_gain = (dot * inv).sum().mul_(scale).to(gain.dtype)
         return grad_w, None, None, grad_gain, None
+
+
+class _NormalizedLinearRows(torch.autograd.Function):
+    """y = x @ (W * c)^T computed as (x @ W^T) * c, c = k * inv per output: for few input rows.
+
+    When x has fewer rows than W has columns (the modulation linears see one conditioning vector per
+    sample, not per token), scaling the small output is cheaper than scaling W, and the backward of the
+    normalisation can be taken in output space: with z = x @ W^T, (G . W)_i = sum_rows g_i z_i, so
+        dW = (g * c)^T @ x - W * (k * inv^2 * dot / (n * rho)),   dx = (g * c) @ W
+    i.e. one matmul and one multiply-add over W, nothing else of W's size. Same values as
+    `_NormalizedWeight` followed by F.linear.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, rms, inv, gain, scale: float):
+        k = scale if gain is None else gain.detach() * scale
+        c = (inv * k).reshape(-1).to(x.dtype)  # (out,)
+        z = F.linear(x, weight)
+        ctx.save_for_backward(x, weight, rms, inv, gain, z, c)
+        ctx.scale = scale
+        return z * c
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, rms, inv, gain, z, c = ctx.saved_tensors
+        scale = ctx.scale
+        g2, z2, x2 = g.reshape(-1, g.shape[-1]), z.reshape(-1, z.shape[-1]), x.reshape(-1, x.shape[-1])
+        gc = g2 * c
+        dot = (g2 * z2).sum(0).unsqueeze(-1)  # (out, 1): G . W per row, from the small output space
+        grad_x = grad_w = grad_gain = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (gc @ weight).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            k = scale if gain is None else gain * scale
+            radial = dot * inv * inv * k / (rms * weight.shape[-1])
+            grad_w = (gc.t() @ x2).addcmul_(weight, radial.to(weight.dtype), value=-1)
+        if gain is not None and ctx.needs_input_grad[4]:
+            grad_gain = (dot * inv).sum().mul_(scale).to(gain.dtype)
+        return grad_x, grad_w, None, None, grad_gain, None
 
 
 class MPLinear(nn.Module):
@@ -444,6 +552,13 @@ class MPLinear(nn.Module):
         rms, inv = self._row_stats()
         return _NormalizedWeight.apply(self.weight, rms, inv, self.gain, self.scale)
 
+    def _training_forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(1, x.shape[-1])
+        if self.normalize_on_use and 2 * rows <= self.in_features and x.dtype == self.weight.dtype:
+            rms, inv = self._row_stats()  # few rows (per-sample conditioning): normalise in output space
+            return _NormalizedLinearRows.apply(x, self.weight, rms, inv, self.gain, self.scale)
+        return F.linear(x, self._training_weight().to(x.dtype))
+
     def _cached_weight(self, dtype: torch.dtype) -> torch.Tensor:
         key = (self._weight_key(), dtype,
                None if self.gain is None else (self.gain._version, self.gain.data_ptr()))
@@ -459,9 +574,9 @@ class MPLinear(nn.Module):
             if self.forced and self.weight._version != self._projected_version:
                 self.project_()
             self._cache = None
-            w = self._training_weight()
+            return self._training_forward(x)
         elif torch.is_grad_enabled():
-            w = self._training_weight()
+            return self._training_forward(x)
         else:
             return F.linear(x, self._cached_weight(x.dtype))
         return F.linear(x, w.to(x.dtype))

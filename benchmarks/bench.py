@@ -1,0 +1,645 @@
+#!/usr/bin/env python
+"""Speed benchmarks of mapdit: training steps, FLOP/s against the machine's matmul, where the time goes,
+scaling, sampling, memory. Plain Python; every comparison is measured side by side in one run.
+
+    python benchmarks/bench.py --quick                  # a few minutes
+    python benchmarks/bench.py --out BENCHMARKS.tables.md   # the full suite (tens of minutes on 2 cores)
+
+Method. All configurations of a table are built first; after warm-up steps they are run in rounds, each
+round running every configuration once (the order rotated from round to round), so that a change in the
+machine's load hits them alike. A table reports the median over rounds with the min-max range, and ratios
+are taken per round (the configuration's time over its reference's time in the same round) and then
+summarised by their median and range. The training step is the training loop's real step
+(`mapdit.train`): forced weight normalisation (`model.project_weights_()`), `diffusion.training_losses`,
+backward, `clip_grad_norm_(foreach)`, `Adam(foreach)` on the CPU, and the power-EMA update of two widths.
+Data are synthetic tensors of the right shape (the data loader is not timed).
+
+`torch.set_flush_denormal(True)` is set first, as the training loop does: on the CPU, denormal floats
+(tiny Adam moments, zero-initialised layers) make every elementwise operator ~10x slower; without it
+Config A's step ran 10x slower.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from mapdit.config import make_config  # noqa: E402
+from mapdit.diffusion import make_diffusion  # noqa: E402
+from mapdit.ema import PowerEMA  # noqa: E402
+from mapdit.model import DiT  # noqa: E402
+
+# The README's demo (`mapdit demo`, src/mapdit/demo.py): DiT-XXS/2, Config E, Fashion-MNIST 28x28x1, batch 64.
+DEMO = dict(model="DiT-XXS/2", preset="E", input_size=28, in_channels=1, num_classes=10, batch=64)
+LATENT = dict(input_size=32, in_channels=4, num_classes=1000)  # 256x256 ImageNet latents, as in DiT
+TRAIN_MODELS = ("DiT-XS/2", "DiT-S/4", "DiT-S/2")
+BATCH = 32
+VARIANTS = [("A", "adaln"), ("B", "adaln"), ("C", "adaln"), ("D", "adaln"), ("E", "adaln"),
+            ("E", "scale+rotate"), ("E", "rotate")]
+EMA_STDS = (0.05, 0.10)  # TrainConfig's default widths
+CFG_SCALE = 4.0
+SAMPLE_BATCH = 8  # images per sampling run (16 model inputs per step with classifier-free guidance)
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurement helpers
+# ------------------------------------------------------------------------------------------------
+def median(xs):
+    return statistics.median(xs)
+
+
+def fmt_range(xs, f="{:.3g}"):
+    return f"{f.format(median(xs))} ({f.format(min(xs))}-{f.format(max(xs))})"
+
+
+def rounds(items: dict, n_rounds: int, warmup: int, log=None) -> dict[str, list[float]]:
+    """Run every callable `warmup` times, then n_rounds rounds of each once (rotated order); each call
+    returns its own elapsed seconds. Returns {key: [seconds per round]}."""
+    keys = list(items)
+    for _ in range(warmup):
+        for k in keys:
+            items[k]()
+    out = {k: [] for k in keys}
+    for r in range(n_rounds):
+        shift = r % len(keys)
+        for k in keys[shift:] + keys[:shift]:
+            out[k].append(items[k]())
+        if log:
+            log(f"  round {r + 1}/{n_rounds}: " + ", ".join(f"{k} {out[k][-1]:.3g}s" for k in keys))
+    return out
+
+
+def paired(times: dict, key: str, ref: str) -> list[float]:
+    return [a / b for a, b in zip(times[key], times[ref])]
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ------------------------------------------------------------------------------------------------
+# The training step (the loop's real step, minus data loading)
+# ------------------------------------------------------------------------------------------------
+class TrainStep:
+    """One configuration: model, Adam, power EMA, diffusion, a fixed synthetic batch. Calling it runs
+    one training step exactly as mapdit.train does and returns its wall time; `phases` accumulates the
+    time of (projection, forward+backward, clip+optimizer+EMA)."""
+
+    def __init__(self, model: str, preset: str, modulation: str = "adaln", batch: int = BATCH,
+                 data: dict | None = None, adam: str = "foreach", seed: int = 0, dit_cls=DiT):
+        data = LATENT if data is None else data
+        self.cfg = make_config(model, preset=preset, modulation=modulation, **data)
+        torch.manual_seed(seed)
+        self.model = dit_cls(self.cfg).train()
+        named = self.model.trainable_parameters()
+        self.params = [p for _, p in named]
+        wn = self.cfg.weight_normalization or self.cfg.forced_weight_normalization
+        lr = 1e-2 if wn else 1e-4  # TrainConfig.resolved's defaults
+        self.opt = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.99), eps=1e-8,
+                                    foreach=adam == "foreach", fused=(adam == "fused") or None)
+        self.ema = PowerEMA(dict(named), sigma_rels=EMA_STDS)
+        self.diffusion = make_diffusion(self.cfg.num_train_steps, learn_sigma=self.cfg.learn_sigma)
+        g = torch.Generator().manual_seed(seed + 1)
+        c, s = self.cfg.in_channels, self.cfg.input_size
+        self.x = torch.randn(batch, c, s, s, generator=g)
+        y = torch.randint(0, self.cfg.num_classes, (batch,), generator=g)
+        drop = torch.rand(batch, generator=g) < 0.1
+        self.y = torch.where(drop, torch.full_like(y, self.cfg.null_class), y)
+        self.batch = batch
+        self.step = 0
+        self.sums = torch.zeros(4)
+        self.phases = [0.0, 0.0, 0.0]
+
+    def _draw(self):
+        g = torch.Generator().manual_seed(1_000_003 + self.step)
+        t = torch.randint(0, self.diffusion.num_timesteps, (self.batch,), generator=g)
+        noise = torch.randn(self.x.shape, generator=g)
+        return t, noise
+
+    def run(self, ranges: bool = False):
+        """One step (record_function ranges around the phases when `ranges`)."""
+        from torch.profiler import record_function
+
+        self.step += 1
+        t, noise = self._draw()
+        rf = record_function if ranges else _null_range
+        t0 = time.perf_counter()
+        with rf("phase:weight_projection"):
+            self.model.project_weights_()
+        t1 = time.perf_counter()
+        with rf("phase:forward_backward"):
+            losses = self.diffusion.training_losses(self.model, self.x, t, self.y, noise=noise)
+            loss = losses["loss"].mean()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+        t2 = time.perf_counter()
+        with rf("phase:optimizer_ema"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float("inf"), foreach=True)
+            self.opt.step()
+            self.ema.update(self.params, self.step)
+            self.sums += torch.stack((loss.detach(), losses["mse"].mean().detach(), losses["vb"].mean().detach(),
+                                      grad_norm.detach()))
+        t3 = time.perf_counter()
+        self.phases[0] += t1 - t0
+        self.phases[1] += t2 - t1
+        self.phases[2] += t3 - t2
+        return t3 - t0
+
+    __call__ = run
+
+    def count_flops(self) -> int:
+        """FLOPs of the forward and backward of one step (matmuls and attention), by FlopCounterMode."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self.step += 1
+        t, noise = self._draw()
+        counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops())
+        self.model.project_weights_()
+        with counter:
+            losses = self.diffusion.training_losses(self.model, self.x, t, self.y, noise=noise)
+            self.opt.zero_grad(set_to_none=True)
+            losses["loss"].mean().backward()
+        self.opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    def largest_matmul(self) -> tuple[int, int, int]:
+        """(M, K, N) of the model's largest matmul: the MLP's first linear over all tokens of the batch."""
+        d = self.cfg.hidden_size
+        tokens = (self.cfg.input_size // self.cfg.patch_size) ** 2
+        return self.batch * tokens, d, int(d * self.cfg.mlp_ratio)
+
+
+class _null_range:
+    def __init__(self, name):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _cpu_attention_flops() -> dict:
+    """FlopCounterMode counts no FLOPs for the CPU flash-attention kernels; count them as it counts the
+    GPU ones (forward: 2 matmuls; backward: 5, including the recomputed scores)."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+
+    def fwd(q, k, v, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(q, k, v)
+
+    def bwd(g, q, k, v, *args, out_shape=None, **kwargs):
+        return sdpa_backward_flop_count(g, q, k, v)
+
+    return {aten._scaled_dot_product_flash_attention_for_cpu: fwd,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd}
+
+
+class Matmul:
+    """A plain fp32 matmul of a given shape: the practical peak FLOP/s of this machine for that shape.
+
+    Each call runs it `reps` times and returns the fastest: the machine's practical peak in that round
+    (so the fraction of it that a training step reaches is, if anything, understated)."""
+
+    def __init__(self, m: int, k: int, n: int, reps: int = 5):
+        g = torch.Generator().manual_seed(0)
+        self.a, self.b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+        self.c = torch.empty(m, n)
+        self.flops = 2 * m * k * n
+        self.reps = reps
+
+    def __call__(self) -> float:
+        best = math.inf
+        for _ in range(self.reps):
+            t0 = time.perf_counter()
+            torch.mm(self.a, self.b, out=self.c)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+
+def label(preset: str, modulation: str) -> str:
+    return f"{preset}/{modulation}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Sections
+# ------------------------------------------------------------------------------------------------
+class Report:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def table(self, header: list[str], rows: list[list]) -> None:
+        self("| " + " | ".join(header) + " |")
+        self("|" + "|".join("---" for _ in header) + "|")
+        for row in rows:
+            self("| " + " | ".join(str(c) for c in row) + " |")
+        self()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} load {load_average()}] {msg}", file=sys.stderr, flush=True)
+
+
+def section_training(rep: Report, args, results: dict) -> None:
+    rep("## Training step: images/s (forward + backward + Adam + EMA + forced weight normalisation)")
+    rep()
+    rep(f"fp32, batch {BATCH} (demo: {DEMO['batch']}), {torch.get_num_threads()} threads; median over "
+        f"{args.rounds} interleaved rounds after {args.warmup} warm-up steps (min-max in brackets). "
+        "Ratios are step-time ratios paired per round: < 1 means faster than the reference.")
+    rep()
+    setups = [(m, LATENT, BATCH, args.variants) for m in args.train_models]
+    if not args.no_demo:
+        demo_data = {k: DEMO[k] for k in ("input_size", "in_channels", "num_classes")}
+        setups.append((DEMO["model"] + " (demo, 28x28x1)", demo_data, DEMO["batch"],
+                       [("A", "adaln"), ("E", "adaln"), ("E", "scale+rotate"), ("E", "rotate")]))
+    for name, data, batch, variants in setups:
+        model = name.split(" ")[0]
+        log(f"training: {name}")
+        steps = {label(p, m): TrainStep(model, p, m, batch=batch, data=data, adam=args.adam) for p, m in variants}
+        items = dict(steps)
+        flops = {}
+        with_peak = model == "DiT-S/2" or args.peak_everywhere
+        if with_peak:
+            first = next(iter(steps.values()))
+            mm = Matmul(*first.largest_matmul())
+            items["matmul"] = mm
+            for key in ("A/adaln", "E/adaln"):
+                if key in steps:
+                    flops[key] = steps[key].count_flops()
+        for s in steps.values():
+            s.phases = [0.0, 0.0, 0.0]
+        times = rounds(items, args.rounds, args.warmup, log)
+        rows = []
+        for key, s in steps.items():
+            ts = times[key]
+            row = [key, fmt_range([batch / t for t in ts], "{:.1f}"), f"{1e3 * median(ts):.0f}"]
+            row.append(fmt_range(paired(times, key, "A/adaln"), "{:.3f}") if key != "A/adaln" and "A/adaln" in times
+                       else "1" if key == "A/adaln" else "")
+            pre, mod = key.split("/")
+            ref = f"{pre}/adaln"
+            row.append(fmt_range(paired(times, key, ref), "{:.3f}") if mod != "adaln" and ref in times else "")
+            total = sum(s.phases)
+            row.append(f"{100 * (s.phases[0] + s.phases[2]) / total:.1f} %")
+            rows.append(row)
+        rep(f"### {name}, batch {batch}")
+        rep()
+        rep.table(["config/modulation", "images/s", "ms/step", "time ÷ A", "time ÷ adaln",
+                   "opt+EMA+WN share"], rows)
+        results.setdefault("training", {})[name] = {k: {"times": v} for k, v in times.items()}
+        if with_peak:
+            (m_, k_, n_) = mm.a.shape[0], mm.a.shape[1], mm.b.shape[1]
+            peak = [mm.flops / t for t in times["matmul"]]
+            rows = []
+            for key, f in flops.items():
+                achieved = [f / t for t in times[key]]
+                frac = [a / p for a, p in zip(achieved, peak)]
+                rows.append([key, f"{f / 1e9:.1f}", fmt_range([a / 1e9 for a in achieved], "{:.1f}"),
+                             fmt_range([p / 1e9 for p in peak], "{:.1f}"), fmt_range([100 * x for x in frac],
+                                                                                  "{:.1f}") + " %"])
+                results["training"][name][key]["flops"] = f
+            rep(f"FLOP/s of the step against the same run's matmul ({m_}x{k_} @ {k_}x{n_}, fp32, the shape of "
+                "the MLP's first linear over the batch). FLOPs from FlopCounterMode on one real step "
+                "(matmuls and attention, forward and backward; attention backward includes the recomputed "
+                "scores, as torch counts it).")
+            rep()
+            rep.table(["config", "GFLOP/step", "achieved GFLOP/s", "matmul GFLOP/s", "fraction of matmul"], rows)
+            results["training"][name]["matmul_flops"] = mm.flops
+        del steps, items
+
+
+def profile_step(step: TrainStep) -> dict[str, float]:
+    """Self CPU time of one profiled step, split into matmul / attention / other (within forward+backward)
+    and the projection + optimizer + EMA phases. Seconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step.run(ranges=True)
+    buckets = {"matmul": 0.0, "attention": 0.0, "other": 0.0, "opt+EMA+WN": 0.0}
+    for ev in prof.events():
+        if ev.name.startswith("phase:"):
+            continue
+        phase, parent = None, ev.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("phase:"):
+                phase = parent.name
+            parent = parent.cpu_parent
+        self_t = ev.self_cpu_time_total / 1e6
+        if phase in ("phase:weight_projection", "phase:optimizer_ema"):
+            buckets["opt+EMA+WN"] += self_t
+        elif phase == "phase:forward_backward":
+            name = ev.name
+            if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv"):
+                buckets["matmul"] += self_t
+            elif "scaled_dot_product" in name or "flash_attention" in name:
+                buckets["attention"] += self_t
+            else:
+                buckets["other"] += self_t
+    return buckets
+
+
+def section_breakdown(rep: Report, args, results: dict) -> None:
+    model = args.profile_model
+    rep(f"## Where the time goes: {model}, batch {BATCH}, one profiled step per config (torch.profiler)")
+    rep()
+    rep("Self CPU time by operator class. matmul: aten::mm/addmm/bmm; attention: the SDPA kernels (forward "
+        "and backward); other: every other operator of forward and backward (elementwise, norms, "
+        "reductions, copies, autograd bookkeeping); opt+EMA+WN: clip_grad_norm_, Adam, the power-EMA "
+        "update and the forced weight normalisation. Profiling adds overhead to small operators; the "
+        "unprofiled share of opt+EMA+WN is in the training table.")
+    rep()
+    rows = []
+    for preset, mod in VARIANTS:
+        if mod != "adaln" and not args.full_breakdown:
+            continue
+        step = TrainStep(model, preset, mod, adam=args.adam)
+        for _ in range(args.warmup):
+            step()
+        log(f"profiling {model} {preset}/{mod}")
+        b = min((profile_step(step) for _ in range(args.profile_reps)), key=lambda d: sum(d.values()))
+        total = sum(b.values())
+        rows.append([label(preset, mod), f"{total:.2f}"] + [f"{100 * b[k] / total:.1f} %" for k in
+                                                             ("matmul", "attention", "other", "opt+EMA+WN")])
+        results.setdefault("breakdown", {})[label(preset, mod)] = b
+        del step
+    rep.table(["config", "profiled s", "matmul", "attention", "other", "opt+EMA+WN"], rows)
+
+
+def section_scaling(rep: Report, args, results: dict) -> None:
+    size = args.scaling_size
+    rep(f"## How cost grows: DiT-{size}, Configs A and E (adaln), fp32")
+    rep()
+    rep("Step time against batch size (patch 4) and against tokens per image (patch 8, 4, 2; batch 32). "
+        "ms per step and µs per token (batch x tokens); E/A paired per round.")
+    rep()
+    rows = []
+    cases = [(f"DiT-{size}/4", b) for b in (8, 32, 128)] + [(f"DiT-{size}/{p}", BATCH) for p in (8, 2)]
+    for model, batch in cases:
+        log(f"scaling: {model} batch {batch}")
+        steps = {p: TrainStep(model, p, "adaln", batch=batch, adam=args.adam) for p in ("A", "E")}
+        times = rounds(steps, args.rounds, args.warmup, log)
+        tokens = batch * (LATENT["input_size"] // steps["A"].cfg.patch_size) ** 2
+        rows.append([model, batch, tokens] + [f"{1e3 * median(times[p]):.0f}" for p in ("A", "E")]
+                    + [f"{1e6 * median(times[p]) / tokens:.1f}" for p in ("A", "E")]
+                    + [fmt_range(paired(times, "E", "A"), "{:.3f}")])
+        results.setdefault("scaling", {})[f"{model}@{batch}"] = times
+        del steps
+    rep.table(["model", "batch", "tokens", "A ms", "E ms", "A µs/token", "E µs/token", "E ÷ A"], rows)
+
+
+def section_sampling(rep: Report, args, results: dict) -> None:
+    from mapdit.samplers import sample
+
+    model_name = "DiT-S/2"
+    rep(f"## Sampling: {model_name}, {SAMPLE_BATCH} images, classifier-free guidance (scale {CFG_SCALE}), "
+        "eval mode, no_grad")
+    rep()
+    models = {}
+    for preset in ("A", "E"):
+        cfg = make_config(model_name, preset=preset, **LATENT)
+        torch.manual_seed(0)
+        models[preset] = DiT(cfg).eval()
+    shape = (SAMPLE_BATCH, LATENT["in_channels"], LATENT["input_size"], LATENT["input_size"])
+    y = torch.arange(SAMPLE_BATCH) % LATENT["num_classes"]
+
+    def run(preset, sampler, steps, run_steps):
+        def go():
+            m = models[preset]
+            cfg = m.config
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                sample(m, shape=shape, y=y, sampler=sampler, steps=run_steps, cfg_scale=CFG_SCALE,
+                       null_class=cfg.null_class, generator=torch.Generator().manual_seed(0),
+                       num_train_steps=cfg.num_train_steps, learn_sigma=cfg.learn_sigma)
+            return (time.perf_counter() - t0) * steps / run_steps  # extrapolated to `steps` when fewer ran
+        return go
+
+    plans = [("ddpm", 250, args.sample_steps_ddpm), ("ddim", 50, args.sample_steps_ddim)]
+    rows = []
+    for sampler, steps, run_steps in plans:
+        log(f"sampling {sampler} {run_steps}/{steps} steps")
+        items = {p: run(p, sampler, steps, run_steps) for p in models}
+        times = rounds(items, args.sample_rounds, 0, log)
+        note = "" if run_steps == steps else f" (ran {run_steps}, extrapolated per step)"
+        rows.append([f"{sampler} {steps} steps{note}"] + [fmt_range([SAMPLE_BATCH / t for t in times[p]], "{:.3f}")
+                                                          for p in ("A", "E")]
+                    + [fmt_range(paired(times, "E", "A"), "{:.3f}")])
+        results.setdefault("sampling", {})[sampler] = times
+    rep.table(["sampler", "A images/s", "E images/s", "E ÷ A (time)"], rows)
+
+    # forward-only, the sampler's unit of work: one CFG forward of 2 x SAMPLE_BATCH inputs
+    x = torch.randn(2 * SAMPLE_BATCH, *shape[1:])
+    t = torch.full((2 * SAMPLE_BATCH,), 500)
+    yy = torch.cat([y, torch.full_like(y, models["A"].config.null_class)])
+
+    def fwd(m):
+        def go():
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                m(x, t, yy)
+            return time.perf_counter() - t0
+        return go
+
+    times = rounds({p: fwd(m) for p, m in models.items()}, args.rounds * 3, 2, None)
+    rep(f"Forward only (one guided step: {2 * SAMPLE_BATCH} inputs), {args.rounds * 3} interleaved rounds: "
+        f"A {1e3 * median(times['A']):.0f} ms, E {1e3 * median(times['E']):.0f} ms, "
+        f"E ÷ A = {fmt_range(paired(times, 'E', 'A'), '{:.3f}')}.")
+    rep()
+    results.setdefault("sampling", {})["forward"] = times
+
+
+MEMORY_CASES = [("DiT-S/2", "A", "adaln", BATCH, None), ("DiT-S/2", "E", "adaln", BATCH, None),
+                ("DiT-S/2", "E", "scale+rotate", BATCH, None), ("DiT-S/4", "A", "adaln", BATCH, None),
+                ("DiT-S/4", "E", "adaln", BATCH, None)]
+
+
+def memory_child(spec: str) -> None:
+    """Child process: build one config, report RSS before the first step and the peak after 3 steps."""
+    model, preset, mod, batch, demo = json.loads(spec)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    torch.set_flush_denormal(True)
+    data = {k: DEMO[k] for k in ("input_size", "in_channels", "num_classes")} if demo else None
+    step = TrainStep(model, preset, mod, batch=batch, data=data)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(3):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"before_kib": before, "peak_kib": peak}))
+
+
+def section_memory(rep: Report, args, results: dict) -> None:
+    rep("## Peak memory of a training step (CPU, one process per config)")
+    rep()
+    rep("Peak resident set size (ru_maxrss) of a fresh process after 3 training steps, and its growth over "
+        "the RSS once model, Adam state and EMA exist (i.e. activations, gradients and temporaries of a step).")
+    rep()
+    rows = []
+    cases = list(MEMORY_CASES) + [(DEMO["model"], "A", "adaln", DEMO["batch"], True),
+                                  (DEMO["model"], "E", "adaln", DEMO["batch"], True)]
+    for case in cases:
+        log(f"memory: {case}")
+        env = dict(os.environ, BENCH_THREADS=str(torch.get_num_threads()))
+        out = subprocess.run([sys.executable, __file__, "--memory-child", json.dumps(case)], capture_output=True,
+                             text=True, env=env, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        model, preset, mod, batch, demo = case
+        rows.append([model + (" (demo)" if demo else ""), label(preset, mod), batch,
+                     f"{r['peak_kib'] / 2**20:.2f}", f"{(r['peak_kib'] - r['before_kib']) / 2**20:.2f}"])
+        results.setdefault("memory", {})[f"{model}:{preset}/{mod}@{batch}"] = r
+    rep.table(["model", "config", "batch", "peak RSS GiB", "step growth GiB"], rows)
+
+
+def section_gpu(rep: Report, args, results: dict) -> None:
+    rep("## GPU")
+    rep()
+    if torch.cuda.is_available():
+        rep(f"A GPU is present ({torch.cuda.get_device_name()}), but this suite measures the CPU paths only.")
+    else:
+        rep("Skipped: no GPU on this machine (torch.cuda.is_available() is False).")
+    rep()
+
+
+# ------------------------------------------------------------------------------------------------
+# Before/after against another revision of the model code
+# ------------------------------------------------------------------------------------------------
+def baseline_dit(rev: str):
+    """The DiT class of git revision `rev` (its nn.py and model.py, with today's other modules)."""
+    import importlib
+    import shutil
+
+    tmp = Path(tempfile.mkdtemp(prefix="mapdit-baseline-"))
+    pkg = tmp / "mapdit_baseline"
+    shutil.copytree(ROOT / "src" / "mapdit", pkg, ignore=shutil.ignore_patterns("__pycache__", "assets"))
+    for f in ("nn.py", "model.py"):
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:src/mapdit/{f}"], capture_output=True,
+                              text=True, check=True).stdout
+        (pkg / f).write_text(text)
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module("mapdit_baseline.model").DiT
+
+
+def section_baseline(rep: Report, args, results: dict) -> None:
+    old = baseline_dit(args.baseline)
+    rep(f"## Before/after: this tree against revision {args.baseline} (its nn.py and model.py)")
+    rep()
+    rep("Training step, batch 32, paired per round; 'after ÷ before' < 1 means this tree is faster.")
+    rep()
+    rows = []
+    for model in args.baseline_models:
+        for preset, mod in (("A", "adaln"), ("E", "adaln"), ("E", "scale+rotate")):
+            log(f"baseline: {model} {preset}/{mod}")
+            items = {"before": TrainStep(model, preset, mod, adam=args.adam, dit_cls=old),
+                     "after": TrainStep(model, preset, mod, adam=args.adam)}
+            times = rounds(items, args.rounds, args.warmup, log)
+            rows.append([model, label(preset, mod), f"{1e3 * median(times['before']):.0f}",
+                         f"{1e3 * median(times['after']):.0f}", fmt_range(paired(times, "after", "before"), "{:.3f}")])
+            del items
+    rep.table(["model", "config", "before ms", "after ms", "after ÷ before"], rows)
+
+
+# ------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer rounds, smaller models and sampling runs")
+    p.add_argument("--out", default=None, help="also write the markdown tables to this file")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sections", default="training,breakdown,scaling,sampling,memory,gpu",
+                   help="comma-separated: training, breakdown, scaling, sampling, memory, gpu, baseline")
+    p.add_argument("--adam", choices=("foreach", "fused"), default="foreach",
+                   help="Adam implementation (the training loop uses foreach on the CPU)")
+    p.add_argument("--baseline", default=None, help="git revision for the before/after section")
+    p.add_argument("--models", default=None, help="comma-separated models for the training table "
+                                                  "(default: DiT-XS/2, DiT-S/4, DiT-S/2; quick: DiT-XS/2, DiT-S/4)")
+    p.add_argument("--variants", default=None, help="comma-separated preset/modulation pairs for the training "
+                                                    "table, e.g. A/adaln,E/adaln (default: A-E adaln, E rotate variants)")
+    p.add_argument("--no-demo", action="store_true", help="leave the demo model out of the training table")
+    p.add_argument("--rounds", type=int, default=None, help="override the number of interleaved rounds")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as the training loop: denormals cost ~10x per elementwise op on CPU
+    if args.memory_child:
+        memory_child(args.memory_child)
+        return 0
+
+    quick = args.quick
+    args.rounds = args.rounds or (3 if quick else 5)
+    args.warmup = 1 if quick else 2
+    args.train_models = tuple(args.models.split(",")) if args.models else (("DiT-XS/2", "DiT-S/4") if quick
+                                                                            else TRAIN_MODELS)
+    args.variants = ([tuple(v.split("/")) for v in args.variants.split(",")] if args.variants else VARIANTS)
+    args.peak_everywhere = "DiT-S/2" not in args.train_models  # then the matmul reference goes everywhere
+    args.profile_model = "DiT-S/4" if quick else "DiT-S/2"
+    args.profile_reps = 1 if quick else 2
+    args.full_breakdown = not quick
+    args.scaling_size = "XS" if quick else "S"
+    args.sample_steps_ddpm = 10 if quick else 250
+    args.sample_steps_ddim = 5 if quick else 50
+    args.sample_rounds = 2 if quick else 1
+    args.baseline_models = ("DiT-S/4",) if quick else ("DiT-S/4", "DiT-S/2")
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if args.baseline and "baseline" not in sections:
+        sections.append("baseline")
+
+    rep = Report()
+    results: dict = {}
+    load_start = load_average()
+    started = time.time()
+    rep(f"# mapdit benchmark ({'quick' if quick else 'full'})")
+    rep()
+    rep(f"- command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:] if argv is None else argv)}`")
+    rep(f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+    rep(f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, fp32, flush-denormal on")
+    rep(f"- load average (1, 5, 15 min) at start: {load_start}")
+    rep()
+    funcs = {"training": section_training, "breakdown": section_breakdown, "scaling": section_scaling,
+             "sampling": section_sampling, "memory": section_memory, "gpu": section_gpu,
+             "baseline": section_baseline}
+    for name in sections:
+        if name not in funcs:
+            raise SystemExit(f"unknown section {name!r}; choose from {', '.join(funcs)}")
+        funcs[name](rep, args, results)
+    rep(f"- load average at end: {load_average()}; wall time {(time.time() - started) / 60:.1f} min")
+    if args.out:
+        Path(args.out).write_text("\n".join(rep.lines) + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""The fast paths of mapdit.nn / mapdit.model compute exactly what the plain formulas compute.
+
+Batched forced normalisation equals the per-layer projection; the custom autograd Functions (weight
+normalisation, q/k normalisation, fused scale-rotation) have the gradients of the plain formulas; the
+eval-mode weight cache is reused and invalidated when weights change; folding MP constants (SiLU's
+1/0.596, the MP sum's factors) into coefficients leaves the block's output unchanged; every preset and
+modulation compiles with torch.compile without graph breaks.
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mapdit import config as config_module
+from mapdit.config import PRESETS, make_config
+from mapdit.model import DiT
+from mapdit.nn import (EPS, MPEmbedding, MPLinear, _CosineQKV, _MulAdd, _NormalizedLinearRows, _NormalizedWeight,
+                       _row_rms, _RowNormalize, cosine_attention, mp_silu, mp_sum, mul_add, normalize, normalize_qk,
+                       project_mp_weights_, rotate_pairs, scale_rotate_pairs)
+
+MODULATIONS = ["adaln", "scale", "shift", "rotate", "scale+rotate"]
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_size(monkeypatch):
+    """DiT-TINY: 1 block, width 32, 2 heads (registered for the test only; one block keeps compiles short)."""
+    monkeypatch.setitem(config_module.SIZES, "TINY", (1, 32, 2))
+    return "DiT-TINY/4"
+
+
+def tiny_model(model, preset, modulation="adaln", dtype=torch.float32, **kw):
+    cfg = make_config(model, preset=preset, modulation=modulation, input_size=8, in_channels=4, num_classes=10,
+                      **kw)
+    m = DiT(cfg).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # away from the zero init, so that every path carries signal
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=dtype))
+    return m
+
+
+def inputs(n=3, dtype=torch.float32):
+    g = torch.Generator().manual_seed(2)
+    return (torch.randn(n, 4, 8, 8, generator=g).to(dtype), torch.randint(0, 1000, (n,), generator=g),
+            torch.randint(0, 10, (n,), generator=g))
+
+
+# ------------------------------------------------------------------------------------------------
+# Forced weight normalisation, batched
+# ------------------------------------------------------------------------------------------------
+def test_batched_projection_of_a_model_equals_per_layer_projection(tiny_size):
+    model = tiny_model(tiny_size, "E")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.dim() == 2:
+                p.mul_(torch.rand(p.shape[0], 1) * 4 + 0.1)
+    other = copy.deepcopy(model)
+    layers = [m for m in model.modules() if isinstance(m, (MPLinear, MPEmbedding))]
+    rms_before = [_row_rms(m.weight) for m in layers]
+    assert model.project_weights_() == len(layers) > 10
+    for m in other.modules():
+        if isinstance(m, (MPLinear, MPEmbedding)):
+            m.project_()
+    for (name, a), b in zip(model.named_parameters(), other.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), name
+    for m, r0 in zip(layers, rms_before):
+        assert m._projected_version == m.weight._version  # the forward will not project again
+        # rows now have RMS r0 / (r0 + eps): 1 up to normalize's eps
+        assert torch.allclose(_row_rms(m.weight), r0 / (r0 + EPS), rtol=1e-6)
+
+
+def test_projection_records_row_statistics_used_by_the_next_forward():
+    layer = MPLinear(24, 16, gain=0.7).train()
+    with torch.no_grad():
+        layer.weight.mul_(3.0)
+    project_mp_weights_(layer)
+    rms, inv = layer._row_stats()
+    measured = _row_rms(layer.weight)
+    assert torch.allclose(rms, measured, rtol=1e-6)  # computed from the projection, equals a fresh measure
+    assert torch.allclose(inv, 1 / (measured + EPS), rtol=1e-6)
+    with torch.no_grad():  # an optimizer step: the recorded statistics no longer apply
+        layer.weight.add_(0.5)
+    rms2, _ = layer._row_stats()
+    assert torch.allclose(rms2, _row_rms(layer.weight))
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom autograd Functions: gradients of the plain formulas
+# ------------------------------------------------------------------------------------------------
+def test_custom_functions_pass_gradcheck():
+    d = torch.float64
+    w = torch.randn(5, 7, dtype=d, requires_grad=True)
+    gain = torch.tensor(0.7, dtype=d, requires_grad=True)
+
+    def weight_fn(w, gain):
+        rms = _row_rms(w)
+        return _NormalizedWeight.apply(w, rms, 1 / (rms + EPS), gain, 0.3)
+
+    assert torch.autograd.gradcheck(weight_fn, (w, gain))
+    x = torch.randn(4, 7, dtype=d, requires_grad=True)
+
+    def rows_fn(x, w, gain):  # the output-space variant for few input rows
+        rms = _row_rms(w)
+        return _NormalizedLinearRows.apply(x, w, rms, 1 / (rms + EPS), gain, 0.3)
+
+    assert torch.autograd.gradcheck(rows_fn, (x, w, gain))
+    assert torch.autograd.gradcheck(_RowNormalize.apply, (torch.randn(3, 4, 6, dtype=d, requires_grad=True),))
+    qkv = torch.randn(2, 5, 3 * 8, dtype=d, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q: _CosineQKV.apply(q, 2, False), (qkv,))
+    assert torch.autograd.gradcheck(lambda q: _CosineQKV.apply(q * 1.0, 2, True), (qkv,))  # in place
+    base, y, k = (torch.randn(*shape, dtype=d, requires_grad=True) for shape in ((2, 5, 6), (2, 5, 6), (2, 1, 6)))
+    assert torch.autograd.gradcheck(lambda b, y, k: _MulAdd.apply(b, y, k, 0.7), (base, y, k))
+    shift = torch.randn(2, 1, 6, dtype=d, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda b, y, k: _MulAdd.apply(b, y, k, 1.0), (shift, y, k))
+    for pairing in ("half", "interleaved"):
+        x = torch.randn(2, 3, 8, dtype=d, requires_grad=True)
+        theta = torch.randn(2, 1, 4, dtype=d, requires_grad=True)
+        k = torch.randn(2, 1, 8, dtype=d, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x, th, k: scale_rotate_pairs(x, th, k, pairing), (x, theta, k))
+        assert torch.autograd.gradcheck(lambda x, th: scale_rotate_pairs(x, th, 0.8, pairing), (x, theta))
+
+
+@pytest.mark.parametrize("rows", [30, 6])  # per token (W scaled) and few rows (output scaled)
+@pytest.mark.parametrize("forced,on_use,gain", [(True, True, None), (True, True, 0.5), (False, True, 1.3),
+                                                (True, False, None), (True, True, 0.0)])
+def test_mp_linear_fast_training_path_matches_plain_normalize(forced, on_use, gain, rows):
+    """Custom-autograd weight normalisation (forward one multiply, backward the tangent projection)
+    against the plain differentiable normalize: outputs and gradients agree to float rounding."""
+    fast = MPLinear(48, 20, normalize_on_use=on_use, forced=forced, gain=gain, input_scale=1.7).train()
+    with torch.no_grad():
+        fast.weight.mul_(torch.rand(20, 1) * 3 + 0.2)
+    plain = copy.deepcopy(fast)
+    x = torch.randn(rows // 5 if rows > 6 else rows, 5 if rows > 6 else 1, 48).squeeze(1)
+    g_out = torch.randn(*x.shape[:-1], 20)
+    if forced:
+        project_mp_weights_(fast)  # as the training loop; the plain copy projects in place itself
+        plain.project_()
+    y_fast = fast(x)
+    y_plain = F.linear(x, plain.effective_weight())
+    assert torch.allclose(y_fast, y_plain, rtol=1e-5, atol=1e-6)
+    (y_fast * g_out).sum().backward()
+    (y_plain * g_out).sum().backward()
+    assert torch.allclose(fast.weight.grad, plain.weight.grad, rtol=1e-4, atol=1e-6)
+    if gain is not None:
+        assert torch.allclose(fast.gain.grad, plain.gain.grad, rtol=1e-4, atol=1e-6)
+    if forced and on_use:  # the gradient is tangent to the sphere: no radial component per row
+        radial = (fast.weight.grad * fast.weight).sum(dim=1)
+        assert radial.abs().max() <= 1e-4 * fast.weight.grad.norm(dim=1).max() * math.sqrt(48)
+
+
+def test_cosine_attention_fast_paths_match_plain_formula():
+    n, t, h, dh = 2, 9, 3, 8
+    leaf = (torch.randn(n, t, 3 * h * dh) * 4).requires_grad_()
+    plain = leaf.detach().clone().requires_grad_()
+    q5 = plain.view(n, t, 3, h, dh)
+    ref = torch.cat((normalize(q5[:, :, :2]), q5[:, :, 2:]), dim=2).reshape(n, t, -1)
+    g = torch.randn_like(ref)
+    (ref * g).sum().backward()
+    for source in ("leaf", "fresh"):  # a leaf is copied; a fresh non-leaf (a layer's output) is written in place
+        leaf.grad = None
+        qkv = leaf if source == "leaf" else leaf * 1.0
+        out = normalize_qk(qkv, h)
+        assert (out.data_ptr() == qkv.data_ptr()) == (source == "fresh")
+        assert torch.allclose(out, ref, atol=1e-6)
+        (out * g).sum().backward()
+        assert torch.allclose(leaf.grad, plain.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # sampling: normalised in place, same values
+        fresh = leaf.detach().clone()
+        assert torch.allclose(normalize_qk(fresh, h), ref, atol=1e-6)
+    # the standalone function (separate q, k, v) against softmax of the explicit cosine logits
+    q, k, v = (torch.randn(n, h, t, dh) * 9 for _ in range(3))
+    logits = normalize(q) @ normalize(k).transpose(-1, -2) / math.sqrt(dh)
+    assert torch.allclose(cosine_attention(q, k, v), torch.softmax(logits, -1) @ v, atol=1e-5)
+
+
+@pytest.mark.parametrize("pairing", ["half", "interleaved"])
+def test_fused_scale_rotation_matches_chunk_and_concatenate(pairing):
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    theta = torch.randn(3, 1, 8, requires_grad=True)
+    scale = torch.randn(3, 1, 16, requires_grad=True)
+    x2, theta2, scale2 = (v.detach().clone().requires_grad_() for v in (x, theta, scale))
+
+    def reference(x, theta, scale):  # the textbook formula, no fusion
+        h = x * scale
+        if pairing == "half":
+            a, b = h.chunk(2, dim=-1)
+        else:
+            a, b = h[..., 0::2], h[..., 1::2]
+        c, s = torch.cos(theta), torch.sin(theta)
+        ra, rb = a * c - b * s, a * s + b * c
+        return torch.cat((ra, rb), -1) if pairing == "half" else torch.stack((ra, rb), -1).flatten(-2)
+
+    out, ref = scale_rotate_pairs(x, theta, scale, pairing), reference(x2, theta2, scale2)
+    assert torch.allclose(out, ref, atol=1e-6)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    for a, b in ((x, x2), (theta, theta2), (scale, scale2)):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(rotate_pairs(x, theta, pairing), reference(x, theta, torch.ones(16)), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Folded MP constants: the block computes the textbook formula
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("modulation", ["adaln", "scale+rotate", "shift", "rotate"])
+def test_config_e_block_equals_the_textbook_formula(tiny_size, modulation):
+    """MP SiLU folded into the next MP linear, MP sums carried as coefficients, fused gate and residual:
+    the block equals mp_sum(x, gate * branch(modulate(x)), 0.3) written with plain operators (float64)."""
+    model = tiny_model(tiny_size, "E", modulation, dtype=torch.float64, gate_init="identity").train()
+    model.project_weights_()  # the training path then uses the projection's row statistics
+    block = model.blocks[0]
+    x = torch.randn(3, 4, 32, dtype=torch.float64)
+    c = torch.randn(3, 32, dtype=torch.float64)
+    parts = model.config.modulation_parts
+
+    def lin(layer, v):  # the MP linear, textbook: normalize(W) / sqrt(fan_in) * gain, no folding
+        w = normalize(layer.weight) / math.sqrt(layer.in_features)
+        return F.linear(v, w * layer.gain if layer.gain is not None else w)
+
+    def site(h, m):  # h*(1+scale) + shift, then rotation; returns branch input and gate
+        chunks = dict(zip(parts, m.split([{"rotate": 16}.get(p, 32) for p in parts], dim=-1)))
+        if "scale" in chunks:
+            h = h * (1 + chunks["scale"])
+        if "shift" in chunks:
+            h = h + chunks["shift"]
+        if "rotate" in chunks:
+            h = rotate_pairs(h, chunks["rotate"])
+        return h, 1 + chunks["gate"]
+
+    def attn(h):
+        n, t, d = h.shape
+        q, k, v = lin(block.attn.qkv, h).reshape(n, t, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        return lin(block.attn.proj, cosine_attention(q, k, v).transpose(1, 2).reshape(n, t, d))
+
+    def mlp(h):
+        return lin(block.mlp.fc2, mp_silu(lin(block.mlp.fc1, h)))
+
+    with torch.no_grad():
+        mod = lin(block.adaLN_modulation[1], mp_silu(c)).unsqueeze(1)
+        m1, m2 = mod.chunk(2, dim=-1)
+        h1, g1 = site(x, m1)
+        x1 = mp_sum(x, g1 * attn(h1), 0.3)
+        h2, g2 = site(x1, m2)
+        expected = mp_sum(x1, g2 * mlp(h2), 0.3)
+        assert torch.allclose(block(x, c), expected, rtol=1e-10, atol=1e-12)  # training path
+        model.eval()
+        assert torch.allclose(block(x, c), expected, rtol=1e-10, atol=1e-12)  # cached eval path
+
+
+def test_training_gradients_match_plain_formulas_end_to_end(tiny_size, monkeypatch):
+    """A training step of Config E with every fast path against the same model forced onto the plain
+    formulas (the torch.compile branch of every block): equal loss gradients (float64)."""
+    import mapdit.nn as mpnn
+
+    model = tiny_model(tiny_size, "E", "scale+rotate", dtype=torch.float64).train()
+    plain = copy.deepcopy(model)
+    x, t, y = inputs(dtype=torch.float64)
+    model.project_weights_()
+    plain.project_weights_()
+    (model(x, t, y) ** 2).mean().backward()
+    monkeypatch.setattr(mpnn, "_compiling", lambda: True)
+    (plain(x, t, y) ** 2).mean().backward()
+    for (name, a), b in zip(model.named_parameters(), plain.parameters()):
+        if a.requires_grad:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-9, atol=1e-12), name
+
+
+# ------------------------------------------------------------------------------------------------
+# Eval-mode cache
+# ------------------------------------------------------------------------------------------------
+def test_eval_weights_are_computed_once_and_invalidated_by_any_change(tiny_size, monkeypatch):
+    model = tiny_model(tiny_size, "E").eval()
+    x, t, y = inputs()
+    calls = []
+    original = MPLinear.effective_weight
+    monkeypatch.setattr(MPLinear, "effective_weight", lambda self: calls.append(self) or original(self))
+    n_layers = sum(isinstance(m, MPLinear) for m in model.modules())
+    with torch.no_grad():
+        first = model(x, t, y)
+        for _ in range(3):  # sampling steps reuse the normalised weights
+            assert torch.equal(model(x, t, y), first)
+    assert len(calls) == n_layers
+
+    # an optimizer step changes the weights in place: every layer recomputes
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (model(x, t, y) ** 2).mean().backward()
+    opt.step()
+    model.eval()
+    calls.clear()
+    with torch.no_grad():
+        second = model(x, t, y)
+    assert len(calls) == n_layers and not torch.allclose(second, first)
+
+    # loading a state dict (copy_ into the parameters) invalidates too, back to the first output
+    state = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+        model(x, t, y)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.allclose(model(x, t, y), second, atol=1e-6)
+
+    # a gain changed alone invalidates its layer
+    layer = model.final_layer.linear
+    with torch.no_grad():
+        before = layer(torch.ones(1, 32))
+        layer.gain.mul_(2.0)
+        assert torch.allclose(layer(torch.ones(1, 32)), 2 * before, atol=1e-6)
+        # and a different input dtype gets its own cast copy
+        assert layer(torch.ones(1, 32, dtype=torch.float64)).dtype == torch.float64
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile
+# ------------------------------------------------------------------------------------------------
+COMPILE_CASES = [(p, "adaln") for p in PRESETS] + [("E", m) for m in MODULATIONS if m != "adaln"]
+
+
+def _graph_breaks(model, args) -> tuple[int, list]:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    try:
+        explanation = torch._dynamo.explain(model)(*args)
+    finally:
+        torch._dynamo.reset()
+    return explanation.graph_break_count, [r.reason.splitlines()[0] for r in explanation.break_reasons]
+
+
+@pytest.mark.parametrize("preset,modulation", COMPILE_CASES)
+def test_compiles_without_graph_breaks(tiny_size, preset, modulation):
+    """Training forward (after the loop's batched projection) and no-grad eval forward: one graph each."""
+    model = tiny_model(tiny_size, preset, modulation).train()
+    args = inputs()
+    model.project_weights_()
+    assert _graph_breaks(model, args) == (0, [])
+    model.eval()
+    with torch.no_grad():
+        assert _graph_breaks(model, args) == (0, [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("modulation", MODULATIONS)
+def test_every_combination_compiles_without_graph_breaks(tiny_size, preset, modulation):
+    model = tiny_model(tiny_size, preset, modulation).train()
+    model.project_weights_()
+    assert _graph_breaks(model, inputs()) == (0, [])
+
+
+@pytest.mark.parametrize("preset,modulation", [("A", "adaln"), ("E", "scale+rotate")])
+def test_fullgraph_compile_forward_backward_matches_eager(tiny_size, preset, modulation):
+    """fullgraph=True (any graph break would raise) through AOT autograd, forward and backward."""
+    import torch._dynamo
+
+    model = tiny_model(tiny_size, preset, modulation).train()
+    args = inputs()
+    model.project_weights_()
+    ref = model(*args)
+    (ref ** 2).mean().backward()
+    expected = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    torch._dynamo.reset()
+    try:
+        out = torch.compile(model, fullgraph=True, backend="aot_eager")(*args)
+        (out ** 2).mean().backward()
+    finally:
+        torch._dynamo.reset()
+    assert torch.allclose(out, ref, atol=1e-5)
+    got = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(got, expected))
