@@ -53,7 +53,7 @@ VARIANTS = [("A", "adaln"), ("B", "adaln"), ("C", "adaln"), ("D", "adaln"), ("E"
             ("E", "scale+rotate"), ("E", "rotate")]
 EMA_STDS = (0.05, 0.10)  # TrainConfig's default widths
 CFG_SCALE = 4.0
-SAMPLE_BATCH = 8  # images per sampling run (16 model inputs per step with classifier-free guidance)
+SAMPLE_BATCH = 4  # images per sampling run (8 model inputs per step with classifier-free guidance)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,7 +114,8 @@ class TrainStep:
     time of (projection, forward+backward, clip+optimizer+EMA)."""
 
     def __init__(self, model: str, preset: str, modulation: str = "adaln", batch: int = BATCH,
-                 data: dict | None = None, adam: str = "foreach", seed: int = 0, dit_cls=DiT):
+                 data: dict | None = None, adam: str = "foreach", seed: int = 0, dit_cls=DiT,
+                 patches: list | None = None):
         data = LATENT if data is None else data
         self.cfg = make_config(model, preset=preset, modulation=modulation, **data)
         torch.manual_seed(seed)
@@ -134,6 +135,8 @@ class TrainStep:
         drop = torch.rand(batch, generator=g) < 0.1
         self.y = torch.where(drop, torch.full_like(y, self.cfg.null_class), y)
         self.batch = batch
+        self.fwd = self.model  # what training_losses calls (a torch.compile wrapper in the compile section)
+        self.patches = patches or []  # (object, attribute, value) set for the duration of each step
         self.step = 0
         self.sums = torch.zeros(4)
         self.phases = [0.0, 0.0, 0.0]
@@ -146,6 +149,16 @@ class TrainStep:
 
     def run(self, ranges: bool = False):
         """One step (record_function ranges around the phases when `ranges`)."""
+        saved = [(obj, name, getattr(obj, name)) for obj, name, _ in self.patches]
+        for obj, name, value in self.patches:
+            setattr(obj, name, value)
+        try:
+            return self._run(ranges)
+        finally:
+            for obj, name, value in saved:
+                setattr(obj, name, value)
+
+    def _run(self, ranges: bool):
         from torch.profiler import record_function
 
         self.step += 1
@@ -156,7 +169,7 @@ class TrainStep:
             self.model.project_weights_()
         t1 = time.perf_counter()
         with rf("phase:forward_backward"):
-            losses = self.diffusion.training_losses(self.model, self.x, t, self.y, noise=noise)
+            losses = self.diffusion.training_losses(self.fwd, self.x, t, self.y, noise=noise)
             loss = losses["loss"].mean()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -507,8 +520,8 @@ def section_memory(rep: Report, args, results: dict) -> None:
         "the RSS once model, Adam state and EMA exist (i.e. activations, gradients and temporaries of a step).")
     rep()
     rows = []
-    cases = list(MEMORY_CASES) + [(DEMO["model"], "A", "adaln", DEMO["batch"], True),
-                                  (DEMO["model"], "E", "adaln", DEMO["batch"], True)]
+    cases = [c for c in MEMORY_CASES if not (args.quick and c[0] == "DiT-S/2")]
+    cases += [(DEMO["model"], "A", "adaln", DEMO["batch"], True), (DEMO["model"], "E", "adaln", DEMO["batch"], True)]
     for case in cases:
         log(f"memory: {case}")
         env = dict(os.environ, BENCH_THREADS=str(torch.get_num_threads()))
@@ -530,6 +543,147 @@ def section_gpu(rep: Report, args, results: dict) -> None:
     else:
         rep("Skipped: no GPU on this machine (torch.cuda.is_available() is False).")
     rep()
+
+
+def section_optimizer(rep: Report, args, results: dict) -> None:
+    """The per-step work outside forward/backward, phase by phase, and the alternatives the loop could use."""
+    model = args.optimizer_model
+    rep(f"## Outside forward and backward: {model} Config E parameters, per step")
+    rep()
+    rep("Each phase timed alone on the same parameters and gradients, interleaved rounds (median, min-max). "
+        "The loop today runs: projection, clip_grad_norm_(inf, foreach), Adam(foreach), EMA update. "
+        "Alternatives: get_total_norm (the norm the loop logs, without clip_grad_norm_'s multiply of every "
+        "gradient by 1.0 when --grad-clip is off) and Adam(fused=True), which torch also has on the CPU.")
+    rep()
+    step = TrainStep(model, "E", "adaln")
+    step()
+    params = step.params
+    grads = [torch.randn_like(p) * 1e-3 for p in params]
+    opt_fused = torch.optim.Adam([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2,
+                                 betas=(0.9, 0.99), eps=1e-8, fused=True)
+    for q, g in zip(opt_fused.param_groups[0]["params"], grads):
+        q.grad = g.clone()
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    counter = [step.step]
+
+    def timed(fn):
+        def go():
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+        return go
+
+    def ema():
+        counter[0] += 1
+        step.ema.update(params, counter[0])
+
+    items = {
+        "forced weight normalisation (project_weights_)": timed(step.model.project_weights_),
+        "clip_grad_norm_(inf, foreach)": timed(lambda: torch.nn.utils.clip_grad_norm_(params, float("inf"),
+                                                                                      foreach=True)),
+        "get_total_norm(foreach)": timed(lambda: torch.nn.utils.get_total_norm([p.grad for p in params],
+                                                                               foreach=True)),
+        "Adam(foreach).step": timed(step.opt.step),
+        "Adam(fused).step": timed(opt_fused.step),
+        "power EMA update (2 widths)": timed(ema),
+    }
+    times = rounds(items, max(args.rounds, 5), 2, None)
+    step_s = None
+    tr = results.get("training", {}).get(model, {}).get("E/adaln")
+    if tr:
+        step_s = median(tr["times"])
+    rows = [[k, fmt_range([1e3 * t for t in v], "{:.1f}"),
+             f"{100 * median(v) / step_s:.2f} %" if step_s else ""] for k, v in times.items()]
+    rep.table(["phase", "ms", "share of the E/adaln step" if step_s else ""], rows)
+    results["optimizer"] = times
+
+
+def section_compile(rep: Report, args, results: dict) -> None:
+    model = args.compile_model
+    rep(f"## torch.compile (Inductor, CPU): {model}, batch {BATCH}, training step")
+    rep()
+    rep("The training loop's `--compile`: the model's forward compiled (fullgraph, no graph breaks), the "
+        "batched projection, optimizer and EMA eager. Compile time is excluded (warm-up); ratios paired.")
+    rep()
+    steps = {}
+    for preset in ("A", "E"):
+        steps[f"{preset} eager"] = TrainStep(model, preset, "adaln", adam=args.adam)
+        compiled = TrainStep(model, preset, "adaln", adam=args.adam)
+        compiled.fwd = torch.compile(compiled.model, fullgraph=True)
+        steps[f"{preset} compiled"] = compiled
+    log(f"compile: {model} (compiling on the warm-up steps)")
+    t0 = time.perf_counter()
+    times = rounds(steps, args.rounds, max(2, args.warmup), log)
+    rows = [[k, f"{1e3 * median(v):.0f}", fmt_range([BATCH / t for t in v], "{:.1f}"),
+             fmt_range(paired(times, k, "A eager"), "{:.3f}")] for k, v in times.items()]
+    rep.table(["config", "ms/step", "images/s", "time ÷ A eager"], rows)
+    rep(f"E compiled ÷ A compiled: {fmt_range(paired(times, 'E compiled', 'A compiled'), '{:.3f}')}; "
+        f"whole section incl. compilation {time.perf_counter() - t0:.0f} s.")
+    rep()
+    results["compile"] = times
+
+
+def ablation_patches() -> dict[str, list]:
+    """Each fast path replaced by the plain formula it computes (same values, autograd's own backward)."""
+    import mapdit.model as mm
+    import mapdit.nn as mpnn
+
+    def plain_mp_linear(self, x):  # normalize(W) differentiated by autograd, in every forward
+        return torch.nn.functional.linear(x, self.effective_weight().to(x.dtype))
+
+    def weight_path_only(self, x):  # the custom Function, but W scaled even for few input rows
+        return torch.nn.functional.linear(x, self._training_weight().to(x.dtype))
+
+    def plain_mul_add(base, y, k, alpha=1.0):
+        return torch.addcmul(base if alpha == 1.0 else base * alpha, y, k)
+
+    def plain_normalize_qk(qkv, heads):
+        n, t, d3 = qkv.shape
+        q5 = qkv.reshape(n, t, 3, heads, -1)
+        return torch.cat((mpnn.normalize(q5[:, :, :2]), q5[:, :, 2:]), dim=2).reshape(n, t, d3)
+
+    def plain_rotation(x, theta, scale=None, pairing="half"):
+        h = x if scale is None else x * scale
+        a, b = mpnn._pair_views(h, pairing)
+        c, s_ = torch.cos(theta), torch.sin(theta)
+        return mpnn._pair_join(a * c - b * s_, a * s_ + b * c, pairing)
+
+    return {
+        "all fast paths": [],
+        "WN: autograd normalize(W) per forward": [(mpnn.MPLinear, "_training_forward", plain_mp_linear)],
+        "WN: no output-space path for few rows": [(mpnn.MPLinear, "_training_forward", weight_path_only)],
+        "gate/residual/shift: autograd addcmul": [(mm, "mul_add", plain_mul_add)],
+        "cosine attention: autograd normalize(q, k)": [(mm, "normalize_qk", plain_normalize_qk)],
+        "rotation: chunk/cat formula": [(mm, "scale_rotate_pairs", plain_rotation)],
+    }
+
+
+def section_ablation(rep: Report, args, results: dict) -> None:
+    model = args.ablation_model
+    rep(f"## What each fast path buys: {model}, batch {BATCH}, Config E, training step")
+    rep()
+    rep("One fast path at a time replaced by the plain formula it computes (identical values; autograd's "
+        "generic backward). Step time relative to all fast paths, paired per round: > 1 means the fast "
+        "path saves that fraction. MP-SiLU folding and the carried MP-sum factor change how the model is "
+        "built; they are covered by the before/after section.")
+    rep()
+    patches = ablation_patches()
+    rows = []
+    for mod in ("adaln", "scale+rotate"):
+        log(f"ablation: {model} E/{mod}")
+        steps = {name: TrainStep(model, "E", mod, adam=args.adam, patches=p) for name, p in patches.items()
+                 if mod != "adaln" or "rotation" not in name}
+        times = rounds(steps, args.rounds, args.warmup, log)
+        for name in steps:
+            if name == "all fast paths":
+                rows.append([f"E/{mod}", name, f"{1e3 * median(times[name]):.0f}", "1"])
+            else:
+                rows.append([f"E/{mod}", name, f"{1e3 * median(times[name]):.0f}",
+                             fmt_range(paired(times, name, "all fast paths"), "{:.3f}")])
+        results.setdefault("ablation", {})[mod] = times
+        del steps
+    rep.table(["config", "variant", "ms/step", "time ÷ all fast paths"], rows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -576,8 +730,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer rounds, smaller models and sampling runs")
     p.add_argument("--out", default=None, help="also write the markdown tables to this file")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--sections", default="training,breakdown,scaling,sampling,memory,gpu",
-                   help="comma-separated: training, breakdown, scaling, sampling, memory, gpu, baseline")
+    p.add_argument("--sections", default="training,optimizer,breakdown,scaling,sampling,memory,gpu",
+                   help="comma-separated: training, breakdown, scaling, sampling, memory, gpu, optimizer, "
+                        "ablation, compile, baseline (with --baseline REV)")
     p.add_argument("--adam", choices=("foreach", "fused"), default="foreach",
                    help="Adam implementation (the training loop uses foreach on the CPU)")
     p.add_argument("--baseline", default=None, help="git revision for the before/after section")
@@ -611,6 +766,9 @@ def main(argv=None) -> int:
     args.sample_steps_ddim = 5 if quick else 50
     args.sample_rounds = 2 if quick else 1
     args.baseline_models = ("DiT-S/4",) if quick else ("DiT-S/4", "DiT-S/2")
+    args.ablation_model = "DiT-XS/2" if quick else "DiT-S/4"
+    args.compile_model = "DiT-XS/2" if quick else "DiT-S/4"
+    args.optimizer_model = "DiT-S/4" if quick else "DiT-S/2"
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if args.baseline and "baseline" not in sections:
         sections.append("baseline")
@@ -629,7 +787,8 @@ def main(argv=None) -> int:
     rep()
     funcs = {"training": section_training, "breakdown": section_breakdown, "scaling": section_scaling,
              "sampling": section_sampling, "memory": section_memory, "gpu": section_gpu,
-             "baseline": section_baseline}
+             "ablation": section_ablation, "baseline": section_baseline, "compile": section_compile,
+             "optimizer": section_optimizer}
     for name in sections:
         if name not in funcs:
             raise SystemExit(f"unknown section {name!r}; choose from {', '.join(funcs)}")

@@ -56,7 +56,11 @@ def inputs(n=3, dtype=torch.float32):
 # ------------------------------------------------------------------------------------------------
 # Forced weight normalisation, batched
 # ------------------------------------------------------------------------------------------------
-def test_batched_projection_of_a_model_equals_per_layer_projection(tiny_size):
+@pytest.mark.parametrize("concat", [False, True])  # per-weight norms (CPU) / one norm per group (GPU path)
+def test_batched_projection_of_a_model_equals_per_layer_projection(tiny_size, monkeypatch, concat):
+    import mapdit.nn as mpnn
+
+    monkeypatch.setattr(mpnn, "_concat_row_norms", lambda device: concat)
     model = tiny_model(tiny_size, "E")
     with torch.no_grad():
         for p in model.parameters():
