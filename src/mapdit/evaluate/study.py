@@ -48,10 +48,11 @@ MODULATIONS = ("adaln", "scale", "shift", "rotate", "scale+rotate")
 LRS = (1e-4, 1e-3, 1e-2)
 LR_CONFIGS = ("A", "E")
 
-# Budgets. Full: the README demo's training budget per variant (~6 min of training on 2 idle cores), 3 seeds.
-# Quick: about 15 minutes for every study with one seed; its numbers are a smoke test, not evidence.
-FULL = {"model": "DiT-XXS/4", "num_steps": 2000, "batch_size": 64, "seeds": [0, 1, 2], "fid_samples": 2000,
-        "sampler": "ddim", "sampling_steps": 50, "ema_sweep": "0.03:0.15:0.02"}
+# Budgets. Full: the demo's model and batch for 600 steps (~2 min of training per run on 2 idle cores), 3 seeds,
+# so that all 39 runs fit in about 1.5-2 hours. Quick: about 15 minutes for every study with one seed; its
+# numbers are a smoke test, not evidence.
+FULL = {"model": "DiT-XXS/4", "num_steps": 600, "batch_size": 64, "seeds": [0, 1, 2], "fid_samples": 1000,
+        "sampler": "ddim", "sampling_steps": 25, "ema_sweep": "0.03:0.15:0.02"}
 QUICK = {"model": "DiT-XXS/4", "num_steps": 300, "batch_size": 32, "seeds": [0], "fid_samples": 500,
          "sampler": "ddim", "sampling_steps": 20, "ema_sweep": "0.03:0.15:0.04"}
 
@@ -382,11 +383,11 @@ min-max over seeds. Residual magnitudes: raw weights at the last checkpoint, a f
 
 
 PRESETS_NOTE = (f"Budgets: the default (full) study trains every variant for {FULL['num_steps']} steps of batch "
-                f"{FULL['batch_size']} ({FULL['model']}, the README demo's budget, ~6-7 min of training per run on "
-                f"2 idle cores) with seeds {','.join(map(str, FULL['seeds']))} and scores {FULL['fid_samples']} "
+                f"{FULL['batch_size']} ({FULL['model']}, the README demo's model and batch, ~2 min of training per "
+                f"run on 2 idle cores) with seeds {','.join(map(str, FULL['seeds']))} and scores {FULL['fid_samples']} "
                 f"samples "
                 f"({FULL['sampler']} {FULL['sampling_steps']} steps): 39 training runs (13 distinct variants "
-                f"x 3 seeds), estimated 5-6 CPU hours. `--quick`: {QUICK['num_steps']} steps of batch "
+                f"x 3 seeds), about 1.5-2 hours on 2 cores. `--quick`: {QUICK['num_steps']} steps of batch "
                 f"{QUICK['batch_size']}, seed {QUICK['seeds'][0]}, {QUICK['fid_samples']} samples ({QUICK['sampler']} "
                 f"{QUICK['sampling_steps']} steps), about 15 minutes; quick numbers are not evidence.\n\n")
 
