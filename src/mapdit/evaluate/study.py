@@ -104,6 +104,24 @@ def _wall_time(run_dir: str | Path) -> float | None:
     return times[-1] if times else None
 
 
+SCORE_EMA = 0.05  # the EMA width every variant is scored with (the smallest tracked one)
+
+
+def _heldout(run_dir: str | Path, ema_std: float = SCORE_EMA) -> float | None:
+    """Held-out ε-MSE of a run (test split, fixed noise and t; cached beside the run), None if it cannot
+    be computed (e.g. the run folder is gone)."""
+    from mapdit.evaluate.heldout import heldout_for_run
+
+    if not (Path(run_dir) / "config.json").is_file():
+        return None
+    return heldout_for_run(run_dir, weights="ema", ema_std=ema_std)["mse"]
+
+
+def _pm_heldout(g: list[dict]) -> tuple[str, dict | None]:
+    st = _stats([_heldout(r["run_dir"]) for r in g])
+    return _pm(st, 4), st
+
+
 def _results(folder: Path) -> list[dict]:
     from mapdit.runio import read_json
 
@@ -324,6 +342,11 @@ def plot_ema(stored: dict, path: Path) -> Path | None:
     ax.axvline(best["sigma_rel"], color="gray", linestyle=":", label=f"best sigma_rel {best['sigma_rel']:.3f}")
     ax.set_xlabel("EMA width sigma_rel (post hoc)")
     ax.set_ylabel("FD_fmnist")
+    heldout = [_heldout(stored["run_dir"], p["sigma_rel"]) for p in points]
+    if all(h is not None for h in heldout):
+        ax2 = ax.twinx()
+        ax2.plot([p["sigma_rel"] for p in points], heldout, marker="s", color="tab:orange", label="held-out ε-MSE")
+        ax2.set_ylabel("held-out ε-MSE", color="tab:orange")
     ax.set_title(f"{stored.get('variant', '')} seed {stored.get('seed', '')}: FD against the EMA width", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -349,6 +372,10 @@ in the learning-rate study), seeds {seeds}. Measured training wall time per vari
 row): {wall}. Scoring: FD_fmnist of {fid_samples} samples ({sampler} {sampling_steps} steps, cfg 1, EMA
 sigma_rel 0.05) against the 10k Fashion-MNIST test images, in the feature space of the project's `fmnist`
 classifier, and the conditioning accuracy (the classifier agreeing with the sampled label). {sampler_note}
+Held-out ε-MSE: the training objective's ε error on the first 2000 test images, each noised at a
+stratified t with noise fixed by seed 0 (identical for every variant, so the comparison is paired; same EMA
+width as the FD), by `mapdit.evaluate.heldout`. At this budget the samples are far from the data and FDs
+bunch together; the held-out error separates variants far more clearly.
 Spread: mean ± sample standard deviation over seeds (no ± with one seed); the magnitude plot's band is
 min-max over seeds. Residual magnitudes: raw weights at the last checkpoint, a fixed batch at t=500.
 
@@ -409,20 +436,21 @@ def _publish(png: Path | None, docs_dir: Path, doc: Path, alt: str) -> str:
 
 def _configs_section(results: list[dict]) -> tuple[str, dict]:
     groups = _group(results, lambda r: r["config"])
-    lines = ["| config | lr | seeds | parameters | step time (ms) | wall time (s) | FD_fmnist | cond. acc. | "
-             "max block magnitude | residual magnitude per block (mean over seeds) |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| config | lr | seeds | parameters | step time (ms) | wall time (s) | held-out ε-MSE | FD_fmnist | "
+             "cond. acc. | max block magnitude | residual magnitude per block (mean over seeds) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     summary = {}
     for config in sorted(groups):
         g = groups[config]
         fd = _stats([r["value"] for r in g])
         per_block = [statistics.mean(v) for v in zip(*[r["final_residual_magnitudes"] for r in g])]
-        summary[config] = {"fd": fd, "params": g[0]["parameters"], "per_block": per_block,
+        heldout, ho = _pm_heldout(g)
+        summary[config] = {"fd": fd, "params": g[0]["parameters"], "per_block": per_block, "heldout": ho,
                            "max": _stats([r["max_block_magnitude"] for r in g])}
         lr = g[0]["settings"].get("lr")
         lines.append(f"| {config} | {'default' if lr is None else f'{lr:g}'} | {' '.join(str(r['seed']) for r in g)} | "
                      f"{g[0]['parameters']:,} | {_pm(_stats([r.get('step_time_ms') for r in g]), 1)} | "
-                     f"{_pm(_stats([_wall_time(r['run_dir']) for r in g]), 1)} | {_pm(fd, 2)} | "
+                     f"{_pm(_stats([_wall_time(r['run_dir']) for r in g]), 1)} | {heldout} | {_pm(fd, 2)} | "
                      f"{_pm(_stats([r.get('conditioning_accuracy') for r in g]), 1, 100, '%')} | "
                      f"{_pm(summary[config]['max'], 3)} | {', '.join(f'{v:.3g}' for v in per_block)} |")
     return ("\n".join(lines) if groups else "_(not run yet)_"), summary
@@ -439,17 +467,18 @@ def modulation_label(modulation: str) -> str:
 def _modulation_section(results: list[dict]) -> tuple[str, dict]:
     groups = _group(results, lambda r: modulation_label(r["modulation"]))
     base = groups.get("adaln", [{}])[0].get("parameters")
-    lines = ["| modulation | seeds | parameters | vs adaln | step time (ms) | FD_fmnist | cond. acc. |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| modulation | seeds | parameters | vs adaln | step time (ms) | held-out ε-MSE | FD_fmnist | cond. acc. |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     summary = {}
     for mod in [m for m in MODULATIONS if m in groups] + sorted(set(groups) - set(MODULATIONS)):
         g = groups[mod]
         params = g[0]["parameters"]
         delta = None if not base else 100.0 * (params - base) / base
-        summary[mod] = {"fd": _stats([r["value"] for r in g]), "params": params, "delta": delta}
+        heldout, ho = _pm_heldout(g)
+        summary[mod] = {"fd": _stats([r["value"] for r in g]), "params": params, "delta": delta, "heldout": ho}
         lines.append(f"| {mod} | {' '.join(str(r['seed']) for r in g)} | {params:,} | "
                      f"{'-' if delta is None else f'{delta:+.1f}%'} | "
-                     f"{_pm(_stats([r.get('step_time_ms') for r in g]), 1)} | {_pm(summary[mod]['fd'], 2)} | "
+                     f"{_pm(_stats([r.get('step_time_ms') for r in g]), 1)} | {heldout} | {_pm(summary[mod]['fd'], 2)} | "
                      f"{_pm(_stats([r.get('conditioning_accuracy') for r in g]), 1, 100, '%')} |")
     return ("\n".join(lines) if groups else "_(not run yet)_"), summary
 
@@ -457,8 +486,8 @@ def _modulation_section(results: list[dict]) -> tuple[str, dict]:
 def _lr_section(out: Path) -> tuple[str, dict]:
     from mapdit.runio import read_json
 
-    lines = ["| config | lr | seeds finished | diverged | FD_fmnist | cond. acc. | max block magnitude |",
-             "|---|---:|---|---|---:|---:|---:|"]
+    lines = ["| config | lr | seeds finished | diverged | held-out ε-MSE | FD_fmnist | cond. acc. | max block magnitude |",
+             "|---|---:|---|---|---:|---:|---:|---:|"]
     summary = {}
     for lr, folder in _lr_folders(out):
         groups = _group(_results(folder), lambda r: r["config"])
@@ -467,11 +496,12 @@ def _lr_section(out: Path) -> tuple[str, dict]:
             g = groups.get(config, [])
             dv = [d for d in div if d["config"] == config]
             fd = _stats([r["value"] for r in g])
-            summary[(config, lr)] = {"fd": fd, "diverged": len(dv), "finished": len(g)}
+            heldout, ho = _pm_heldout(g)
+            summary[(config, lr)] = {"fd": fd, "diverged": len(dv), "finished": len(g), "heldout": ho}
             diverged = ", ".join(f"seed {d['seed']}: diverged at step {d['diverged_at_step']}" for d in dv) or "no"
             acc = _pm(_stats([r.get("conditioning_accuracy") for r in g]), 1, 100, "%")
             lines.append(f"| {config} | {lr:g} | {' '.join(str(r['seed']) for r in g) or '-'} | {diverged} | "
-                         f"{_pm(fd, 2)} | {acc} | {_pm(_stats([r['max_block_magnitude'] for r in g]), 3)} |")
+                         f"{heldout} | {_pm(fd, 2)} | {acc} | {_pm(_stats([r['max_block_magnitude'] for r in g]), 3)} |")
     return ("\n".join(lines) if summary else "_(not run yet)_"), summary
 
 
@@ -480,10 +510,12 @@ def _ema_section(stored: dict) -> str:
     if not points:
         return "_(not run yet)_"
     lines = [f"Run: `{stored['run_dir']}` ({stored['variant']}, seed {stored['seed']}, the lowest FD of its seeds).",
-             "", "| sigma_rel | weights | FD_fmnist | cond. acc. |", "|---:|---|---:|---:|"]
+             "", "| sigma_rel | weights | held-out ε-MSE | FD_fmnist | cond. acc. |", "|---:|---|---:|---:|---:|"]
     for p in points:
         acc = p.get("conditioning_accuracy")
-        lines.append(f"| {p['sigma_rel']:.3f} | {p.get('weights') or '-'} | {p['value']:.2f} | "
+        ho = _heldout(stored["run_dir"], p["sigma_rel"])
+        lines.append(f"| {p['sigma_rel']:.3f} | {p.get('weights') or '-'} | {'-' if ho is None else f'{ho:.4f}'} | "
+                     f"{p['value']:.2f} | "
                      f"{'-' if acc is None else f'{100 * acc:.1f}%'} |")
     return "\n".join(lines)
 
@@ -496,6 +528,12 @@ def _comparison(configs: dict, modulation: dict, lr: dict, ema: dict, quick: boo
         verdict = "agrees in direction" if drop > 0 else "disagrees"
         out.append(f"- FD: Config E is {abs(drop):.1f}% {'lower' if drop >= 0 else 'higher'} than Config A "
                    f"({e:.2f} vs {a:.2f}); the paper reports ~{PAPER_FID_DROP}% lower FID with full MP: {verdict}.")
+        ha, he = configs["A"].get("heldout"), configs["E"].get("heldout")
+        if ha and he:
+            drop = 100.0 * (ha["mean"] - he["mean"]) / ha["mean"]
+            out.append(f"- Held-out ε-MSE: Config E is {abs(drop):.1f}% {'lower' if drop >= 0 else 'higher'} than "
+                       f"Config A ({_pm(he, 4)} vs {_pm(ha, 4)}): "
+                       f"{'agrees' if drop > 0 else 'disagrees'} in direction with the paper's lower FID.")
         pa, pe = configs["A"]["per_block"], configs["E"]["per_block"]
         grow_a, grow_e = pa[-1] / pa[0], pe[-1] / pe[0]
         grows, bounded = grow_a > 1.1, max(pe) < max(pa) and grow_e < grow_a
@@ -510,24 +548,37 @@ def _comparison(configs: dict, modulation: dict, lr: dict, ema: dict, quick: boo
                    f"(paper: ~{PAPER_SCALE_ROTATE_PARAMS}% at its sizes; the share depends on width and depth) and "
                    f"an FD {gap:+.1f}% against adaln; the paper finds it competitive: "
                    f"{'agrees' if gap <= 10 else 'disagrees'} (within 10% counted as competitive).")
+        if sr.get("heldout") and ad.get("heldout"):
+            gap = 100.0 * (sr["heldout"]["mean"] - ad["heldout"]["mean"]) / ad["heldout"]["mean"]
+            out.append(f"- Modulation, held-out ε-MSE: scale+rotate {_pm(sr['heldout'], 4)} vs adaln "
+                       f"{_pm(ad['heldout'], 4)} ({gap:+.1f}%): {'competitive' if gap <= 5 else 'worse'} "
+                       f"(within 5% counted as competitive).")
     if lr:
-        def best_lr(config):
-            cands = [(v["fd"]["mean"], r) for (c, r), v in lr.items() if c == config and v["fd"] is not None]
+        def best_lr(config, metric="fd"):
+            cands = [(v[metric]["mean"], r) for (c, r), v in lr.items() if c == config and v.get(metric) is not None]
             return min(cands)[1] if cands else None
 
         for config, paper in (("A", 1e-4), ("E", 1e-2)):
-            best = best_lr(config)
+            best, best_ho = best_lr(config), best_lr(config, "heldout")
             div = [f"{r:g}" for (c, r), v in sorted(lr.items()) if c == config and v["diverged"]]
             if best is None and not div:
                 continue
             out.append(f"- Learning rate, Config {config}: best FD at {'-' if best is None else f'{best:g}'}"
                        + (f"; diverged at {', '.join(div)}" if div else "; no divergence")
                        + f"; the paper uses {paper:g}: "
-                       + ("agrees." if best is not None and math.isclose(best, paper) else "disagrees."))
+                       + ("agrees" if best is not None and math.isclose(best, paper) else "disagrees")
+                       + ("" if best_ho is None else f"; lowest held-out ε-MSE at {best_ho:g}: "
+                          + ("agrees" if math.isclose(best_ho, paper) else "disagrees")) + ".")
     points = ema.get("points", {})
     if points:
         best = min(points.values(), key=lambda p: p["value"])
-        out.append(f"- Post-hoc EMA: the lowest FD is at sigma_rel {best['sigma_rel']:.3f} ({best['value']:.2f}).")
+        text = f"- Post-hoc EMA: the lowest FD is at sigma_rel {best['sigma_rel']:.3f} ({best['value']:.2f})"
+        run_dir = ema.get("run_dir")
+        heldout = {p["sigma_rel"]: _heldout(run_dir, p["sigma_rel"]) for p in points.values()} if run_dir else {}
+        if heldout and all(v is not None for v in heldout.values()):
+            sigma = min(heldout, key=heldout.get)
+            text += f"; the lowest held-out ε-MSE at sigma_rel {sigma:.3f} ({heldout[sigma]:.4f})"
+        out.append(text + ".")
     if not out:
         return "_(nothing to compare yet)_"
     if quick:
