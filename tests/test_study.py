@@ -70,6 +70,7 @@ def test_study_runs_every_study_then_skips_finished_variants(tmp_path, capsys):
     assert "| A | default | 0 |" in text and "| scale+rotate | 0 |" in text and "| A | 0.01 | 0 | no |" in text
     assert "](docs/results/A_vs_E.png)" in text and "--num-steps 2" in text
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("**/checkpoints/*")}
+    first_elapsed = json.loads((out / "study.json").read_text())["elapsed_s"]
     runs = sorted(out.glob("**/runs/*/*"))
     assert len(runs) == 4
 
@@ -81,7 +82,15 @@ def test_study_runs_every_study_then_skips_finished_variants(tmp_path, capsys):
     assert "grid: skipped" in err
     assert {p: p.stat().st_mtime_ns for p in out.glob("**/checkpoints/*")} == stamps
     assert sorted(out.glob("**/runs/*/*")) == runs
-    assert md.read_text().split("## Budget")[1] == text.split("## Budget")[1]
+    import re
+
+    def budget_less_total(t):  # the study's total time grows by the rerun's few seconds
+        return re.sub(r"Whole study \(.*?\): \d+ min", "", t.split("## Budget")[1])
+
+    assert "Whole study (training, scoring, plots" in text
+    assert budget_less_total(md.read_text()) == budget_less_total(text)
+    elapsed = json.loads((out / "study.json").read_text())["elapsed_s"]
+    assert elapsed > first_elapsed > 0  # summed over both invocations
 
     # another budget in the same folder is refused
     assert run_cli([*args[:-6], "--num-steps", 3, "--out", out, "--results-md", md]) == 2
@@ -170,3 +179,15 @@ def test_results_md_contains_every_study_table(tmp_path):
     for section in ("## 1. Configs", "## 2. Modulation", "## 3. Learning rate", "## 4. Post-hoc EMA",
                     "## 5. Samples", "## Against the paper"):
         assert section in text
+
+
+def test_comparison_puts_each_config_at_its_own_best_rate():
+    def entry(fd, heldout):
+        return {"fd": study._stats([fd]), "diverged": 0, "finished": 1, "heldout": study._stats([heldout])}
+
+    lr = {("A", 1e-4): entry(100.0, 0.10), ("A", 1e-2): entry(90.0, 0.06), ("E", 1e-2): entry(95.0, 0.08),
+          ("E", 1e-4): entry(300.0, 0.99)}
+    text = study._comparison({}, {}, lr, {}, quick=False)
+    assert "A at 0.01 0.0600, E at 0.01 0.0800" in text and "the baseline is ahead" in text
+    lr[("E", 1e-2)] = entry(95.0, 0.05)
+    assert "full MP is ahead even against a tuned baseline" in study._comparison({}, {}, lr, {}, quick=False)
