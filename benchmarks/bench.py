@@ -11,7 +11,7 @@ machine's load hits them alike. A table reports the median over rounds with the 
 are taken per round (the configuration's time over its reference's time in the same round) and then
 summarised by their median and range. The training step is the training loop's real step
 (`mapdit.train`): forced weight normalisation (`model.project_weights_()`), `diffusion.training_losses`,
-backward, `clip_grad_norm_(foreach)`, `Adam(foreach)` on the CPU, and the power-EMA update of two widths.
+backward, the gradient norm (`get_total_norm`, foreach), fused `Adam`, and the power-EMA update of two widths.
 Data are synthetic tensors of the right shape (the data loader is not timed).
 
 `torch.set_flush_denormal(True)` is set first, as the training loop does: on the CPU, denormal floats
@@ -42,6 +42,7 @@ from mapdit.config import make_config  # noqa: E402
 from mapdit.diffusion import make_diffusion  # noqa: E402
 from mapdit.ema import PowerEMA  # noqa: E402
 from mapdit.model import DiT  # noqa: E402
+from mapdit.train import grad_norm_  # noqa: E402
 from mapdit.demo import DEMO_MODEL  # noqa: E402
 
 # The README's demo (`mapdit demo`, src/mapdit/demo.py): DiT-XXS/2, Config E, Fashion-MNIST 28x28x1, batch 64.
@@ -121,7 +122,7 @@ class TrainStep:
     time of (projection, forward+backward, clip+optimizer+EMA)."""
 
     def __init__(self, model: str, preset: str, modulation: str = "adaln", batch: int = BATCH,
-                 data: dict | None = None, adam: str = "foreach", seed: int = 0, dit_cls=DiT,
+                 data: dict | None = None, adam: str = "fused", seed: int = 0, dit_cls=DiT,
                  patches: list | None = None):
         data = LATENT if data is None else data
         self.cfg = make_config(model, preset=preset, modulation=modulation, **data)
@@ -182,7 +183,7 @@ class TrainStep:
             loss.backward()
         t2 = time.perf_counter()
         with rf("phase:optimizer_ema"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float("inf"), foreach=True)
+            grad_norm = grad_norm_(self.params, None)
             self.opt.step()
             self.ema.update(self.params, self.step)
             self.sums += torch.stack((loss.detach(), losses["mse"].mean().detach(), losses["vb"].mean().detach(),
@@ -595,18 +596,21 @@ def section_optimizer(rep: Report, args, results: dict) -> None:
     rep(f"## Outside forward and backward: {model} Config E parameters, per step")
     rep()
     rep("Each phase timed alone on the same parameters and gradients, interleaved rounds (median, min-max). "
-        "The loop today runs: projection, clip_grad_norm_(inf, foreach), Adam(foreach), EMA update. "
-        "Alternatives: get_total_norm (the norm the loop logs, without clip_grad_norm_'s multiply of every "
-        "gradient by 1.0 when --grad-clip is off) and Adam(fused=True), which torch also has on the CPU.")
+        "The loop runs: projection, get_total_norm(foreach) (clip_grad_norm_ only with --grad-clip), Adam(fused), EMA update. "
+        "Beside them, what the loop ran before: clip_grad_norm_(inf) (the same norm plus a multiply of every "
+        "gradient by 1.0) and Adam(foreach).")
     rep()
     step = TrainStep(model, "E", "adaln")
     step()
     params = step.params
     grads = [torch.randn_like(p) * 1e-3 for p in params]
-    opt_fused = torch.optim.Adam([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2,
-                                 betas=(0.9, 0.99), eps=1e-8, fused=True)
-    for q, g in zip(opt_fused.param_groups[0]["params"], grads):
-        q.grad = g.clone()
+    opts = {}
+    for kind in ("foreach", "fused"):
+        opts[kind] = torch.optim.Adam([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2,
+                                      betas=(0.9, 0.99), eps=1e-8, foreach=kind == "foreach",
+                                      fused=(kind == "fused") or None)
+        for q, g in zip(opts[kind].param_groups[0]["params"], grads):
+            q.grad = g.clone()
     for p, g in zip(params, grads):
         p.grad = g.clone()
     counter = [step.step]
@@ -628,8 +632,8 @@ def section_optimizer(rep: Report, args, results: dict) -> None:
                                                                                       foreach=True)),
         "get_total_norm(foreach)": timed(lambda: torch.nn.utils.get_total_norm([p.grad for p in params],
                                                                                foreach=True)),
-        "Adam(foreach).step": timed(step.opt.step),
-        "Adam(fused).step": timed(opt_fused.step),
+        "Adam(foreach).step": timed(opts["foreach"].step),
+        "Adam(fused).step": timed(opts["fused"].step),
         "power EMA update (2 widths)": timed(ema),
     }
     times = rounds(items, max(args.rounds, 5), 2, None)
@@ -780,8 +784,8 @@ def main(argv=None) -> int:
     p.add_argument("--sections", default="training,optimizer,breakdown,scaling,sampling,memory,gpu",
                    help="comma-separated: training, breakdown, scaling, sampling, memory, gpu, optimizer, "
                         "ablation, compile, baseline (with --baseline REV)")
-    p.add_argument("--adam", choices=("foreach", "fused"), default="foreach",
-                   help="Adam implementation (the training loop uses foreach on the CPU)")
+    p.add_argument("--adam", choices=("foreach", "fused"), default="fused",
+                   help="Adam implementation (the training loop uses fused on the CPU and GPU)")
     p.add_argument("--baseline", default=None, help="git revision for the before/after section")
     p.add_argument("--models", default=None, help="comma-separated models for the training table "
                                                   "(default: DiT-XS/2, DiT-S/4, DiT-S/2; quick: DiT-XS/2, DiT-S/4)")

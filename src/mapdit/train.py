@@ -307,6 +307,14 @@ def _disk_full_is_user_error(where_good):
 # ------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------
+
+def grad_norm_(params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
+    """The gradients' total 2-norm (logged), clipping them to `clip` when given. Without clipping only the
+    norm is computed: clip_grad_norm_(inf) would also multiply every gradient by 1.0."""
+    if clip or not hasattr(torch.nn.utils, "get_total_norm"):  # get_total_norm: torch >= 2.6
+        return torch.nn.utils.clip_grad_norm_(params, clip or float("inf"), foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+
 def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = None,
           batch_hook=None) -> Path:
     """Train; returns the run folder. `resume`: a run folder to continue ("latest": newest in results_dir).
@@ -372,7 +380,8 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = N
         model = DiT(model_cfg).to(device)
         named = model.trainable_parameters()
         params = [p for _, p in named]
-        fused = device.type == "cuda"
+        # fused Adam: one kernel over all parameters; on the CPU 3.5x faster than foreach (BENCHMARKS.md)
+        fused = device.type in ("cuda", "cpu")
         opt = torch.optim.Adam(params, lr=tc.lr, betas=tc.adam_betas, eps=tc.adam_eps,
                                foreach=not fused, fused=fused or None)
         ema = PowerEMA(dict(named), sigma_rels=tc.ema_stds)
@@ -402,7 +411,7 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = N
 
         fwd = model
         if d.enabled:
-            fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if fused else None)
+            fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if tc.compile:
             fwd = torch.compile(fwd)
 
@@ -526,7 +535,7 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = N
                 loss = losses["loss"].mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or float("inf"), foreach=True)
+                grad_norm = grad_norm_(params, tc.grad_clip)
                 finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
                 if tc.skip_nonfinite:  # one synchronisation per step; only with --skip-nonfinite
                     ok = dist_utils.all_reduce_min_(d, finite.to(torch.int32))  # the ranks skip together
