@@ -50,7 +50,7 @@ LRS = (1e-4, 1e-3, 1e-2)
 LR_CONFIGS = ("A", "E")
 
 # Budgets. Full: the demo's model and batch for 600 steps (~2 min of training per run on 2 idle cores), 3 seeds,
-# so that all 39 runs fit in about 1.5-2 hours. Quick: about 15 minutes for every study with one seed; its
+# so that all 39 runs fit in about 1.5-2 hours. Quick: about 10 minutes for every study with one seed (9 min measured on 2 cores); its
 # numbers are a smoke test, not evidence.
 FULL = {"model": "DiT-XXS/4", "num_steps": 600, "batch_size": 64, "seeds": [0, 1, 2], "fid_samples": 1000,
         "sampler": "ddim", "sampling_steps": 25, "ema_sweep": "0.03:0.15:0.02"}
@@ -417,7 +417,7 @@ PRESETS_NOTE = (f"Budgets: the default (full) study trains every variant for {FU
                 f"({FULL['sampler']} {FULL['sampling_steps']} steps): 39 training runs (13 distinct variants "
                 f"x 3 seeds), about 1.5-2 hours on 2 cores. `--quick`: {QUICK['num_steps']} steps of batch "
                 f"{QUICK['batch_size']}, seed {QUICK['seeds'][0]}, {QUICK['fid_samples']} samples ({QUICK['sampler']} "
-                f"{QUICK['sampling_steps']} steps), about 15 minutes; quick numbers are not evidence.\n\n")
+                f"{QUICK['sampling_steps']} steps), about 10 minutes on 2 cores; quick numbers are not evidence.\n\n")
 
 
 def _rel(path: Path, doc: Path) -> str:
@@ -786,7 +786,7 @@ def register(sub) -> None:
     p = sub.add_parser("study", help="the paper's study on Fashion-MNIST (configs, modulation, lr, post-hoc "
                                      "EMA, sample grid) in one resumable command; writes RESULTS.md")
     p.add_argument("--quick", action="store_true",
-                   help=f"~15 min on 2 cores: {QUICK['model']}, {QUICK['num_steps']} steps, batch "
+                   help=f"~10 min on 2 cores: {QUICK['model']}, {QUICK['num_steps']} steps, batch "
                         f"{QUICK['batch_size']}, 1 seed (not evidence); default: {FULL['num_steps']} steps, "
                         f"batch {FULL['batch_size']}, seeds 0,1,2")
     p.add_argument("--out", default="results/study")
