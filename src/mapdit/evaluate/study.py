@@ -49,9 +49,9 @@ MODULATIONS = ("adaln", "scale", "shift", "rotate", "scale+rotate")
 LRS = (1e-4, 1e-3, 1e-2)
 LR_CONFIGS = ("A", "E")
 
-# Budgets. Full: the demo's model and batch for 600 steps (~2 min of training per run on 2 idle cores), 3 seeds,
-# so that all 39 runs fit in about 1.5-2 hours. Quick: about 10 minutes for every study with one seed (9 min measured on 2 cores); its
-# numbers are a smoke test, not evidence.
+# Budgets. Full: the demo's model and batch for 600 steps (~2 min of training per run on 2 idle cores),
+# 3 seeds, so that all 39 runs fit in about 1.5-2 hours. Quick: about 10 minutes for every study with one
+# seed (9 min measured on 2 cores); its numbers are a smoke test, not evidence.
 FULL = {"model": "DiT-XXS/4", "num_steps": 600, "batch_size": 64, "seeds": [0, 1, 2], "fid_samples": 1000,
         "sampler": "ddim", "sampling_steps": 25, "ema_sweep": "0.03:0.15:0.02"}
 QUICK = {"model": "DiT-XXS/4", "num_steps": 300, "batch_size": 32, "seeds": [0], "fid_samples": 500,
