@@ -256,3 +256,88 @@ def test_dit_conv_patch_embedding_maps_onto_our_linear():
     with torch.no_grad():
         expected = conv(x).flatten(2).transpose(1, 2)  # DiT's PatchEmbed: (N, T, D)
         assert torch.allclose(model.x_embedder(x), expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Choices beside the eight options: timestep features, MLP activation, modulation gains
+# ------------------------------------------------------------------------------------------------
+def _time_features(kind):
+    model = DiT(tiny("E", time_embedding=kind))
+    with torch.no_grad():
+        return model.t_embedder.table(torch.arange(1000))  # (1000, 256)
+
+
+@pytest.mark.parametrize("kind", ["fourier", "mp-sinusoid"])
+def test_smooth_time_features_have_unit_rms_and_similar_neighbours(kind):
+    f = _time_features(kind)
+    rms = f.pow(2).mean(dim=1).sqrt()
+    assert torch.allclose(rms, torch.ones(1000), atol=1e-3)
+    neighbours = torch.nn.functional.cosine_similarity(f[1:], f[:-1], dim=1)
+    assert neighbours.min() > 0.9
+
+
+def test_upstream_table_gives_neighbouring_steps_unrelated_codes():
+    neighbours = torch.nn.functional.cosine_similarity(*(lambda f: (f[1:], f[:-1]))(_time_features("table")), dim=1)
+    assert neighbours.abs().mean() < 0.1  # the flaw the smooth features fix
+
+
+def test_fourier_features_follow_the_noise_level_between_steps():
+    table = DiT(tiny("E")).t_embedder.table
+    assert tiny("E").time_embedding_kind == "fourier"
+    with torch.no_grad():
+        mid = table(torch.tensor([10.5]))
+        ends = table(torch.tensor([10, 11]))
+    assert torch.allclose(mid, table.forward(torch.tensor([10.5])))
+    assert torch.nn.functional.cosine_similarity(mid, ends).min() > 0.99
+
+
+def test_old_run_configs_load_as_they_were_built():
+    """A config.json written before the choices existed keeps upstream's table and SiLU for MP runs."""
+    data = tiny("E").to_dict()
+    del data["mlp_activation"], data["time_embedding"], data["modulation_gains"]
+    old = ModelConfig.from_dict(data)
+    assert (old.mlp_activation, old.time_embedding_kind) == ("silu", "table")
+    assert "t_embedder.table.weight" in DiT(old).state_dict()
+    plain = {k: v for k, v in tiny("A").to_dict().items() if k not in ("mlp_activation", "time_embedding")}
+    assert (ModelConfig.from_dict(plain).mlp_activation, ModelConfig.from_dict(plain).time_embedding_kind) == (
+        "gelu", "sinusoid")
+
+
+def test_presets_keep_dits_gelu_and_the_activation_option_changes_only_the_mlp():
+    for preset in PRESETS:
+        assert tiny(preset).mlp_activation == "gelu"
+    gelu, silu = DiT(tiny("A")), DiT(tiny("A", mlp_activation="silu"))
+    assert isinstance(gelu.blocks[0].mlp.act, torch.nn.GELU) and isinstance(silu.blocks[0].mlp.act, torch.nn.SiLU)
+    assert isinstance(silu.t_embedder.mlp[1], torch.nn.SiLU) and isinstance(gelu.t_embedder.mlp[1], torch.nn.SiLU)
+    e = DiT(tiny("E"))  # MP: plain GELU, and the next MP linear divides by GELU's RMS
+    assert e.blocks[0].mlp.fc2.input_scale == pytest.approx(1 / 0.652)
+    assert DiT(tiny("E", mlp_activation="silu")).blocks[0].mlp.fc2.input_scale == pytest.approx(1 / 0.596)
+
+
+def test_mp_gelu_has_unit_magnitude_on_gaussian_input():
+    from mapdit.nn import mp_gelu
+
+    z = torch.randn(200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert mp_gelu(z).pow(2).mean().sqrt().item() == pytest.approx(1.0, abs=5e-3)
+
+
+def test_per_modulator_gains_grow_independently():
+    cfg = tiny("E", modulation="scale+rotate", modulation_gains="per-modulator")
+    model = DiT(cfg)
+    shared = DiT(tiny("E", modulation="scale+rotate"))
+    chunks = 3  # scale, rotate, gate
+    extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in shared.parameters())
+    assert extra == cfg.depth * (2 * chunks - 1) + (chunks - 1 - 1)  # blocks: 2 sites; final layer: no gate
+    gains = model.blocks[0].adaLN_modulation[2].gain
+    assert gains.shape == (2 * chunks,) and not gains.any()  # zero at init
+    perturb_(model)
+    x, t, y = inputs(cfg)
+    model(x, t, y).square().mean().backward()
+    grad = model.blocks[0].adaLN_modulation[2].gain.grad
+    assert (grad != 0).all() and len(set(grad.tolist())) == 2 * chunks
+
+
+def test_choice_values_are_checked():
+    for key, bad in (("mlp_activation", "relu"), ("time_embedding", "random"), ("modulation_gains", "each")):
+        with pytest.raises(UserError, match=f"(?i){key.split('_')[0]}"):
+            tiny("E", **{key: bad})  # the message names the choice

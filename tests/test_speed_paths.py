@@ -17,7 +17,7 @@ from mapdit import config as config_module
 from mapdit.config import PRESETS, make_config
 from mapdit.model import DiT
 from mapdit.nn import (EPS, MPEmbedding, MPLinear, _CosineQKV, _MulAdd, _NormalizedLinearRows, _NormalizedWeight,
-                       _row_rms, _RowNormalize, cosine_attention, mp_silu, mp_sum, mul_add, normalize, normalize_qk,
+                       _row_rms, _RowNormalize, cosine_attention, mp_gelu, mp_silu, mp_sum, mul_add, normalize, normalize_qk,
                        project_mp_weights_, rotate_pairs, scale_rotate_pairs)
 
 MODULATIONS = ["adaln", "scale", "shift", "rotate", "scale+rotate"]
@@ -215,11 +215,18 @@ def test_fused_scale_rotation_matches_chunk_and_concatenate(pairing):
 # ------------------------------------------------------------------------------------------------
 # Folded MP constants: the block computes the textbook formula
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("modulation", ["adaln", "scale+rotate", "shift", "rotate"])
-def test_config_e_block_equals_the_textbook_formula(tiny_size, modulation):
-    """MP SiLU folded into the next MP linear, MP sums carried as coefficients, fused gate and residual:
+@pytest.mark.parametrize("modulation,activation,gains", [
+    ("adaln", "gelu", "shared"), ("scale+rotate", "gelu", "shared"), ("shift", "gelu", "shared"),
+    ("rotate", "gelu", "shared"), ("adaln", "silu", "shared"), ("scale+rotate", "gelu", "per-modulator")])
+def test_config_e_block_equals_the_textbook_formula(tiny_size, modulation, activation, gains):
+    """MP activation folded into the next MP linear, MP sums carried as coefficients, fused gate and residual:
     the block equals mp_sum(x, gate * branch(modulate(x)), 0.3) written with plain operators (float64)."""
-    model = tiny_model(tiny_size, "E", modulation, dtype=torch.float64, gate_init="identity").train()
+    model = tiny_model(tiny_size, "E", modulation, dtype=torch.float64, gate_init="identity",
+                       mlp_activation=activation, modulation_gains=gains).train()
+    if gains == "per-modulator":  # zero gains at init would hide a wrong chunk order
+        with torch.no_grad():
+            for block in model.blocks:
+                block.adaLN_modulation[2].gain.copy_(torch.linspace(0.3, 1.7, block.adaLN_modulation[2].gain.numel()))
     model.project_weights_()  # the training path then uses the projection's row statistics
     block = model.blocks[0]
     x = torch.randn(3, 4, 32, dtype=torch.float64)
@@ -246,10 +253,18 @@ def test_config_e_block_equals_the_textbook_formula(tiny_size, modulation):
         return lin(block.attn.proj, cosine_attention(q, k, v).transpose(1, 2).reshape(n, t, d))
 
     def mlp(h):
-        return lin(block.mlp.fc2, mp_silu(lin(block.mlp.fc1, h)))
+        act = mp_gelu if activation == "gelu" else mp_silu
+        return lin(block.mlp.fc2, act(lin(block.mlp.fc1, h)))
+
+    def modulation(c):
+        if gains == "shared":
+            return lin(block.adaLN_modulation[1], mp_silu(c))
+        g = block.adaLN_modulation[2].gain  # one gain per chunk: [site 1 chunks, site 2 chunks]
+        widths = [{"rotate": 16}.get(p, 32) for p in parts] * 2
+        return lin(block.adaLN_modulation[1], mp_silu(c)) * torch.cat([g[i].expand(w) for i, w in enumerate(widths)])
 
     with torch.no_grad():
-        mod = lin(block.adaLN_modulation[1], mp_silu(c)).unsqueeze(1)
+        mod = modulation(c).unsqueeze(1)
         m1, m2 = mod.chunk(2, dim=-1)
         h1, g1 = site(x, m1)
         x1 = mp_sum(x, g1 * attn(h1), 0.3)

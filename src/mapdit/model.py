@@ -28,8 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .nn import (SILU_RMS, MPEmbedding, MPLinear, MPSiLU, mp_sincos_pos_embed_2d, mp_sum_coefficients,
-                 mul_add, normalize_qk, project_mp_weights_, scale_rotate_pairs, sincos_pos_embed_2d)
+from .diffusion import linear_betas
+from .nn import (GELU_RMS, SILU_RMS, MPEmbedding, MPLinear, mp_fourier, mp_gelu, mp_silu, mp_sincos_pos_embed_2d,
+                 mp_sum_coefficients, mul_add, normalize_qk, project_mp_weights_, scale_rotate_pairs,
+                 sincos_pos_embed_2d)
 
 FREQ_DIM = 256  # width of the timestep features (DiT's frequency_embedding_size)
 
@@ -44,32 +46,47 @@ class Layers:
         self.cfg = cfg
         self.mp = cfg.uses_mp_linear
 
-    def linear(self, d_in: int, d_out: int, after_act: bool = False) -> nn.Module:
-        """after_act: the input comes from `act()` (which may leave its MP division to this layer)."""
+    def linear(self, d_in: int, d_out: int, after_act: bool = False, mlp: bool = False) -> nn.Module:
+        """after_act: the input comes from `act(mlp)` (which may leave its MP division to this layer)."""
         if self.mp:
             return MPLinear(d_in, d_out, self.cfg.weight_normalization, self.cfg.forced_weight_normalization,
-                            input_scale=self.act_gain if after_act else 1.0)
+                            input_scale=self.act_gain(mlp) if after_act else 1.0)
         return nn.Linear(d_in, d_out)
 
     def zero_linear(self, d_in: int, d_out: int, after_act: bool = False) -> nn.Module:
         """A linear whose output is exactly zero at init (AdaLN-Zero modulation, final layer)."""
         if self.mp:  # MP weights cannot be zero: a learned scalar gain starting at 0 instead
             return MPLinear(d_in, d_out, self.cfg.weight_normalization, self.cfg.forced_weight_normalization,
-                            gain=0.0, input_scale=self.act_gain if after_act else 1.0)
+                            gain=0.0, input_scale=self.act_gain() if after_act else 1.0)
         layer = nn.Linear(d_in, d_out)
         layer.zero_init = True  # read by DiT.initialize_weights
         return layer
 
-    @property
-    def act_gain(self) -> float:
-        """MP SiLU feeding an MP linear: the activation is a plain SiLU and the linear scales by 1/0.596."""
-        return 1.0 / SILU_RMS if (self.cfg.mp_silu and self.mp) else 1.0
+    def modulation(self, d_in: int, widths: list[int]) -> nn.Module:
+        """SiLU(c) -> the modulation parameters (N, sum(widths)), zero at init.
+
+        MP models with `modulation_gains="per-modulator"`: one unit-row MP linear and a learned gain per chunk
+        (modulator), so scales, shifts, angles and gates grow independently; otherwise one gain for all.
+        """
+        if self.mp and self.cfg.modulation_gains == "per-modulator":
+            linear = MPLinear(d_in, sum(widths), self.cfg.weight_normalization,
+                              self.cfg.forced_weight_normalization, input_scale=self.act_gain())
+            return nn.Sequential(self.act(), linear, ChunkGains(widths))
+        return nn.Sequential(self.act(), self.zero_linear(d_in, sum(widths), after_act=True))
+
+    def act_gain(self, mlp: bool = False) -> float:
+        """MP activation feeding an MP linear: the activation is plain and the linear divides by its RMS."""
+        if not (self.cfg.mp_silu and self.mp):
+            return 1.0
+        return 1.0 / (GELU_RMS if mlp and self.cfg.mlp_activation == "gelu" else SILU_RMS)
 
     def act(self, mlp: bool = False) -> nn.Module:
-        """The activation in front of a `linear(..., after_act=True)`."""
-        if self.cfg.mp_silu:
-            return nn.SiLU() if self.mp else MPSiLU()  # with MP linears the division is in the next layer
-        return nn.GELU(approximate="tanh") if mlp else nn.SiLU()  # DiT: GELU in the MLP, SiLU elsewhere
+        """The activation in front of a `linear(..., after_act=True, mlp=mlp)`: DiT's tanh-GELU or SiLU in the
+        MLP (`mlp_activation`), SiLU elsewhere; with `mp_silu`, divided by its RMS under N(0, 1) input."""
+        gelu = mlp and self.cfg.mlp_activation == "gelu"
+        if self.cfg.mp_silu and not self.mp:  # no MP linear after it to fold the division into
+            return MPActivation(gelu)
+        return nn.GELU(approximate="tanh") if gelu else nn.SiLU()
 
     def norm(self, dim: int) -> nn.Module:
         if self.cfg.no_layernorm:
@@ -100,6 +117,30 @@ _HALF_MP = mp_sum_coefficients(0.5)[0]  # mp_sum(a, b, 0.5) = (a + b) * sqrt(1/2
 def _mp_sum_half(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """mp_sum(a, b, 0.5) as one add and one in-place scale (no lerp, no division)."""
     return torch.add(a, b).mul_(_HALF_MP)
+
+
+class MPActivation(nn.Module):
+    """MP SiLU or MP GELU as a module (used where no MP linear follows to fold the division into)."""
+
+    def __init__(self, gelu: bool):
+        super().__init__()
+        self.gelu = gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mp_gelu(x) if self.gelu else mp_silu(x)
+
+
+class ChunkGains(nn.Module):
+    """One learned gain per chunk of the last dim, zero at init: (N, K) -> (N, K) * gain[chunk of k]."""
+
+    def __init__(self, widths: list[int]):
+        super().__init__()
+        self.gain = nn.Parameter(torch.zeros(len(widths)))
+        chunk = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
+        self.register_buffer("chunk", chunk, persistent=False)  # (K,) chunk index of every output
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        return m * self.gain[self.chunk].to(m.dtype)
 
 
 def gated_add(x: torch.Tensor, y: torch.Tensor, coef: torch.Tensor | None, b: float = 1.0,
@@ -216,19 +257,60 @@ def timestep_features(t: torch.Tensor, dim: int = FREQ_DIM, max_period: float = 
 
 
 class SinusoidFeatures(nn.Module):
+    """DiT's features of the integer step; `scale` sqrt(2) gives them RMS 1 (the MP form)."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return timestep_features(t)
+        f = timestep_features(t)
+        return f if self.scale == 1.0 else f * self.scale
+
+
+class NoiseLevelFourier(nn.Module):
+    """MP Fourier features of the noise level (EDM2's embedding, its c_noise = ln(sigma) / 4) for DiT's steps.
+
+    Step t of DiT's linear-beta schedule has sigma_t = sqrt((1 - abar_t) / abar_t); its features are
+    `mp_fourier(ln(sigma_t) / 4, f)` with fixed frequencies f ~ N(0, 0.5^2) (seeded, not learned, not stored).
+    The band is half of EDM2's because DiT's first steps lie 0.35 apart in ln(sigma): with it, neighbouring
+    steps keep cosine similarity > 0.9 everywhere (about 0.999 for most t); every row has RMS exactly 1.
+    Fractional t (some solvers) interpolates ln(sigma) linearly between the integer steps.
+    """
+
+    BANDWIDTH = 0.5
+
+    def __init__(self, num_train_steps: int, dim: int = FREQ_DIM):
+        super().__init__()
+        abar = torch.cumprod(1 - torch.from_numpy(linear_betas(num_train_steps)), dim=0)
+        c_noise = (0.5 * torch.log((1 - abar) / abar) / 4).float()  # ln(sigma_t) / 4, (T,)
+        freqs = torch.randn(dim // 2, generator=torch.Generator().manual_seed(0), device="cpu") * self.BANDWIDTH
+        here = torch.empty(0).device  # the default device (e.g. meta, for FLOP counting)
+        self.register_buffer("c_noise", c_noise.to(here), persistent=False)
+        self.register_buffer("freqs", freqs.to(here), persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (N,) -> (N, dim)
+        if t.is_floating_point():
+            lo = t.floor().clamp(0, len(self.c_noise) - 1)
+            hi = (lo + 1).clamp(max=len(self.c_noise) - 1)
+            c = torch.lerp(self.c_noise[lo.long()], self.c_noise[hi.long()], (t - lo).float())
+        else:
+            c = self.c_noise[t]
+        return mp_fourier(c, self.freqs)
 
 
 class TimestepEmbedder(nn.Module):
-    """Integer diffusion step (N,) -> (N, D): features (sinusoid, or an MP table indexed by the step) + MLP."""
+    """Integer diffusion step (N,) -> (N, D): 256 features (`time_embedding`) + MLP."""
 
     def __init__(self, layers: Layers, dim: int, num_train_steps: int):
         super().__init__()
-        if layers.cfg.mp_embedding:
-            self.table = MPEmbedding(num_train_steps, FREQ_DIM)  # learned, rows of magnitude 1
+        kind = layers.cfg.time_embedding_kind
+        if kind == "table":  # upstream MaP-DiT: a learned row of magnitude 1 per integer step
+            self.table = MPEmbedding(num_train_steps, FREQ_DIM)
+        elif kind == "fourier":
+            self.table = NoiseLevelFourier(num_train_steps)
         else:
-            self.table = SinusoidFeatures()
+            self.table = SinusoidFeatures(math.sqrt(2) if kind == "mp-sinusoid" else 1.0)
         self.mlp = nn.Sequential(layers.linear(FREQ_DIM, dim), layers.act(), layers.linear(dim, dim, after_act=True))
         for layer in (self.mlp[0], self.mlp[2]):
             layer.dit_std = 0.02
@@ -280,7 +362,7 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = layers.linear(dim, hidden)
         self.act = layers.act(mlp=True)
-        self.fc2 = layers.linear(hidden, dim, after_act=True)
+        self.fc2 = layers.linear(hidden, dim, after_act=True, mlp=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -301,7 +383,7 @@ class DiTBlock(nn.Module):
         self.attn = Attention(layers, dim, heads)
         self.norm2 = layers.norm(dim)
         self.mlp = Mlp(layers, dim, int(dim * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(layers.act(), layers.zero_linear(dim, 2 * site.width, after_act=True))
+        self.adaLN_modulation = layers.modulation(dim, site.widths * 2)  # (N, D) -> (N, 2K): attn, mlp sites
         self.site = site
         self.a, self.b = layers.residual_coefficients
         self.fold_stream_scale = isinstance(self.norm2, nn.Identity)
@@ -325,7 +407,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm_final = layers.norm(dim)
         self.linear = layers.zero_linear(dim, patch * patch * out_channels)
-        self.adaLN_modulation = nn.Sequential(layers.act(), layers.zero_linear(dim, site.width, after_act=True))
+        self.adaLN_modulation = layers.modulation(dim, site.widths)
         self.site = site
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (N,T,D) -> (N,T,p*p*out)

@@ -29,6 +29,8 @@ from torch import nn
 
 # sqrt(E[silu(z)^2]) for z ~ N(0, 1), to three digits (spec §1; EDM2 uses the same constant).
 SILU_RMS = 0.596
+# sqrt(E[gelu_tanh(z)^2]) for z ~ N(0, 1) (numerical integration): the MP form of DiT's MLP activation.
+GELU_RMS = 0.652
 EPS = 1e-4
 
 
@@ -110,6 +112,11 @@ def mp_sum_coefficients(t: float) -> tuple[float, float]:
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
     """SiLU divided by its RMS under N(0,1) input: unit-magnitude Gaussian in -> magnitude ~1 out."""
     return F.silu(x) / SILU_RMS
+
+
+def mp_gelu(x: torch.Tensor) -> torch.Tensor:
+    """DiT's tanh-GELU divided by its RMS under N(0,1) input (the MP flag applied to the MLP's GELU)."""
+    return F.gelu(x, approximate="tanh") / GELU_RMS
 
 
 class MPSiLU(nn.Module):
@@ -581,6 +588,16 @@ class MPLinear(nn.Module):
         else:
             return F.linear(x, self._cached_weight(x.dtype))
         return F.linear(x, w.to(x.dtype))
+
+
+def mp_fourier(c: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Fourier features of a scalar per sample, c (N,) -> (N, 2F): sqrt(2) * [cos(2 pi f c), sin(2 pi f c)].
+
+    Every row has RMS exactly 1 (cos^2 + sin^2 = 1 per pair): EDM2's MPFourier (its Eq. 75 embedding of
+    c_noise = ln(sigma) / 4), written with sin/cos pairs instead of random phases so the magnitude is exact.
+    """
+    arg = (2 * math.pi) * c.to(torch.float32)[:, None] * freqs[None].to(torch.float32)
+    return torch.cat((torch.cos(arg), torch.sin(arg)), dim=-1) * math.sqrt(2)
 
 
 class MPEmbedding(nn.Module):
