@@ -76,7 +76,7 @@ def internals(run_dir: Path) -> dict:
     temb, yemb = model.t_embedder(tt), model.y_embedder(yy)
     out["t_emb_rms"] = float(temb.pow(2).mean().sqrt())
     out["y_emb_rms"] = float(yemb.pow(2).mean().sqrt())
-    c = model.combine(temb, yemb)
+    c = model.condition(temb, yemb)
     m = model.blocks[0].adaLN_modulation(c).reshape(len(t), len(y), -1)  # (t, y, K)
     label_var = m.var(dim=1).mean()  # spread across labels at fixed t
     time_var = m.var(dim=0).mean()  # spread across t at fixed label

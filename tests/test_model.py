@@ -341,3 +341,20 @@ def test_choice_values_are_checked():
     for key, bad in (("mlp_activation", "relu"), ("time_embedding", "random"), ("modulation_gains", "each")):
         with pytest.raises(UserError, match=f"(?i){key.split('_')[0]}"):
             tiny("E", **{key: bad})  # the message names the choice
+
+
+def test_balanced_conditioning_weighs_label_and_timestep_alike():
+    """With MP linears the timestep path's magnitude is fixed by unit rows (and grows by alignment) while a
+    label table starts at DiT's 0.02: balanced conditioning normalises both before their MP sum."""
+    assert (tiny("A").conditioning_kind, tiny("D").conditioning_kind, tiny("E").conditioning_kind) == (
+        "sum", "balanced", "balanced")
+    for preset in ("D", "E"):
+        model = DiT(tiny(preset))
+        t, y = torch.arange(0, 1000, 100), torch.arange(10)
+        with torch.no_grad():
+            c = model.condition(model.t_embedder(t), model.y_embedder(y))
+        assert torch.allclose(c.pow(2).mean(dim=1), torch.ones(10), atol=0.25)  # uncorrelated halves: RMS ~1
+        with torch.no_grad():
+            yc = model.condition(model.t_embedder(t), model.y_embedder(y.flip(0)))
+        label_part = (c - yc).pow(2).mean() / 2  # both halves have RMS 1/sqrt(2) each
+        assert 0.3 < label_part < 0.7

@@ -30,7 +30,7 @@ from torch import nn
 from .config import ModelConfig
 from .diffusion import linear_betas
 from .nn import (GELU_RMS, SILU_RMS, MPEmbedding, MPLinear, mp_fourier, mp_gelu, mp_silu, mp_sincos_pos_embed_2d,
-                 mp_sum_coefficients, mul_add, normalize_qk, project_mp_weights_, scale_rotate_pairs,
+                 mp_sum_coefficients, mul_add, normalize, normalize_qk, project_mp_weights_, scale_rotate_pairs,
                  sincos_pos_embed_2d)
 
 FREQ_DIM = 256  # width of the timestep features (DiT's frequency_embedding_size)
@@ -117,6 +117,12 @@ _HALF_MP = mp_sum_coefficients(0.5)[0]  # mp_sum(a, b, 0.5) = (a + b) * sqrt(1/2
 def _mp_sum_half(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """mp_sum(a, b, 0.5) as one add and one in-place scale (no lerp, no division)."""
     return torch.add(a, b).mul_(_HALF_MP)
+
+
+def _balanced_sum(t_emb: torch.Tensor, y_emb: torch.Tensor) -> torch.Tensor:
+    """mp_sum(normalize(t), normalize(y), 0.5): timestep and label weigh the same and c has RMS 1 (EDM2's
+    conditioning: unit-magnitude noise and class embeddings blended half and half). (N, D) -> (N, D)."""
+    return _mp_sum_half(normalize(t_emb), normalize(y_emb))
 
 
 class MPActivation(nn.Module):
@@ -435,6 +441,7 @@ class DiT(nn.Module):
         # A frozen parameter, as in DiT (so DiT checkpoints and parameter counts match).
         self.pos_embed = nn.Parameter(pos.float().unsqueeze(0), requires_grad=False)  # (1, T, D)
         self.combine = layers.combine
+        self.condition = _balanced_sum if cfg.conditioning_kind == "balanced" else layers.combine
 
         parts = cfg.modulation_parts
         block_site = SiteModulation(parts, d, cfg.gate_init, cfg.rotation_pairing)
@@ -463,7 +470,7 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W), t (N,) integer diffusion steps, y (N,) labels -> (N, out_channels, H, W)."""
         h = self.combine(self.x_embedder(x), self.pos_embed.to(x.dtype))  # (N, T, D)
-        c = self.combine(self.t_embedder(t), self.y_embedder(y))  # (N, D)
+        c = self.condition(self.t_embedder(t), self.y_embedder(y))  # (N, D)
         for block in self.blocks:
             h = block(h, c)  # (N, T, D)
         h = self.final_layer(h, c)  # (N, T, p*p*out)
