@@ -230,9 +230,11 @@ def test_damaged_latest_checkpoint_is_reported_and_resume_falls_back(run_copy, c
     else:
         latest.with_suffix(".json").unlink()
     assert cli("train", "--resume", run_copy) == 0  # the run's own length: 4 steps, so it redoes 3..4
-    out = capsys.readouterr().out
-    skipped = [line for line in out.splitlines() if "skipping checkpoint step-0000004.safetensors" in line]
-    assert len(skipped) == 1 and "falling back to the previous one" in skipped[0], out
+    out, err = capsys.readouterr()
+    # on stderr, as in sampling (issue 20, item 8)
+    skipped = [line for line in err.splitlines() if "skipping checkpoint step-0000004.safetensors" in line]
+    assert len(skipped) == 1 and "falling back to the previous one" in skipped[0], err
+    assert "skipping checkpoint" not in out
     assert {"truncate": "truncated", "flip-a-byte": "checksum", "no-sidecar": "sidecar"}[damage] in skipped[0]
     assert f"resuming {run_copy} at step 2/4" in out
     assert skipped[0].split("] ", 1)[1] in (run_copy / "log.txt").read_text()
@@ -577,8 +579,8 @@ def test_malicious_pickle_named_like_a_checkpoint_is_not_executed(run_copy, tmp_
     assert "is not a readable EMA snapshot" in only_error_line(capsys, "ema")
     # resuming falls back to step 4 and sets the file aside
     assert cli("train", "--resume", run_copy, "--num-steps", 5) == 0
-    out = capsys.readouterr().out
-    assert "skipping checkpoint step-0000009.safetensors: not a safetensors file" in out
+    out, err = capsys.readouterr()
+    assert "skipping checkpoint step-0000009.safetensors: not a safetensors file" in err
     assert f"resuming {run_copy} at step 4/5" in out
     assert [s for s, _ in list_checkpoints(run_copy)] == [2, 4, 5]
     assert not marker.exists()

@@ -1,16 +1,51 @@
 """`mapdit <command>`: argparse sub-commands that only parse and call into the library.
 
-A `UserError` anywhere below ends the command with its one-line message and exit code 2.
+A `UserError` anywhere below ends the command with its one-line message and exit code 2; so do a bad
+option (argparse), a full disk and a place that cannot be written (read-only, no permission).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import math
 import sys
 
+from . import signals
 from .config import MODEL_NAMES, MP_OPTIONS, PRESETS, ModelConfig, make_config
-from .errors import UserError
+from .errors import Stopped, UserError
+
+
+# ------------------------------------------------------------------------------------------------
+# Parsing: one line per mistake, finite numbers only
+# ------------------------------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """An option mistake is one line on stderr ('mapdit train: error: ...') and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def finite_float(text: str) -> float:
+    """argparse type for every float option: a number, and not NaN or ±inf."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def _finite_floats_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Every `type=float` option of the parser and its sub-commands (also ones added later) gets
+    `finite_float`: NaN and inf are refused in one line wherever a float is asked for."""
+    for action in parser._actions:
+        if action.type is float:
+            action.type = finite_float
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _finite_floats_everywhere(sub)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -87,7 +122,7 @@ def cmd_model_info(args: argparse.Namespace) -> None:
 # entry point
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mapdit", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="mapdit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("model-info", help="parameters, FLOPs and resolved options of a model")
@@ -97,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(sub)
+    _finite_floats_everywhere(parser)
     return parser
 
 
@@ -108,17 +144,36 @@ COMMAND_MODULES: list[str] = ["mapdit.train", "mapdit.sample", "mapdit.weights",
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except UserError as err:
-        print(f"mapdit {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"mapdit {args.command}: interrupted", file=sys.stderr)
-        return 130
+    # SIGTERM/Ctrl-C are held from here on (see mapdit.signals): a command that stops gracefully (train)
+    # takes a signal that came during start-up over; every other command gets the usual handling back.
+    with signals.held():
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        try:
+            if not getattr(args, "graceful_stop", False):
+                signals.release()
+            args.func(args)
+        except UserError as err:
+            return _fail(args.command, str(err))
+        except Stopped as stop:
+            print(f"mapdit {args.command}: {stop}", file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(f"mapdit {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as err:  # noqa: BLE001 - only errors of the environment; anything else is re-raised
+            from .runio import environment_error
+
+            user = environment_error(err, writing=False)
+            if user is None:
+                raise
+            return _fail(args.command, str(user))
     return 0
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"mapdit {command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

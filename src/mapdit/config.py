@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 
 from .errors import UserError
@@ -47,6 +50,52 @@ PRESETS: dict[str, tuple[str, ...]] = {
 
 MODULATION_PARTS = ("shift", "scale", "rotate", "gate")  # order of chunks in the modulation linear
 MODULATION_ALIASES = {"adaln": ("shift", "scale", "gate")}
+
+
+def _fits(value, hint) -> bool:
+    """Is `value` (as read from JSON) of the annotated type `hint`? bool is not an int here, ints are floats,
+    floats must be finite, and a JSON list stands for a tuple."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    return True  # a type this check does not know: left to the dataclass's own checks
+
+
+def _type_name(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is tuple:
+        inner = _type_name(args[0]) if len(args) == 2 and args[1] is Ellipsis else None
+        return f"a list of {inner}s" if inner else f"a list of {len(args)} numbers"
+    return {bool: "true/false", int: "an integer", float: "a finite number", str: "a string",
+            type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_field_types(cls, data: dict, where: str) -> None:
+    """One-line UserError naming the first field of `data` (read from a file: `where`) whose value is not of
+    the type the dataclass `cls` declares for it, e.g. "num_classes": "ten"."""
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise UserError(f"{where}: {key} is {json.dumps(value)}, not {_type_name(hints[key])}: fix or replace "
+                            "the file")
 
 
 def parse_modulation(text: str) -> tuple[str, ...]:
@@ -143,6 +192,7 @@ class ModelConfig:
 
     # ---- checks and serialisation ----------------------------------------------------------------
     def validate(self) -> "ModelConfig":
+        check_field_types(type(self), dataclasses.asdict(self), "model config")
         parse_model_name(self.model)
         if self.input_size % self.patch_size:
             raise UserError(f"patch size {self.patch_size} of {self.model} does not divide input size "
@@ -167,11 +217,16 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict, where: str = "model config") -> "ModelConfig":
+        """A validated config from JSON data: unknown keys and values of the wrong type (named, with `where`,
+        e.g. the file they came from) are one-line UserErrors."""
+        if not isinstance(data, dict):
+            raise UserError(f"{where} is not a JSON object")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise UserError(f"unknown model config keys {sorted(unknown)}: was this written by a newer mapdit?")
+        check_field_types(cls, data, where)
         return cls(**data).validate()
 
     @classmethod

@@ -18,7 +18,7 @@ and the same x applied to the snapshot *weights* gives the target EMA.
 from __future__ import annotations
 
 import math
-import os
+import os  # noqa: F401 (tests stub os.fsync through this module)
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from mapdit.errors import UserError
+from mapdit.runio import atomic_write
 
 # Largest σ_rel any power profile has: at γ = φ^-1 - 1 ≈ -0.382, σ_rel² = φ^-5 (φ = golden ratio).
 SIGMA_REL_MAX = ((1.0 + math.sqrt(5.0)) / 2.0) ** -2.5
@@ -293,26 +294,9 @@ def save_snapshot(directory, sigma_rel: float, step: int, tensors: Mapping[str, 
         "dtype": str(dtype).removeprefix("torch."),
     }
     folder = Path(directory) / f"sigma-{sigma_rel:.3f}"
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:07d}.safetensors"
-    tmp = folder / f".{final.name}.tmp-{os.getpid()}"  # not matched by list_snapshots' glob
-    try:
-        save_file(out, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:  # save_file closes its handle; reopen to push the data to disk
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable; not every filesystem lets a directory be fsynced
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    return final
+    # temporary file, fsync, rename; a full disk or a read-only place is a one-line UserError naming `final`
+    return atomic_write(final, lambda tmp: save_file(out, tmp, metadata=meta))
 
 
 def list_snapshots(directory) -> list[SnapshotInfo]:

@@ -38,49 +38,157 @@ from safetensors.torch import load_file, save_file
 from .errors import UserError
 
 CHECKPOINT_RE = re.compile(r"step-(\d{7,})\.safetensors$")
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# A full disk, a full quota, or a file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so it shows as EFBIG)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# A place the user may not write: a read-only mount, missing permission
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
 # ------------------------------------------------------------------------------------------------
+# Errors of the environment (full disk, read-only places): one line each, never a traceback
+# ------------------------------------------------------------------------------------------------
+class DiskFullError(UserError):
+    """The disk (or quota, or file-size limit) filled up while writing `path`; files written before are intact."""
+
+    def __init__(self, path: str | Path, message: str | None = None):
+        self.path = Path(path)
+        super().__init__(message or f"disk full while writing {path}; files written before are intact: free "
+                                    "space and run the command again")
+
+
+class NotWritableError(UserError):
+    """`path` is on a read-only mount or in a folder this user may not write."""
+
+    def __init__(self, path: str | Path, reason: str = "read-only or no permission"):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"cannot write {path} ({reason}): choose a writable place")
+
+
+def os_errno(err: BaseException) -> int | None:
+    """The errno of an OSError, or of the OS error a SafetensorError wraps ("... (os error 28)")."""
+    if isinstance(err, OSError):
+        return err.errno
+    if isinstance(err, SafetensorError):
+        m = re.search(r"os error (\d+)", str(err))
+        return int(m.group(1)) if m else None
+    return None
+
+
+def environment_error(err: BaseException, path: str | Path | None = None, writing: bool = True) -> UserError | None:
+    """The one-line UserError for an error of the environment (full disk, read-only place, no permission)
+    met while writing `path` (default: the file the error names); None for any other error. `writing=False`:
+    not known to be a write (the CLI's last resort), so a permission error is not called one."""
+    code = os_errno(err)
+    where = path if path is not None else (getattr(err, "filename", None) or "a file")
+    if code in DISK_FULL:
+        return DiskFullError(where)
+    if code in NOT_WRITABLE:
+        if not writing:
+            return UserError(f"{where}: {os.strerror(code).lower()} (a read-only place or no permission)")
+        return NotWritableError(where, os.strerror(code).lower())
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
 # Atomic writes
 # ------------------------------------------------------------------------------------------------
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[str], None], new: bool = False) -> Path:
     """Write a file by `write(tmp_path)` into a temporary file beside `path`, fsync, then rename.
 
     A crash or a full disk at any moment leaves either the old file or the new one, never half of one.
-    A full disk (ENOSPC/EDQUOT) becomes a one-line UserError; the temporary file is removed.
+    A full disk or an unwritable place becomes a one-line UserError naming `path`; the temporary file is
+    removed. `new=True`: never replace a file; the result goes to the first free name of path, path-1,
+    path-2, ... chosen race-free (a hard link fails if the name exists), which is returned.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results should read like any other file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        if err.errno in DISK_FULL:
-            raise DiskFullError(path) from err
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if new:
+            path = _link_to_free_name(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, (OSError, SafetensorError)) and (user := environment_error(err, path)) is not None:
+            raise user from None
         raise
     fsync_dir(path.parent)
     return path
 
 
-class DiskFullError(UserError):
-    """The disk (or quota) filled up while writing `path`; the file's previous version is intact."""
+def free_names(path: Path, limit: int = 10_000) -> Iterator[Path]:
+    """path, path-1, path-2, ... (the candidates for a file that must not replace another)."""
+    yield path
+    for i in range(1, limit):
+        yield path.with_name(f"{path.stem}-{i}{path.suffix}")
 
-    def __init__(self, path: str | Path, message: str | None = None):
-        self.path = Path(path)
-        super().__init__(message or f"disk full while writing {path}; the previous files are intact: free "
-                                    "space and resume")
+
+def _link_to_free_name(tmp: str, path: Path) -> Path:
+    """Give the finished file `tmp` the first free name of `path`'s series. `os.link` fails if the name exists,
+    so two processes never take the same one; where hard links are not supported, an O_EXCL placeholder
+    reserves the name and the file replaces it."""
+    for candidate in free_names(path):
+        try:
+            os.link(tmp, candidate)
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS):
+                raise
+        try:  # no hard links here: reserve the name, then move the file onto the reservation
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        os.replace(tmp, candidate)
+        return candidate
+    raise UserError(f"too many files named like {path}")
+
+
+def claim_new_path(path: str | Path) -> Path:
+    """Reserve the first free name of path, path-1, ... as an empty file (O_EXCL: race-free), for a file whose
+    content must name itself; write it with `atomic_write` (which replaces the reservation) or remove it."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for candidate in free_names(path):
+            try:
+                os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+                return candidate
+            except FileExistsError:
+                continue
+    except OSError as err:
+        if (user := environment_error(err, path)) is not None:
+            raise user from None
+        raise
+    raise UserError(f"too many files named like {path}")
+
+
+def check_writable(folder: str | Path, what: str, hint: str) -> Path:
+    """Make sure files can be created in `folder` (made if missing) before any long work; else a one-line
+    UserError: '<what> <folder> is not writable (<reason>): <hint>'. Leaves nothing behind."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        if err.errno in DISK_FULL:
+            raise DiskFullError(folder, f"disk full: cannot create files in {what} {folder}: {hint}") from None
+        reason = (err.strerror or str(err)).lower()
+        raise UserError(f"{what} {folder} is not writable ({reason}): {hint}") from None
+    return folder
 
 
 def fsync_dir(folder: str | Path) -> None:
@@ -97,15 +205,15 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
-def write_text(path: str | Path, text: str) -> Path:
+def write_text(path: str | Path, text: str, new: bool = False) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
-    return atomic_write(path, write)
+    return atomic_write(path, write, new=new)
 
 
-def write_json(path: str | Path, data) -> Path:
-    return write_text(path, json.dumps(data, indent=2) + "\n")
+def write_json(path: str | Path, data, new: bool = False) -> Path:
+    return write_text(path, json.dumps(data, indent=2) + "\n", new=new)
 
 
 def read_json(path: str | Path) -> dict:
@@ -163,6 +271,9 @@ def create_run_dir(results_dir: str | Path, model_name: str) -> Path:
             return path
         except FileExistsError:  # another run took this number between our listing and mkdir
             continue
+        except OSError as err:
+            raise UserError(f"cannot create a run folder in --results-dir {results_dir} "
+                            f"({(err.strerror or str(err)).lower()}): choose a writable --results-dir") from None
 
 
 def latest_run_dir(results_dir: str | Path) -> Path:
@@ -185,6 +296,14 @@ def load_run_config(run_dir: str | Path) -> dict:
     config = read_json(run_dir / "config.json")
     if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("model", "train")):
         raise UserError(f"{run_dir / 'config.json'} is not a mapdit run config (no model and train sections)")
+    if not isinstance(config.get("data", {}), dict):
+        raise UserError(f"{run_dir / 'config.json'}: data is {json.dumps(config['data'])}, not a JSON object")
+    # every value of the model and training sections has the type its option has (one line naming the field)
+    from .config import ModelConfig, check_field_types
+    from .train import TrainConfig
+
+    check_field_types(ModelConfig, config["model"], f"{run_dir / 'config.json'} model")
+    check_field_types(TrainConfig, config["train"], f"{run_dir / 'config.json'} train")
     return config
 
 
@@ -198,7 +317,15 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
         yield
         return
     path = Path(run_dir) / ".lock"
-    with open(path, "a+") as f:
+    try:
+        f = open(path, "a+")
+    except OSError as err:
+        if (user := environment_error(err, run_dir)) is None:
+            raise
+        raise UserError(f"cannot write into the run folder {run_dir} ({(err.strerror or str(err)).lower()}): "
+                        "training writes checkpoints there; copy the run to a writable place and resume the copy") \
+            from None
+    with f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             locked = True

@@ -16,7 +16,7 @@ import torch
 from . import distributed as dist_utils
 from .data import clip_denoised_for, decoder_for
 from .errors import UserError
-from .runio import atomic_write
+from .runio import atomic_write, check_writable, load_run_config
 from .samplers import sample as run_sampler
 from .weights import load_model
 
@@ -63,24 +63,28 @@ def image_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def save_png(path: Path, image: np.ndarray, upscale: int = 1) -> Path:
+def save_png(path: Path, image: np.ndarray, upscale: int = 1, new: bool = False) -> Path:
+    """Write a PNG atomically; `new=True`: never replace a file, take the first free name path, path-1, ...
+    race-free (see runio.atomic_write). Returns the path written."""
     from PIL import Image
 
     img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"), new=new)
 
 
-def save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+def save_npz(path: Path, images: np.ndarray, labels: np.ndarray, new: bool = False) -> Path:
+    """Write arr_0/arr_1 atomically; `new` as in save_png. Returns the path written."""
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, arr_0=images, arr_1=labels)
-    return atomic_write(path, write)
+    return atomic_write(path, write, new=new)
 
 
 def unused_path(path: Path) -> Path:
-    """`path`, or path-1, path-2, ... if it exists: results are never overwritten."""
+    """`path`, or path-1, path-2, ... if it exists. Only a guess: another process may take the name before
+    it is written; to write a file that must not replace another, use `new=True` of the writers."""
     if not path.exists():
         return path
     for i in range(1, 10_000):
@@ -100,9 +104,14 @@ def cmd_sample(args: argparse.Namespace) -> Path:
             raise UserError(f"{flag} {value} must be at least 1")
     if args.weights == "raw" and args.ema_std is not None:
         raise UserError("--ema-std chooses an EMA width, which contradicts --weights raw: drop one of them")
+    run_dir = Path(args.result_dir)
+    load_run_config(run_dir)  # a missing or broken run: one line before anything else
+    if args.out:  # where the result goes must take files: fail before the sampling, not after it
+        check_writable(Path(args.out).parent, "the folder of --out", "choose another --out")
+    else:
+        check_writable(run_dir / "samples", "the run's samples folder", "pass --out FILE to write elsewhere")
     d = dist_utils.init(args.device)
     torch.set_flush_denormal(True)  # CPU: denormal floats make every op ~10x slower
-    run_dir = Path(args.result_dir)
     model, config, desc = load_model(run_dir, weights=args.weights, ema_std=args.ema_std, ckpt=args.ckpt,
                                      device=d.device)
     cfg = model.config
@@ -142,16 +151,16 @@ def cmd_sample(args: argparse.Namespace) -> Path:
     x = torch.cat([parts[b] for b in sorted(parts)])
     images = decoder_for(config["data"], d.device)(x).numpy()  # (N, H, W, C) uint8
     if npz:
-        path = save_npz(unused_path(Path(args.out)), images, labels.numpy())
+        path = save_npz(Path(args.out), images, labels.numpy(), new=True)
     else:
         if args.out:
-            path = unused_path(Path(args.out))
+            path = Path(args.out)
         else:
             tag = f"class{args.class_label}" if args.class_label is not None else "per-class"
-            path = unused_path(run_dir / "samples" / f"{tag}-{args.sampler}{args.steps}-cfg{cfg_scale:g}.png")
+            path = run_dir / "samples" / f"{tag}-{args.sampler}{args.steps}-cfg{cfg_scale:g}.png"
         nrow = len(labels) if args.class_label is not None else (args.num_samples or 8)
         upscale = max(1, 64 // images.shape[1])
-        save_png(path, image_grid(images, nrow=min(nrow, 16)), upscale=upscale)
+        path = save_png(path, image_grid(images, nrow=min(nrow, 16)), upscale=upscale, new=True)
         if args.class_label is None:
             print("rows: " + ", ".join(f"{i}={n}" for i, n in enumerate(names)), file=sys.stderr)
     print(path)

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -34,16 +35,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from . import __version__
 from . import distributed as dist_utils
+from . import signals
 from .config import MP_OPTIONS, ModelConfig, make_config
 from .data import IndexStream, load_dataset
 from .diffusion import make_diffusion
 from .ema import DEFAULT_SNAPSHOT_DTYPE as _SNAP_DTYPE, PowerEMA, save_snapshot
-from .errors import UserError
+from .errors import Stopped, UserError
 from .model import DiT
-from .runio import (DISK_FULL, DiskFullError, create_run_dir, find_resumable_checkpoint, latest_run_dir,
+from .runio import (DiskFullError, NotWritableError, create_run_dir, environment_error, find_resumable_checkpoint, latest_run_dir,
                     load_run_config, load_tensors, rewind_run, run_lock, save_checkpoint, split_prefix,
                     trim_metrics, write_json)
 
@@ -176,33 +179,40 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 
 
 class Logger:
-    """Human log (stdout via tqdm-safe writes + log.txt on rank 0)."""
+    """Human log (stdout via tqdm-safe writes + log.txt on rank 0); `warn` goes to stderr (+ log.txt)."""
 
     def __init__(self, run_dir: Path | None, is_main: bool, bar=None):
         self.path = run_dir / "log.txt" if run_dir else None
         self.is_main, self.bar = is_main, bar
 
-    def __call__(self, msg: str) -> None:
+    def warn(self, msg: str) -> None:
+        """Something skipped or set aside (a broken checkpoint, unreadable files): stderr, as in sampling."""
+        self(msg, stream=sys.stderr)
+
+    def __call__(self, msg: str, stream=None) -> None:
         if not self.is_main:
             return
         line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
         if self.bar is not None:
-            self.bar.write(line)
+            self.bar.write(line, file=stream)
         else:
-            print(line, flush=True)
+            print(line, file=stream or sys.stdout, flush=True)
         if self.path:
             with open(self.path, "a") as f:
                 f.write(line + "\n")
 
 
 class StopRequest:
-    """SIGTERM/SIGINT ask the loop to finish the current step, checkpoint and exit."""
+    """SIGTERM/SIGINT ask the loop to finish the current step, checkpoint and exit. Entered at the start of
+    `train`, it also takes over a signal `mapdit` held while starting (mapdit.signals): set-up then stops
+    before anything is written."""
 
     def __init__(self):
         self.signal: int | None = None
         self._old = {}
 
     def __enter__(self):
+        self.signal = signals.take_pending()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -276,8 +286,10 @@ def _check_labels(data, data_path: str) -> None:
         return
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= data.num_classes:
-        raise UserError(f"the data at {data_path} has class labels {lo}..{hi} but {data.num_classes} classes: "
-                        f"every label must be in 0..{data.num_classes - 1} (fix the labels or the class list)")
+        first = int(torch.nonzero((labels < 0) | (labels >= data.num_classes))[0, 0])
+        raise UserError(f"the data at {data_path} has class labels {lo}..{hi} but {data.num_classes} classes "
+                        f"(first: label {int(labels[first])} at index {first}): every label must be in "
+                        f"0..{data.num_classes - 1} (fix the labels or the class list)")
 
 
 def _all_finite(tensors) -> bool:
@@ -292,16 +304,17 @@ def _env_int(name: str, default: int | None = None) -> int | None:
 
 @contextlib.contextmanager
 def _disk_full_is_user_error(where_good):
-    """A full disk anywhere in the loop (checkpoint, snapshot, log line) ends training with one line."""
+    """A full disk or an unwritable place anywhere in the run (checkpoint, snapshot, metrics or log line,
+    sample grid) ends training with one line naming the file and the last good checkpoint."""
     try:
         yield
-    except DiskFullError as err:
-        raise UserError(f"disk full while writing {err.path}; {where_good()}: free space and resume") from None
-    except OSError as err:
-        if err.errno not in DISK_FULL:
+    except (DiskFullError, NotWritableError, OSError, SafetensorError) as err:
+        user = err if isinstance(err, (DiskFullError, NotWritableError)) else environment_error(err)
+        if user is None:
             raise
-        raise UserError(f"disk full while writing {err.filename or 'into the run folder'}; {where_good()}: "
-                        "free space and resume") from None
+        if isinstance(user, DiskFullError):
+            raise UserError(f"disk full while writing {user.path}; {where_good()}: free space and resume") from None
+        raise UserError(f"cannot write {user.path} ({user.reason}); {where_good()}") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,13 +328,45 @@ def grad_norm_(params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(params, clip or float("inf"), foreach=True)
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
 
+
+class _SetUp:
+    """What `train` made before its first step: a new run folder is removed again if set-up fails or is
+    stopped, so a run that never reached step 1 leaves nothing behind (and the next run takes its number)."""
+
+    def __init__(self):
+        self.new_run_dir: Path | None = None
+        self.done = False
+
+
 def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = None,
           batch_hook=None) -> Path:
     """Train; returns the run folder. `resume`: a run folder to continue ("latest": newest in results_dir).
 
     On resume the run's own model and training settings are used, except those `resume_config` takes
     from `tc`. `batch_hook(step, x) -> x` lets tests poison a batch; it is not a user option.
+    SIGTERM/SIGINT during set-up: nothing is kept (a new run folder is removed) and `Stopped` is raised.
     """
+    setup = _SetUp()
+    with StopRequest() as stop:
+        try:
+            return _train(tc, model_cfg, resume, batch_hook, stop, setup)
+        except BaseException:
+            if setup.new_run_dir is not None and not setup.done:
+                shutil.rmtree(setup.new_run_dir, ignore_errors=True)
+            raise
+
+
+def _stop_if_asked(stop: StopRequest, run_dir: Path | None, resume: str | None, distributed: bool) -> None:
+    """Before step 1 a signal stops at once (exit code 0, nothing kept). Under torchrun the ranks agree on
+    stopping at report steps instead, so that no rank waits for one that left."""
+    if stop.signal is None or distributed:
+        return
+    what = f"resume {run_dir} again to continue" if resume is not None else "no run folder is kept"
+    raise Stopped(f"stopped by signal {signal.Signals(stop.signal).name} during set-up, before step 1: {what}")
+
+
+def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, batch_hook, stop: StopRequest,
+           setup: _SetUp) -> Path:
     # ---- settings: only files are read, nothing is written and no process group is joined until they check out
     run_dir: Path | None = None
     saved: dict | None = None
@@ -337,6 +382,7 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = N
     fail_rank, fail_step = _env_int("MAPDIT_TEST_FAIL_RANK"), _env_int("MAPDIT_TEST_FAIL_STEP", 1)
 
     d = dist_utils.init(tc.device)
+    _stop_if_asked(stop, run_dir, resume, d.enabled)  # a signal while mapdit started: before loading the data
     device = d.device
     torch.set_flush_denormal(True)  # CPU: denormal floats (tiny Adam moments, zero-init layers) cost ~10x per op
     if device.type == "cuda":
@@ -358,8 +404,11 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = N
                         f"({saved['model']['in_channels']}x{saved['model']['input_size']}, "
                         f"{saved['model']['num_classes']} classes)")
     tc = tc.resolved(model_cfg)
+    per_rank = tc.batch_size // d.world_size
+    stream = IndexStream(len(data), per_rank, tc.seed, d.rank, d.world_size)  # too small a dataset: stop here
+    _stop_if_asked(stop, run_dir, resume, d.enabled)
     if run_dir is None and d.is_main:
-        run_dir = create_run_dir(tc.results_dir, model_cfg.model)
+        run_dir = setup.new_run_dir = create_run_dir(tc.results_dir, model_cfg.model)
     run_dir = Path(dist_utils.broadcast_object(d, str(run_dir) if run_dir else None))
 
     last_ckpt: int | None = None  # the newest checkpoint written or resumed from
@@ -387,7 +436,7 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = N
         ema = PowerEMA(dict(named), sigma_rels=tc.ema_stds)
         start_step, skipped_total = 0, 0
         if resume is not None:
-            found = find_resumable_checkpoint(run_dir, log=log) if d.is_main else None
+            found = find_resumable_checkpoint(run_dir, log=log.warn) if d.is_main else None
             found = dist_utils.broadcast_object(d, None if found is None else (found[0], str(found[1])))
             if found is None:
                 log(f"no complete checkpoint in {run_dir / 'checkpoints'}: starting again from step 0")
@@ -400,7 +449,7 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = N
                                 "reached: pass a larger --num-steps (or leave it out to keep the run's own)")
             if d.is_main:
                 for note in rewind_run(run_dir, start_step):
-                    log(note)
+                    log.warn(note)
         metrics_path = run_dir / "metrics.csv"
         if d.is_main:
             # rows after the checkpoint are logged again by this run; a fresh run gets just the header
@@ -436,8 +485,6 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = N
             return max_mag, fid
 
         diffusion = make_diffusion(model_cfg.num_train_steps, learn_sigma=model_cfg.learn_sigma)
-        per_rank = tc.batch_size // d.world_size
-        stream = IndexStream(len(data), per_rank, tc.seed, d.rank, d.world_size)
         snap_every = max(1, tc.num_steps // tc.ema_snapshots) if tc.ema_snapshots else 0
         snap_dtype = getattr(torch, tc.snapshot_dtype)
         null_class = model_cfg.null_class
@@ -459,7 +506,7 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = N
         skipped_files = getattr(data, "skipped", None)
         if skipped_files:
             path0, why0 = skipped_files[0]
-            log(f"skipped {len(skipped_files)} unreadable image file(s) in {tc.data_path} (first: {path0}: {why0})")
+            log.warn(f"skipped {len(skipped_files)} unreadable image file(s) in {tc.data_path} (first: {path0}: {why0})")
 
         # window accumulators stay on the device: no per-step synchronisation
         sums = torch.zeros(4, device=device)  # loss, mse, vb, grad_norm
@@ -500,101 +547,97 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = N
                     save_snapshot(run_dir / "ema", sigma, step, averaged, dtype=snap_dtype)
                 except ValueError as err:  # float16 overflow
                     raise UserError(f"EMA snapshot at step {step}: {err} (--snapshot-dtype float32)") from None
-                except OSError as err:  # save_snapshot is atomic too: name the file, not its temporary
-                    if err.errno in DISK_FULL:
-                        raise DiskFullError(run_dir / "ema" / f"sigma-{sigma:.3f}" / f"step-{step:07d}.safetensors") \
-                            from None
-                    raise
 
         model.train()
         stopped = False
-        with StopRequest() as stop:
-            for step in range(start_step, tc.num_steps):
-                if fail_rank == d.rank and step == fail_step:
-                    raise UserError(f"rank {d.rank} failed at step {step} on purpose (test hook "
-                                    "MAPDIT_TEST_FAIL_RANK)")
-                done = step + 1
-                lr = tc.lr * lr_multiplier(step, tc.warmup_steps, tc.decay_start)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                model.project_weights_()  # forced weight normalisation: one batched pass per step
+        _stop_if_asked(stop, run_dir, resume, d.enabled)  # a signal during set-up: the folder is removed
+        setup.done = True
+        for step in range(start_step, tc.num_steps):
+            if fail_rank == d.rank and step == fail_step:
+                raise UserError(f"rank {d.rank} failed at step {step} on purpose (test hook "
+                                "MAPDIT_TEST_FAIL_RANK)")
+            done = step + 1
+            lr = tc.lr * lr_multiplier(step, tc.warmup_steps, tc.decay_start)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            model.project_weights_()  # forced weight normalisation: one batched pass per step
 
-                g = step_generator(tc.seed, step, device)
-                t = torch.randint(0, diffusion.num_timesteps, (tc.batch_size,), generator=g, device=device)[lo:hi]
-                noise = torch.randn((tc.batch_size, *sample_shape), generator=g, device=device)[lo:hi]
-                drop = (torch.rand(tc.batch_size, generator=g, device=device) < tc.label_dropout)[lo:hi]
-                x, y = data.batch(stream.indices(step), torch.Generator().manual_seed(tc.seed * 7919 + step))
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if null_class is not None:
-                    y = torch.where(drop, torch.full_like(y, null_class), y)
-                if batch_hook is not None:
-                    x = batch_hook(step, x)
+            g = step_generator(tc.seed, step, device)
+            t = torch.randint(0, diffusion.num_timesteps, (tc.batch_size,), generator=g, device=device)[lo:hi]
+            noise = torch.randn((tc.batch_size, *sample_shape), generator=g, device=device)[lo:hi]
+            drop = (torch.rand(tc.batch_size, generator=g, device=device) < tc.label_dropout)[lo:hi]
+            x, y = data.batch(stream.indices(step), torch.Generator().manual_seed(tc.seed * 7919 + step))
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if null_class is not None:
+                y = torch.where(drop, torch.full_like(y, null_class), y)
+            if batch_hook is not None:
+                x = batch_hook(step, x)
 
-                with autocast:
-                    losses = diffusion.training_losses(fwd, x, t, y, noise=noise)
-                loss = losses["loss"].mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = grad_norm_(params, tc.grad_clip)
-                finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-                if tc.skip_nonfinite:  # one synchronisation per step; only with --skip-nonfinite
-                    ok = dist_utils.all_reduce_min_(d, finite.to(torch.int32))  # the ranks skip together
-                    finite = bool(ok.item())
-                    if not finite:
-                        skipped_total += 1
-                        window_skipped += 1
-                        log(f"step {done}: non-finite loss or gradient, step skipped ({skipped_total} so far)")
-                        opt.zero_grad(set_to_none=True)
-                if not tc.skip_nonfinite or finite:
-                    opt.step()
-                    ema.update(params, done)
-                    if not tc.skip_nonfinite:  # noted now, acted on (one sync) before anything is written
-                        first_bad = torch.where(finite | (first_bad != _NO_BAD), first_bad,
-                                                torch.full_like(first_bad, done))
-                    sums += torch.stack((loss.detach(), losses["mse"].mean().detach(),
-                                         losses["vb"].mean().detach(), grad_norm.detach()))
-                window_steps += 1
+            with autocast:
+                losses = diffusion.training_losses(fwd, x, t, y, noise=noise)
+            loss = losses["loss"].mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = grad_norm_(params, tc.grad_clip)
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            if tc.skip_nonfinite:  # one synchronisation per step; only with --skip-nonfinite
+                ok = dist_utils.all_reduce_min_(d, finite.to(torch.int32))  # the ranks skip together
+                finite = bool(ok.item())
+                if not finite:
+                    skipped_total += 1
+                    window_skipped += 1
+                    log(f"step {done}: non-finite loss or gradient, step skipped ({skipped_total} so far)")
+                    opt.zero_grad(set_to_none=True)
+            if not tc.skip_nonfinite or finite:
+                opt.step()
+                ema.update(params, done)
+                if not tc.skip_nonfinite:  # noted now, acted on (one sync) before anything is written
+                    first_bad = torch.where(finite | (first_bad != _NO_BAD), first_bad,
+                                            torch.full_like(first_bad, done))
+                sums += torch.stack((loss.detach(), losses["mse"].mean().detach(),
+                                     losses["vb"].mean().detach(), grad_norm.detach()))
+            window_steps += 1
 
-                stop_now = stop.signal is not None and not d.enabled
-                report = done % tc.log_every == 0 or done == tc.num_steps or stop_now
-                if report and d.enabled:  # the ranks agree to stop at report steps only
-                    flag = torch.tensor(float(stop.signal is not None), device=device)
-                    stop_now = dist_utils.all_reduce_max_(d, flag).item() > 0
-                snap_now = bool(snap_every) and (done % snap_every == 0 or done == tc.num_steps)
-                ckpt_now = done % tc.ckpt_every == 0 or done == tc.num_steps or stop_now
-                if report or snap_now or ckpt_now:
-                    check_finite()  # never a non-finite metric row, snapshot or checkpoint
-                if snap_now and d.is_main:
-                    snapshot(done)
-                if report:
-                    dist_utils.all_reduce_mean_(d, sums)
-                    now = time.perf_counter()
-                    elapsed = now - window_start
-                    loss_v, mse_v, vb_v, gn_v = (sums / max(1, window_steps - window_skipped)).tolist()
-                    max_mag, fid = evaluate_now(done, x, t, y)  # "" unless due at this step
-                    row = [done, f"{loss_v:.6g}", f"{mse_v:.6g}", f"{vb_v:.6g}", f"{lr:.6g}", f"{gn_v:.6g}",
-                           f"{window_steps / elapsed:.4g}", f"{window_steps * tc.batch_size / elapsed:.4g}",
-                           skipped_total, f"{now - run_start:.1f}", max_mag, fid]
-                    if d.is_main:
-                        with open(metrics_path, "a", newline="") as f:
-                            csv.writer(f).writerow(row)
-                    bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2g}", refresh=False)
-                    sums.zero_()
-                    window_steps, window_skipped, window_start = 0, 0, time.perf_counter()
+            stop_now = stop.signal is not None and not d.enabled
+            report = done % tc.log_every == 0 or done == tc.num_steps or stop_now
+            if report and d.enabled:  # the ranks agree to stop at report steps only
+                flag = torch.tensor(float(stop.signal is not None), device=device)
+                stop_now = dist_utils.all_reduce_max_(d, flag).item() > 0
+            snap_now = bool(snap_every) and (done % snap_every == 0 or done == tc.num_steps)
+            ckpt_now = done % tc.ckpt_every == 0 or done == tc.num_steps or stop_now
+            if report or snap_now or ckpt_now:
+                check_finite()  # never a non-finite metric row, snapshot or checkpoint
+            if snap_now and d.is_main:
+                snapshot(done)
+            if report:
+                dist_utils.all_reduce_mean_(d, sums)
+                now = time.perf_counter()
+                elapsed = now - window_start
+                loss_v, mse_v, vb_v, gn_v = (sums / max(1, window_steps - window_skipped)).tolist()
+                max_mag, fid = evaluate_now(done, x, t, y)  # "" unless due at this step
+                row = [done, f"{loss_v:.6g}", f"{mse_v:.6g}", f"{vb_v:.6g}", f"{lr:.6g}", f"{gn_v:.6g}",
+                       f"{window_steps / elapsed:.4g}", f"{window_steps * tc.batch_size / elapsed:.4g}",
+                       skipped_total, f"{now - run_start:.1f}", max_mag, fid]
+                if d.is_main:
+                    with open(metrics_path, "a", newline="") as f:
+                        csv.writer(f).writerow(row)
+                bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2g}", refresh=False)
+                sums.zero_()
+                window_steps, window_skipped, window_start = 0, 0, time.perf_counter()
 
-                if tc.sample_every and done % tc.sample_every == 0 and d.is_main:
-                    from .evaluate.fid_cli import model_with_weights, sample_grid_from_model
+            if tc.sample_every and done % tc.sample_every == 0 and d.is_main:
+                from .evaluate.fid_cli import model_with_weights, sample_grid_from_model
 
-                    grid = sample_grid_from_model(model_with_weights(model, ema.averaged(min(tc.ema_stds))),
-                                                  data.meta(), run_dir / "samples" / f"train-{done:07d}.png")
-                    log(f"step {done}: sample grid {grid}")
-                bar.update(1)
-                if ckpt_now:
-                    checkpoint(done)
-                if stop_now:
-                    log(f"stopped by signal at step {done}; checkpoint written; continue with --resume {run_dir}")
-                    stopped = True
-                    break
+                grid = sample_grid_from_model(model_with_weights(model, ema.averaged(min(tc.ema_stds))),
+                                              data.meta(), run_dir / "samples" / f"train-{done:07d}.png")
+                log(f"step {done}: sample grid {grid}")
+            bar.update(1)
+            if ckpt_now:
+                checkpoint(done)
+            if stop_now:
+                log(f"stopped by signal at step {done}; checkpoint written; continue with --resume {run_dir}")
+                stopped = True
+                break
         bar.close()
         if not stopped:
             log(f"finished at step {max(tc.num_steps, start_step)}; run folder {run_dir}")
@@ -742,7 +785,7 @@ def _patch_multiple(model_name: str) -> int:
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a MaP-DiT (also under torchrun)")
     add_train_args(p)
-    p.set_defaults(func=run_from_args)
+    p.set_defaults(func=run_from_args, graceful_stop=True)  # SIGTERM during start-up: handled by train()
 
 
 def main(argv: list[str] | None = None) -> int:

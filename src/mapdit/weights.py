@@ -17,8 +17,8 @@ from .config import ModelConfig
 from .ema import list_snapshots, parse_sweep, reconstruct
 from .errors import UserError
 from .model import DiT
-from .runio import (CHECKPOINT_RE, find_resumable_checkpoint, load_run_config, load_tensors, save_tensors,
-                    split_prefix, verify_checkpoint)
+from .runio import (CHECKPOINT_RE, DiskFullError, NotWritableError, check_writable, find_resumable_checkpoint,
+                    load_run_config, load_tensors, save_tensors, split_prefix, verify_checkpoint)
 
 
 def posthoc_path(run_dir: Path, sigma_rel: float, step: int) -> Path:
@@ -39,8 +39,15 @@ def check_snapshot_files(folder: Path) -> None:
 
 
 def posthoc_ema(run_dir: str | Path, sigma_rel: float, step: int | None = None, out: str | Path | None = None,
-                progress: bool = True, log=print) -> tuple[Path, dict[str, torch.Tensor]]:
-    """Reconstruct the EMA of width sigma_rel at `step` (None: last snapshot); cached beside the run."""
+                progress: bool = True, log=print, cache_optional: bool = False
+                ) -> tuple[Path | None, dict[str, torch.Tensor]]:
+    """Reconstruct the EMA of width sigma_rel at `step` (None: last snapshot); cached beside the run.
+
+    `out`: write it there instead. `cache_optional` (sampling, which did not ask for a file): when the run's
+    ema/posthoc/ cannot be written (a read-only run, a full disk) the result is used without caching, said
+    in one line on stderr, and the returned path is None. Otherwise an unwritable place is a one-line
+    UserError, checked before the reconstruction starts.
+    """
     run_dir = Path(run_dir)
     check_snapshot_files(run_dir / "ema")
     snaps = list_snapshots(run_dir / "ema")
@@ -51,12 +58,24 @@ def posthoc_ema(run_dir: str | Path, sigma_rel: float, step: int | None = None, 
     path = Path(out) if out else posthoc_path(run_dir, sigma_rel, target)
     if path.exists() and out is None:
         return path, load_tensors(path)
+    if not cache_optional:  # the file is what was asked for: fail now, not after the reconstruction
+        hint = "pass --out FILE to write it elsewhere" if out is None else "choose another --out"
+        check_writable(path.parent, "the folder", hint)
     tensors, sol = reconstruct(run_dir / "ema", sigma_rel, target, progress=progress)
-    save_tensors(path, tensors, metadata={"sigma_rel": f"{sigma_rel}", "step": str(target),
-                                          "condition_number": f"{sol.condition_number:.4g}",
-                                          "profile_rel_error": f"{sol.profile_rel_error:.4g}"})
-    log(f"EMA sigma_rel={sigma_rel:.3f} at step {target}: {len(sol.coeffs)} snapshots, condition number "
-        f"{sol.condition_number:.3g}, profile error {sol.profile_rel_error:.2e} -> {path}")
+    summary = (f"EMA sigma_rel={sigma_rel:.3f} at step {target}: {len(sol.coeffs)} snapshots, condition number "
+               f"{sol.condition_number:.3g}, profile error {sol.profile_rel_error:.2e}")
+    try:
+        save_tensors(path, tensors, metadata={"sigma_rel": f"{sigma_rel}", "step": str(target),
+                                              "condition_number": f"{sol.condition_number:.4g}",
+                                              "profile_rel_error": f"{sol.profile_rel_error:.4g}"})
+    except (DiskFullError, NotWritableError) as err:
+        if not cache_optional:
+            raise
+        reason = getattr(err, "reason", "disk full")
+        print(f"{summary}; not cached: cannot write {err.path} ({reason}), so it is reconstructed again next time",
+              file=sys.stderr)
+        return None, tensors
+    log(f"{summary} -> {path}")
     return path, tensors
 
 
@@ -107,7 +126,8 @@ def load_model(run_dir: str | Path, weights: str = "ema", ema_std: float | None 
             ema = split_prefix(tensors, f"ema.{sigma:.3f}/")
             desc = f"tracked EMA sigma_rel={sigma:.3f} at step {step}"
         else:  # at the checkpoint's step when one was named, else at the last snapshot
-            _, ema = posthoc_ema(run_dir, sigma, step=step if ckpt is not None else None, progress=True, log=log)
+            _, ema = posthoc_ema(run_dir, sigma, step=step if ckpt is not None else None, progress=True, log=log,
+                                 cache_optional=True)
             desc = f"post-hoc EMA sigma_rel={sigma:.3f}" + (f" at step {step}" if ckpt is not None else "")
         own = dict(model.named_parameters())
         unknown = set(ema) - set(own)

@@ -180,10 +180,7 @@ def _load_idx(folder: Path, shown_path: str, split: str, image_size, patch_size,
         info.update(rule="pad" if any(pad) else "none", pad=pad, pad_value=-1.0)
     if channels == 3:
         images = images.expand(-1, 3, -1, -1).contiguous()
-    # label ids beyond the 10 Fashion-MNIST classes (some other IDX set) get generic names
-    names = list(fashion_mnist.CLASS_NAMES)
-    top = int(labels.max()) if len(labels) else 0
-    names += [f"class {k}" for k in range(len(names), top + 1)]
+    names = list(fashion_mnist.CLASS_NAMES)  # read_split refused labels outside these 10 classes
     return ImageDataset(images, labels, names, "fashion-mnist", shown_path, split, info, hflip=hflip)
 
 

@@ -118,6 +118,13 @@ def read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
             f"{labels_path} has {len(labels)} labels but {images_path} has {len(images)} "
             f"images: the files do not belong together"
         )
+    bad = np.flatnonzero(labels >= len(CLASS_NAMES))
+    if len(bad):  # a damaged label file (or another data set): never a new class
+        raise UserError(
+            f"{labels_path}: label {int(labels[bad[0]])} at index {int(bad[0])} is outside the "
+            f"{len(CLASS_NAMES)} classes 0..{len(CLASS_NAMES) - 1} ({len(bad)} such label(s)): "
+            f"the label file is damaged, replace it"
+        )
     # copy: frombuffer arrays are read-only and torch wants writable memory
     images_t = torch.from_numpy(images.copy()).unsqueeze(1)
     labels_t = torch.from_numpy(labels.astype(np.int64))

@@ -84,7 +84,9 @@ def read_image_folder(
     images: list[np.ndarray] = []
     labels: list[int] = []
     skipped: list[tuple[str, str]] = []
+    empty: list[str] = []
     for label, folder in enumerate(folders):
+        count = len(labels)
         for path in _files(folder):
             try:
                 images.append(load_image(path, size, mode))
@@ -92,11 +94,18 @@ def read_image_folder(
                 skipped.append((str(path), f"{type(err).__name__}: {err}"))
                 continue
             labels.append(label)
+        if len(labels) == count:
+            empty.append(folder.name)
     if not images:
         examples = "; ".join(f"{p} ({r})" for p, r in skipped[:3]) or "the class folders are empty"
         raise UserError(
             f"no readable image in {root} ({len(folders)} class folders, {len(skipped)} files "
             f"skipped: {examples}): put image files in {root}/<class name>/"
+        )
+    if empty:  # it would still be a class (a label the model learns nothing about): refuse
+        raise UserError(
+            f"class folder {root / empty[0]} has no readable image ({len(empty)} such folder(s): "
+            f"{', '.join(empty[:5])}): every subfolder of {root} is a class; add images or remove it"
         )
     # (N, H, W, C) -> (N, C, H, W)
     stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()

@@ -223,8 +223,8 @@ def fid_for_run(run_dir: str | Path, num_samples: int = DEFAULT_NUM_SAMPLES, *, 
     """
     from mapdit import distributed as dist_utils
     from mapdit.evaluate.fid import default_cache_dir, evaluate_samples
-    from mapdit.runio import load_run_config, write_json
-    from mapdit.sample import save_npz, unused_path
+    from mapdit.runio import check_writable, claim_new_path, load_run_config, write_json
+    from mapdit.sample import save_npz
     from mapdit.weights import load_model, resolve_checkpoint
 
     d = dist_utils.init(device)
@@ -244,6 +244,9 @@ def fid_for_run(run_dir: str | Path, num_samples: int = DEFAULT_NUM_SAMPLES, *, 
     cache = default_cache_dir() if cache_dir is _DEFAULT_CACHE else cache_dir
     ext = _on_main(lambda: _extractor(features, inception_weights, d.device), share=False)  # fail early
     step, ckpt_path = _on_main(lambda: resolve_checkpoint(run_dir, ckpt))
+    # samples and results go into the run: a read-only run fails here, not after the sampling
+    _on_main(lambda: check_writable(run_dir / "eval", "the run's eval folder",
+                                    "copy the run to a writable place to evaluate it"), share=False)
     tracked = config["train"]["ema_stds"]
     settings = {"weights": weights, "ema_std": (min(tracked) if ema_std is None else float(ema_std))
                 if weights == "ema" else None, "cfg_scale": float(cfg_scale), "sampler": sampler,
@@ -274,7 +277,7 @@ def fid_for_run(run_dir: str | Path, num_samples: int = DEFAULT_NUM_SAMPLES, *, 
                                seed=seed, batch_size=batch_size, progress=progress)
         del model
         if d.is_main:
-            npz_path = save_npz(unused_path(npz_path), images, labels.numpy())
+            npz_path = save_npz(npz_path, images, labels.numpy(), new=True)
             say(f"samples -> {npz_path}")
 
     def evaluate() -> dict:
@@ -284,9 +287,13 @@ def fid_for_run(run_dir: str | Path, num_samples: int = DEFAULT_NUM_SAMPLES, *, 
         result.update(value=result[result["metric"]], run_dir=str(run_dir), samples_npz=str(npz_path),
                       samples_reused=bool(reuse), result_json=None)
         if write:
-            path = unused_path(run_dir / "eval" / f"fid-{settings['features']}-{tag}.json")
+            path = claim_new_path(run_dir / "eval" / f"fid-{settings['features']}-{tag}.json")  # race-free
             result["result_json"] = str(path)
-            write_json(path, result)
+            try:
+                write_json(path, result)
+            except BaseException:
+                path.unlink(missing_ok=True)  # the empty reservation
+                raise
         acc = result.get("conditioning_accuracy")
         say(f"{result['metric']} = {result['value']:.4f}" + (f", conditioning accuracy {acc:.4f}" if acc is not None
                                                              else "") + f" ({num_samples} samples vs {ref})")
@@ -324,7 +331,7 @@ def sample_grid_from_model(model, data_meta: dict, path: str | Path, *, per_clas
     cfg_scale None: 4 when the model has a null class, else 1. Single process (call it on rank 0);
     returns the written path (`path`, or path-1.png, ... if it exists)."""
     from mapdit.data import clip_denoised_for, decoder_for
-    from mapdit.sample import generate, image_grid, save_png, unused_path
+    from mapdit.sample import generate, image_grid, save_png
 
     cfg = model.config
     if classes is None:
@@ -343,7 +350,7 @@ def sample_grid_from_model(model, data_meta: dict, path: str | Path, *, per_clas
     finally:
         model.train(was_training)
     upscale = max(1, 64 // images.shape[1])
-    return save_png(unused_path(Path(path)), image_grid(images, nrow=per_class), upscale=upscale)
+    return save_png(Path(path), image_grid(images, nrow=per_class), upscale=upscale, new=True)
 
 
 def quick_fid(model, data_meta: dict, num_samples: int, *, ref: str | None = None, features=None,

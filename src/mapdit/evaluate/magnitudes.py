@@ -192,7 +192,7 @@ def measure_run(run_dir: str | Path, batch_size: int = 64, seed: int = 0, weight
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["step", "quantity", "block", "value"])
     writer.writerows((s, q, b, f"{v:.8g}") for s, q, b, v in rows)
-    csv_path = write_text(unused_path(run_dir / "eval" / "magnitudes.csv"), buf.getvalue())
+    csv_path = write_text(run_dir / "eval" / "magnitudes.csv", buf.getvalue(), new=True)  # race-free free name
     stem = csv_path.stem
     settings = {"run_dir": str(run_dir), "weights": weights,
                 "ema_std": (min(tracked) if ema_std is None else ema_std) if weights == "ema" else None,

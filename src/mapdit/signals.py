@@ -1,0 +1,68 @@
+"""SIGTERM and Ctrl-C from the first moment of a command on.
+
+`mapdit` holds both signals while it starts (imports, argument parsing, set-up): a signal that arrives then
+is remembered instead of killing the process half-way through writing something. A command that stops
+gracefully (training: its `StopRequest` takes the remembered signal over) handles it; for every other
+command `release()` restores the usual behaviour and delivers a remembered signal the usual way
+(SIGTERM ends the process, Ctrl-C raises KeyboardInterrupt). A second signal while held stops at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from typing import Iterator
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_pending: int | None = None
+_previous: dict[int, object] = {}
+
+
+def _remember(signum, frame) -> None:
+    global _pending
+    if _pending is not None:  # a second signal: stop now
+        raise KeyboardInterrupt
+    _pending = signum
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT until `release()` or the end of the block (then the previous handlers return)."""
+    global _pending
+    if threading.current_thread() is not threading.main_thread() or _previous:
+        yield  # signals can only be handled in the main thread; nested: the outer block holds them
+        return
+    _pending = None
+    for sig in SIGNALS:
+        _previous[sig] = signal.signal(sig, _remember)
+    try:
+        yield
+    finally:
+        _restore()
+        _pending = None
+
+
+def _restore() -> None:
+    for sig, old in _previous.items():
+        signal.signal(sig, old)
+    _previous.clear()
+
+
+def take_pending() -> int | None:
+    """The signal received while held (None if none), handed over to the caller, who now handles it."""
+    global _pending
+    signum, _pending = _pending, None
+    return signum
+
+
+def release() -> None:
+    """Back to the usual handling, delivering a signal that arrived while held."""
+    if not _previous:
+        return
+    _restore()
+    signum = take_pending()
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    if signum is not None:
+        os.kill(os.getpid(), signum)
