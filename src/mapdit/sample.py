@@ -17,6 +17,7 @@ from . import distributed as dist_utils
 from .data import clip_denoised_for, decoder_for
 from .errors import UserError
 from .runio import atomic_write, check_writable, load_run_config
+from .samplers import SAMPLER_CHOICES, check_sampler
 from .samplers import sample as run_sampler
 from .weights import load_model
 
@@ -98,6 +99,7 @@ def unused_path(path: Path) -> Path:
 # `mapdit sample` and the seed's `python sample.py`
 # ------------------------------------------------------------------------------------------------
 def cmd_sample(args: argparse.Namespace) -> Path:
+    check_sampler(args.sampler)  # an unknown name or a missing diffusers: one line before anything is loaded
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
                         ("--num-samples", args.num_samples)):
         if value is not None and value < 1:
@@ -174,7 +176,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=None,
                    help="images per class row / of the class / in the npz (defaults 8, 8, 1000)")
     p.add_argument("--out", default=None, help="output .png, or .npz for arr_0 (N,H,W,C uint8) + arr_1 labels")
-    p.add_argument("--sampler", choices=("ddpm", "ancestral", "ddim"), default="ddpm")
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddpm",
+                   help="ddpm (= ancestral) and ddim are ours; dpm++2m, unipc and heun are diffusers' ODE solvers "
+                        "(few-step: e.g. --sampler dpm++2m --steps 20; heun makes 2*steps-1 model calls)")
     p.add_argument("--steps", "--num-sampling-steps", dest="steps", type=int, default=250)
     p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default 4 for grids, 1 for npz)")
     p.add_argument("--guide-channels", type=int, default=None,

@@ -1,4 +1,5 @@
-"""Samplers for a GaussianDiffusion: ancestral DDPM, DDIM, and classifier-free guidance.
+"""Samplers for a GaussianDiffusion: ancestral DDPM, DDIM, and classifier-free guidance; `sample` also
+dispatches to the few-step diffusers samplers of `mapdit.schedulers` (dpm++2m, unipc, heun).
 
 All randomness comes from the passed torch.Generator (which must live on the sampling device);
 the model is always called as model_fn(x, original_t, y).
@@ -11,8 +12,24 @@ from tqdm.auto import tqdm
 
 from mapdit.diffusion import GaussianDiffusion, ModelFn, make_diffusion
 from mapdit.errors import UserError
+from mapdit.schedulers import DIFFUSERS_SAMPLERS
 
-SAMPLER_NAMES = {"ddpm": "ddpm", "ancestral": "ddpm", "ddim": "ddim"}
+# --sampler name -> the sampler it runs (ours: ddpm, ddim; diffusers': see mapdit.schedulers)
+SAMPLER_NAMES = {"ddpm": "ddpm", "ancestral": "ddpm", "ddim": "ddim", **{n: n for n in DIFFUSERS_SAMPLERS}}
+SAMPLER_CHOICES = tuple(SAMPLER_NAMES)  # for argparse `choices`
+
+
+def check_sampler(name: str) -> str:
+    """The sampler `name` runs (ancestral -> ddpm), or a one-line UserError for an unknown name or a diffusers
+    sampler without diffusers installed. Call it before loading anything, so a bad choice fails at once."""
+    kind = SAMPLER_NAMES.get(name)
+    if kind is None:
+        raise UserError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLER_CHOICES)}")
+    if kind in DIFFUSERS_SAMPLERS:
+        from mapdit.schedulers import diffusers_schedulers
+
+        diffusers_schedulers()
+    return kind
 
 
 def classifier_free_guidance(model_fn: ModelFn, cfg_scale: float, null_class: int, guide_channels: int | None = None) -> ModelFn:
@@ -102,17 +119,23 @@ def sample(model_fn: ModelFn, *, shape, y: torch.Tensor, sampler: str = "ddpm", 
            cfg_scale: float = 1.0, null_class: int | None = None, guide_channels: int | None = None,
            generator: torch.Generator | None = None, noise: torch.Tensor | None = None, progress: bool = False,
            num_train_steps: int = 1000, learn_sigma: bool = True, clip_denoised: bool = False) -> torch.Tensor:
-    """Sample x0 (N, C, H, W) with a `steps`-step respacing of the DiT diffusion, optionally with CFG."""
-    kind = SAMPLER_NAMES.get(sampler)
-    if kind is None:
-        raise UserError(f"unknown sampler {sampler!r}; valid names: {', '.join(sorted(SAMPLER_NAMES))}")
+    """Sample x0 (N, C, H, W) with `steps` steps of `sampler`, optionally with CFG: ddpm/ancestral and ddim run a
+    `steps`-step respacing of the DiT diffusion; dpm++2m, unipc and heun run diffusers' schedulers
+    (`mapdit.schedulers`; `eta` does not apply to them, and heun makes 2*steps-1 model calls)."""
+    kind = check_sampler(sampler)
     if not 1 <= steps <= num_train_steps:
         raise UserError(f"steps must be between 1 and {num_train_steps}, got {steps}")
     if cfg_scale != 1 and null_class is None:
         raise UserError("classifier-free guidance (cfg_scale != 1) needs null_class, the label of the unconditional class")
-    diffusion = make_diffusion(num_train_steps, sampling_steps=steps, learn_sigma=learn_sigma)
     if cfg_scale != 1:
         model_fn = classifier_free_guidance(model_fn, cfg_scale, null_class, guide_channels)
+    if kind in DIFFUSERS_SAMPLERS:
+        from mapdit.schedulers import sample_diffusers
+
+        return sample_diffusers(model_fn, kind, shape=shape, y=y, steps=steps, noise=noise, generator=generator,
+                                num_train_steps=num_train_steps, learn_sigma=learn_sigma,
+                                clip_denoised=clip_denoised, progress=progress)
+    diffusion = make_diffusion(num_train_steps, sampling_steps=steps, learn_sigma=learn_sigma)
     if kind == "ddim":
         return sample_ddim(model_fn, diffusion, shape, y, eta=eta, noise=noise, generator=generator, progress=progress,
                            clip_denoised=clip_denoised)

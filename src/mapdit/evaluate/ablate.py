@@ -246,6 +246,9 @@ def run_ablation(*, configs: list[str], modulations: list[str], model: str, num_
         raise UserError(f"--modulations {','.join(modulations)} names one modulation twice")
     if num_steps < 1:
         raise UserError("--num-steps must be at least 1")
+    from mapdit.samplers import check_sampler
+
+    check_sampler(sampler)  # before any training: an unknown name or a missing diffusers fails now
     budget = {"model": model, "num_steps": num_steps, "batch_size": batch_size, "lr": lr,
               "data_path": data_path, "fid_samples": fid_samples, "features": features, "ref": ref,
               "num_ref": num_ref, "sampler": sampler, "sampling_steps": sampling_steps, "cfg_scale": cfg_scale,
@@ -327,6 +330,8 @@ def cmd_ablate(args: argparse.Namespace) -> dict:
 
 
 def register(sub) -> None:
+    from mapdit.samplers import SAMPLER_CHOICES
+
     p = sub.add_parser("ablate", help="train and score configs x modulations x seeds with one budget; "
                                       "writes the results table (resumable, also under torchrun)")
     p.add_argument("--configs", default="A,B,C,D,E", help="comma-separated presets, e.g. A,E")
@@ -342,7 +347,8 @@ def register(sub) -> None:
                    help="default: fmnist for Fashion-MNIST, inception otherwise")
     p.add_argument("--ref", default=None, help="FID reference (default: the training data)")
     p.add_argument("--num-ref", type=int, default=None, help="a fixed random subset of the reference")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddpm",
+                   help="ddpm/ancestral, ddim (ours) or dpm++2m, unipc, heun (diffusers' few-step solvers)")
     p.add_argument("--sampling-steps", type=int, default=250)
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")

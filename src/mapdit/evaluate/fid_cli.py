@@ -133,7 +133,7 @@ def sample_labels(num_samples: int, num_classes: int, seed: int) -> torch.Tensor
 
 
 def _check_sampling(num_samples: int, sampler: str, steps: int, batch_size: int) -> str:
-    from mapdit.samplers import SAMPLER_NAMES
+    from mapdit.samplers import check_sampler
 
     if num_samples < 2:
         raise UserError(f"--num-samples {num_samples}: a Fréchet distance needs at least 2 samples")
@@ -141,9 +141,7 @@ def _check_sampling(num_samples: int, sampler: str, steps: int, batch_size: int)
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
-    if sampler not in SAMPLER_NAMES:
-        raise UserError(f"unknown sampler {sampler!r}: use ddpm or ddim")
-    return SAMPLER_NAMES[sampler]
+    return check_sampler(sampler)  # the canonical name; a missing diffusers fails here, before any loading
 
 
 def _extractor(features, inception_weights, device):
@@ -230,9 +228,9 @@ def fid_for_run(run_dir: str | Path, num_samples: int = DEFAULT_NUM_SAMPLES, *, 
     d = dist_utils.init(device)
     torch.set_flush_denormal(True)
     say = (log or (lambda m: print(m, file=sys.stderr))) if d.is_main else (lambda m: None)
+    sampler = _check_sampling(num_samples, sampler, steps, batch_size)
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
-    sampler = _check_sampling(num_samples, sampler, steps, batch_size)
     if weights not in ("ema", "raw"):
         raise UserError(f"--weights {weights!r}: use 'ema' or 'raw'")
     if weights == "raw" and ema_std is not None:
@@ -400,6 +398,8 @@ def cmd_fid(args: argparse.Namespace) -> dict:
 
 
 def add_fid_args(p: argparse.ArgumentParser) -> None:
+    from mapdit.samplers import SAMPLER_CHOICES
+
     p.add_argument("--result-dir", required=True, help="a run folder made by training")
     p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES)
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
@@ -407,7 +407,8 @@ def add_fid_args(p: argparse.ArgumentParser) -> None:
                    help="EMA width (default the smallest tracked one; others are reconstructed post hoc)")
     p.add_argument("--ckpt", default=None, help="a checkpoint file (default: the newest complete one)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--sampler", choices=("ddpm", "ancestral", "ddim"), default="ddpm")
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddpm",
+                   help="ddpm/ancestral, ddim (ours) or dpm++2m, unipc, heun (diffusers; few steps, e.g. --steps 20)")
     p.add_argument("--steps", "--num-sampling-steps", dest="steps", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch (per rank)")

@@ -644,7 +644,10 @@ def write_results_md(out: str | Path, results_md: str | Path = "RESULTS.md",
         sampling_steps=s.get("sampling_steps", "?"),
         sampler_note=("DDIM with few steps instead of the 250-step ancestral default keeps scoring affordable on CPU; "
                       "absolute FD values are not comparable with 250-step ones; all variants "
-                      "are scored with identical settings.") if s.get("sampler") == "ddim" else "",
+                      "are scored with identical settings.") if s.get("sampler") == "ddim" else
+                     (f"{s.get('sampler')} (diffusers' ODE solver, see `benchmarks/samplers.py`) with few steps "
+                      "instead of the 250-step ancestral default keeps scoring affordable on CPU; all variants are "
+                      "scored with identical settings.") if s.get("sampler") not in (None, "ddpm", "ancestral") else "",
         configs_table=configs_table,
         residual_plot=_publish(residual_png, docs_dir, doc, "residual magnitude per block, Config A vs E"),
         modulation_table=modulation_table, lr_table=lr_table, ema_table=_ema_section(ema),
@@ -681,6 +684,9 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
                 "fid_samples": fid_samples or base["fid_samples"], "sampler": sampler or base["sampler"],
                 "sampling_steps": sampling_steps or base["sampling_steps"], "num_ref": num_ref}
     sweep = parse_sweep(ema_sweep or base["ema_sweep"])
+    from mapdit.samplers import check_sampler
+
+    check_sampler(settings["sampler"])  # before any training: an unknown name or a missing diffusers fails now
     unknown = [s for s in studies if s not in STUDIES]
     if unknown or not studies:
         raise UserError(f"--studies: use some of {', '.join(STUDIES)} (got {', '.join(studies) or 'none'})")
@@ -783,6 +789,8 @@ def cmd_study(args: argparse.Namespace) -> dict:
 
 
 def register(sub) -> None:
+    from mapdit.samplers import SAMPLER_CHOICES
+
     p = sub.add_parser("study", help="the paper's study on Fashion-MNIST (configs, modulation, lr, post-hoc "
                                      "EMA, sample grid) in one resumable command; writes RESULTS.md")
     p.add_argument("--quick", action="store_true",
@@ -796,7 +804,8 @@ def register(sub) -> None:
     p.add_argument("--num-steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--fid-samples", type=int, default=None)
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="default ddim")
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None,
+                   help="default ddim; dpm++2m, unipc, heun are diffusers' few-step solvers")
     p.add_argument("--sampling-steps", type=int, default=None)
     p.add_argument("--ema-sweep", default=None, help=f"post-hoc EMA widths (default {FULL['ema_sweep']})")
     p.add_argument("--configs", default=",".join(CONFIGS), help="configs of the configs study")
