@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import mapdit  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 import torch
 
 from mapdit.config import MP_OPTIONS, make_config
@@ -42,8 +43,16 @@ for _opt in MP_OPTIONS:
     VARIANTS[f"E-{_opt}"] = ("E", {"drop": _opt})
 
 
+def split_name(name: str) -> tuple[str, list[str], list[str]]:
+    """"E+xkey=value+tkey=value" -> ("E", model overrides, training overrides)."""
+    base = name.split("+x")[0].split("+t")[0]
+    rest = name[len(base):].split("+")[1:]
+    return base, [e[1:] for e in rest if e.startswith("x")], [e[1:] for e in rest if e.startswith("t")]
+
+
 def build_config(name: str, model: str):
-    preset, over = VARIANTS[name.split("+x")[0]] if name.split("+x")[0] in VARIANTS else (None, None)
+    base, model_extras, _ = split_name(name)
+    preset, over = VARIANTS[base] if base in VARIANTS else (None, None)
     if preset is None:
         raise SystemExit(f"unknown variant {name!r}: see --list")
     over = dict(over)
@@ -51,7 +60,7 @@ def build_config(name: str, model: str):
     cfg = make_config(model, preset=preset, input_size=28, in_channels=1, num_classes=10, **over)
     if drop:
         setattr(cfg, drop, False)
-    for extra in name.split("+x")[1:]:  # "+xKEY=VALUE": any ModelConfig field
+    for extra in model_extras:  # "+xKEY=VALUE": any ModelConfig field
         key, value = extra.split("=", 1)
         field_type = type(getattr(cfg, key))
         setattr(cfg, key, value if field_type is str else field_type(json.loads(value)))
@@ -95,6 +104,9 @@ def run_variant(spec: str, args, out: Path) -> dict:
     tc = TrainConfig(data_path=args.data_path, results_dir=str(runs), num_steps=args.num_steps,
                      batch_size=args.batch_size, lr=lr_value, seed=args.seed, log_every=100, ema_snapshots=0,
                      ema_stds=(0.05, 0.10), ckpt_every=max(1, args.num_steps // 2))
+    for extra in split_name(name)[2]:  # "+tKEY=VALUE": any TrainConfig field (numbers)
+        key, value = extra.split("=", 1)
+        setattr(tc, key, json.loads(value))
     start = time.time()
     existing = None
     if runs.is_dir():
@@ -106,9 +118,11 @@ def run_variant(spec: str, args, out: Path) -> dict:
     train_s = time.time() - start
     fid = fid_for_run(run_dir, args.fid_samples, ema_std=0.10, cfg_scale=args.cfg_scale, sampler="ddim",
                       steps=args.sampling_steps, seed=0, batch_size=250, progress=False, log=lambda m: None)
-    held = heldout_for_run(run_dir, weights="ema", ema_std=0.10)["mse"]
+    held_all = heldout_for_run(run_dir, weights="ema", ema_std=0.10)
+    held = held_all["mse"]
     result = {"variant": spec, "lr": tc.resolved(cfg).lr, "run_dir": str(run_dir), "train_s": train_s,
               "fd": fid["value"], "acc": fid.get("conditioning_accuracy"), "heldout": held,
+              "heldout_low_t": held_all["mse_low_t"], "heldout_high_t": held_all["mse_high_t"],
               "budget": {"model": args.model, "steps": args.num_steps, "batch": args.batch_size,
                          "fid_samples": args.fid_samples, "sampler": f"ddim{args.sampling_steps}",
                          "cfg": args.cfg_scale},
@@ -118,7 +132,7 @@ def run_variant(spec: str, args, out: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    cols = ["variant", "lr", "fd", "acc", "heldout", "modulation_gain_mean", "final_gain", "t_emb_rms",
+    cols = ["variant", "lr", "fd", "acc", "heldout", "heldout_low_t", "heldout_high_t", "modulation_gain_mean", "final_gain", "t_emb_rms",
             "y_emb_rms", "label_share_block0", "train_s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
