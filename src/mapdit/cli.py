@@ -12,7 +12,8 @@ import math
 import sys
 
 from . import signals
-from .config import MODEL_NAMES, MP_OPTIONS, PRESETS, ModelConfig, make_config
+from .config import (CHOICE_KEYS, CONDITIONINGS, MLP_ACTIVATIONS, MODEL_NAMES, MODULATION_GAINS, MP_OPTIONS, PRESETS, TIME_EMBEDDINGS,
+                     ModelConfig, make_config)
 from .errors import Stopped, UserError
 
 
@@ -64,6 +65,15 @@ def add_model_args(p: argparse.ArgumentParser, data_defaults: bool = True) -> No
     g.add_argument("--gate-init", choices=("zero", "identity"), default=None)
     g.add_argument("--rotation-pairing", choices=("half", "interleaved"), default=None)
     g.add_argument("--no-learn-sigma", dest="learn_sigma", action="store_false", default=None)
+    g.add_argument("--mlp-activation", choices=MLP_ACTIVATIONS, default=None,
+                   help="the MLP's activation (default gelu, DiT's); --use-mp-silu divides it by its RMS")
+    g.add_argument("--time-embedding", choices=TIME_EMBEDDINGS, default=None,
+                   help="timestep features (default: fourier with --use-mp-embedding, else DiT's sinusoid; "
+                        "'table' is upstream MaP-DiT's learned row per step)")
+    g.add_argument("--conditioning", choices=CONDITIONINGS, default=None,
+                   help="t and label embeddings: balanced (each RMS 1, MP sum; default with MP linears) or sum")
+    g.add_argument("--modulation-gains", choices=MODULATION_GAINS, default=None,
+                   help="MP models: one learned gain per block (shared) or one per modulator")
     if data_defaults:
         g.add_argument("--input-size", type=int, default=32)
         g.add_argument("--in-channels", type=int, default=4)
@@ -73,7 +83,7 @@ def add_model_args(p: argparse.ArgumentParser, data_defaults: bool = True) -> No
 def config_from_args(args: argparse.Namespace, **data) -> ModelConfig:
     """Resolve the model options of `args` (plus data-derived sizes) into one validated ModelConfig."""
     overrides = {name: getattr(args, name) for name in MP_OPTIONS}
-    for key in ("modulation", "gate_init", "rotation_pairing", "learn_sigma"):
+    for key in CHOICE_KEYS:
         overrides[key] = getattr(args, key, None)
     for key in ("input_size", "in_channels", "num_classes"):
         overrides[key] = data.get(key, getattr(args, key, None))

@@ -48,6 +48,15 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "E": MP_OPTIONS,
 }
 
+MLP_ACTIVATIONS = ("gelu", "silu")
+TIME_EMBEDDINGS = ("sinusoid", "mp-sinusoid", "fourier", "table")
+MODULATION_GAINS = ("shared", "per-modulator")
+CONDITIONINGS = ("sum", "balanced")
+
+# model choices besides the MP options and sizes (command-line flags of the same name)
+CHOICE_KEYS = ("modulation", "gate_init", "rotation_pairing", "learn_sigma", "mlp_activation", "time_embedding",
+               "modulation_gains", "conditioning")
+
 MODULATION_PARTS = ("shift", "scale", "rotate", "gate")  # order of chunks in the modulation linear
 MODULATION_ALIASES = {"adaln": ("shift", "scale", "gate")}
 
@@ -141,6 +150,20 @@ class ModelConfig:
     no_layernorm: bool = False
     mp_pos_enc: bool = False
     mp_embedding: bool = False
+    # choices beside the eight options (each changes only what it names)
+    mlp_activation: str = "gelu"  # "gelu" (DiT's tanh-GELU) | "silu"; `mp_silu` divides it by its RMS
+    # timestep features: "sinusoid" (DiT), "mp-sinusoid" (the same times sqrt 2: RMS 1), "fourier" (MP
+    # Fourier features of the noise level ln(sigma_t)/4, EDM2-style), "table" (a learned MP row per integer
+    # step, upstream MaP-DiT's form). None: "fourier" with `mp_embedding`, else "sinusoid".
+    time_embedding: str | None = None
+    # "shared": one MP modulation linear and one learned gain per block for every chunk;
+    # "per-modulator": one learned gain per modulator (shift/scale/rotate/gate of each site). MP models only.
+    modulation_gains: str = "shared"
+    # how the timestep and label embeddings form the conditioning c: "sum" (DiT's t + y; an MP sum under
+    # mp_residual) or "balanced" (each normalised to RMS 1, then an MP sum: EDM2's unit-magnitude embeddings).
+    # None: "balanced" with MP linears (their unit rows let |t| grow by alignment while the label stays
+    # small: the label then moves the modulation < 1 %), else "sum".
+    conditioning: str | None = None
     # modulation
     modulation: str = "adaln"
     gate_init: str = "zero"  # "zero": branch*g (AdaLN-Zero); "identity": branch*(1+g)
@@ -179,6 +202,18 @@ class ModelConfig:
         return parse_modulation(self.modulation)
 
     @property
+    def time_embedding_kind(self) -> str:
+        if self.time_embedding is not None:
+            return self.time_embedding
+        return "fourier" if self.mp_embedding else "sinusoid"
+
+    @property
+    def conditioning_kind(self) -> str:
+        if self.conditioning is not None:
+            return self.conditioning
+        return "balanced" if self.uses_mp_linear else "sum"
+
+    @property
     def uses_mp_linear(self) -> bool:
         """Linears become bias-free MP linears when either weight-normalisation option is on."""
         return self.weight_normalization or self.forced_weight_normalization
@@ -201,6 +236,14 @@ class ModelConfig:
             raise UserError("in_channels and num_classes must be at least 1")
         if self.gate_init not in ("zero", "identity"):
             raise UserError(f"gate init {self.gate_init!r}: use 'zero' or 'identity'")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise UserError(f"MLP activation {self.mlp_activation!r}: use one of {', '.join(MLP_ACTIVATIONS)}")
+        if self.time_embedding is not None and self.time_embedding not in TIME_EMBEDDINGS:
+            raise UserError(f"time embedding {self.time_embedding!r}: use one of {', '.join(TIME_EMBEDDINGS)}")
+        if self.conditioning is not None and self.conditioning not in CONDITIONINGS:
+            raise UserError(f"conditioning {self.conditioning!r}: use one of {', '.join(CONDITIONINGS)}")
+        if self.modulation_gains not in MODULATION_GAINS:
+            raise UserError(f"modulation gains {self.modulation_gains!r}: use one of {', '.join(MODULATION_GAINS)}")
         if self.rotation_pairing not in ("half", "interleaved"):
             raise UserError(f"rotation pairing {self.rotation_pairing!r}: use 'half' or 'interleaved'")
         self.modulation = "+".join(parse_modulation(self.modulation))
@@ -227,6 +270,13 @@ class ModelConfig:
         if unknown:
             raise UserError(f"unknown model config keys {sorted(unknown)}: was this written by a newer mapdit?")
         check_field_types(cls, data, where)
+        data = dict(data)
+        # configs written before these choices existed: what those versions built
+        if "mlp_activation" not in data:
+            data["mlp_activation"] = "silu" if data.get("mp_silu") else "gelu"
+        if "time_embedding" not in data:
+            data["time_embedding"] = "table" if data.get("mp_embedding") else "sinusoid"
+        data.setdefault("conditioning", "sum")
         return cls(**data).validate()
 
     @classmethod

@@ -40,7 +40,7 @@ from safetensors import SafetensorError
 from . import __version__
 from . import distributed as dist_utils
 from . import signals
-from .config import MP_OPTIONS, ModelConfig, make_config
+from .config import CHOICE_KEYS, MP_OPTIONS, ModelConfig, make_config
 from .data import IndexStream, load_dataset
 from .diffusion import make_diffusion
 from .ema import DEFAULT_SNAPSHOT_DTYPE as _SNAP_DTYPE, PowerEMA, save_snapshot
@@ -649,8 +649,7 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, b
 # Command line (`mapdit train` and the seed's `python train.py`)
 # ------------------------------------------------------------------------------------------------
 DEFAULT_MODEL = "DiT-S/2"
-MODEL_FLAGS = ("model", "preset", "use_all_mp", *MP_OPTIONS, "modulation", "gate_init", "rotation_pairing",
-               "learn_sigma")
+MODEL_FLAGS = ("model", "preset", "use_all_mp", *MP_OPTIONS, *CHOICE_KEYS)
 _FLAG_NAMES = {"batch_size": "--global-batch-size", "seed": "--global-seed", "preset": "--config"}
 
 
@@ -717,11 +716,10 @@ def check_resume_flags(args: argparse.Namespace, given: set[str], saved: dict, s
         problems.append(f"--model {args.model} (the run is {model.model})")
     elif given & set(MODEL_FLAGS):
         wanted = make_config(model.model, preset=args.preset, use_all_mp=args.use_all_mp,
-                             **{name: getattr(args, name) for name in MP_OPTIONS}, modulation=args.modulation,
-                             gate_init=args.gate_init, rotation_pairing=args.rotation_pairing,
-                             learn_sigma=args.learn_sigma, input_size=model.input_size,
+                             **{name: getattr(args, name) for name in MP_OPTIONS},
+                             **{key: getattr(args, key) for key in CHOICE_KEYS}, input_size=model.input_size,
                              in_channels=model.in_channels, num_classes=model.num_classes)
-        compare = given & set(MP_OPTIONS + ("modulation", "gate_init", "rotation_pairing", "learn_sigma"))
+        compare = given & set(MP_OPTIONS + CHOICE_KEYS)
         if given & {"preset", "use_all_mp"}:  # a preset names the whole set of MP options
             compare |= set(MP_OPTIONS)
         shown = " ".join(_flag(k) for k in MODEL_FLAGS if k in given)
