@@ -6,6 +6,15 @@ conditioning accuracy, wall time, model evaluations (NFE) per image, and where s
     python benchmarks/samplers.py RUN --num-samples 64 --samplers dpm++2m --steps 10 --baseline-seeds 0 --no-ddim
     python benchmarks/samplers.py RUN [RUN ...] --report-only      # table + plot from the cached cells
 
+The full measurement of issue 18: the demo model (`mapdit demo` -> results/NNN-DiT-XXS-4) and one other
+trained Fashion-MNIST run, e.g. the best Config E run of `mapdit study`, with every default:
+
+    python benchmarks/samplers.py results/NNN-DiT-XXS-4 results/study/configs/runs/MMM-DiT-XXS-4
+
+Cost: about 1,275 model evaluations per image per run (3 x 250 ancestral, 50 DDIM, 120 each for dpm++2m
+and unipc, 235 for heun), i.e. roughly 5x one 250-step FID sampling pass: with the demo model's ~7-10 min
+per 1,000 images at 250 steps on 2 idle cores, 35-50 min per run plus scoring.
+
 Cells, per run (defaults): each of --samplers (dpm++2m, unipc, heun; from diffusers via mapdit.schedulers) at
 --steps 10, 15, 20, 25, 50; our DDIM at 50 steps; our 250-step ancestral sampler at every --baseline-seeds
 (0, 1, 2), which gives the seed spread an FD must fall within. All cells use the grid's guidance
@@ -186,6 +195,17 @@ def benchmark_run(run_dir: Path, args, log) -> str:
     labels = sample_labels(args.num_samples, cfg.num_classes, LABEL_SEED)
     ext = get_extractor("fmnist", None, device)
     cache = default_cache_dir()
+    # Warm-up outside the timed cells: the bare forward (measured here, which also warms the model up) and
+    # one scheduler per diffusers sampler (diffusers imports some modules lazily on first construction).
+    from mapdit.schedulers import make_scheduler
+
+    for sampler in {c[0] for c in todo if c[0] in DIFFUSERS_SAMPLERS}:
+        make_scheduler(sampler)
+    doubled = min(args.batch_size, args.num_samples) * (2 if args.cfg_scale != 1 else 1)
+    fwd = bare_forward_seconds(model, doubled)
+    write_json(through_path, {"settings": common, "forward_batch": doubled, "bare_forward_s": fwd,
+                              "machine": machine(), "device": str(device),
+                              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
     meter = ForwardMeter(model)
     batches = math.ceil(args.num_samples / args.batch_size)
     try:
@@ -211,13 +231,6 @@ def benchmark_run(run_dir: Path, args, log) -> str:
             log(f"{run_dir.name}: {cell_name(sampler, steps, seed)}: {record['metric']} {record['fd']:.3f}, "
                 f"accuracy {record['conditioning_accuracy']:.3f}, NFE {nfe:g}, {wall:.1f} s "
                 f"({100 * record['forward_share']:.0f} % in the model)")
-        meter.close()
-        doubled = 2 * min(args.batch_size, args.num_samples) if args.cfg_scale != 1 else min(args.batch_size,
-                                                                                            args.num_samples)
-        fwd = bare_forward_seconds(model, doubled)
-        write_json(through_path, {"settings": common, "forward_batch": doubled, "bare_forward_s": fwd,
-                                  "machine": machine(), "device": str(device),
-                                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
     finally:
         meter.close()
     return key
@@ -341,6 +354,9 @@ def plot(runs: dict, path: Path) -> Path | None:
             else:
                 ax.plot(*zip(*pts), "o-", label=sampler)
         ax.set_xscale("log")
+        ticks = sorted({round(c["nfe"]) for c in cells})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("model evaluations per image (NFE; a CFG pair = 1)")
         ax.set_ylabel("FD_fmnist (lower is better)")
         ax.set_title(Path(cells[0]["settings"]["run_dir"]).name, fontsize=9)
