@@ -197,7 +197,7 @@ def test_sharded_sampling_matches_one_process(tiny_run, cache, tmp_path):
 def _by_hand(model, x, t, y) -> tuple[list[float], torch.Tensor]:
     """Residual magnitude after each block, running the model's pieces one by one; and the output."""
     h = model.combine(model.x_embedder(x), model.pos_embed)
-    c = model.combine(model.t_embedder(t), model.y_embedder(y))
+    c = model.condition(model.t_embedder(t), model.y_embedder(y))
     mags = []
     for block in model.blocks:
         h = block(h, c)

@@ -107,7 +107,7 @@ def test_zero_init_conditioning_makes_every_block_an_identity(preset, modulation
     model = DiT(cfg).train()
     x, t, y = inputs(cfg)
     h = torch.randn(3, 16, cfg.hidden_size)
-    c = model.combine(model.t_embedder(t), model.y_embedder(y))
+    c = model.condition(model.t_embedder(t), model.y_embedder(y))
     for block in model.blocks:
         assert torch.equal(block(h, c), h)
     # and the final layer predicts exactly zero
@@ -148,7 +148,7 @@ def test_config_e_keeps_residual_stream_magnitude_at_init():
         with torch.no_grad():
             h = model.combine(model.x_embedder(x), model.pos_embed)
             h = h / magnitude(h)  # unit-magnitude input to the first block
-            c = model.combine(model.t_embedder(t), model.y_embedder(y))
+            c = model.condition(model.t_embedder(t), model.y_embedder(y))
             mags[preset] = []
             for block in model.blocks:
                 h = block(h, c)
