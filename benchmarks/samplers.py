@@ -53,10 +53,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+import mapdit  # noqa: E402,F401  (before torch: sets the OpenMP wait policy)
+import torch  # noqa: E402
 
 from mapdit.errors import UserError  # noqa: E402
 from mapdit.schedulers import DIFFUSERS_SAMPLERS, model_evaluations  # noqa: E402
@@ -337,7 +338,7 @@ def plot(runs: dict, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mapdit.runio import atomic_write
+    from mapdit.evaluate.study import _save as save_figure
 
     fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4.2), dpi=100, squeeze=False)
     for ax, (key, run) in zip(axes[0], runs.items()):
@@ -363,12 +364,7 @@ def plot(runs: dict, path: Path) -> Path | None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)  # atomic, closes the figure
 
 
 # ------------------------------------------------------------------------------------------------
