@@ -62,8 +62,8 @@ def build_config(name: str, model: str):
         setattr(cfg, drop, False)
     for extra in model_extras:  # "+xKEY=VALUE": any ModelConfig field
         key, value = extra.split("=", 1)
-        field_type = type(getattr(cfg, key))
-        setattr(cfg, key, value if field_type is str else field_type(json.loads(value)))
+        current = getattr(cfg, key)
+        setattr(cfg, key, value if current is None or isinstance(current, str) else type(current)(json.loads(value)))
     return cfg.validate()
 
 
