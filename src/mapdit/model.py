@@ -29,7 +29,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .diffusion import linear_betas
-from .nn import (GELU_RMS, SILU_RMS, MPEmbedding, MPLinear, mp_fourier, mp_gelu, mp_silu, mp_sincos_pos_embed_2d,
+from .nn import (GELU_RMS, SILU_RMS, MPActivation, MPEmbedding, MPLinear, mp_fourier, mp_sincos_pos_embed_2d,
                  mp_sum_coefficients, mul_add, normalize, normalize_qk, project_mp_weights_, scale_rotate_pairs,
                  sincos_pos_embed_2d)
 
@@ -123,17 +123,6 @@ def _balanced_sum(t_emb: torch.Tensor, y_emb: torch.Tensor) -> torch.Tensor:
     """mp_sum(normalize(t), normalize(y), 0.5): timestep and label weigh the same and c has RMS 1 (EDM2's
     conditioning: unit-magnitude noise and class embeddings blended half and half). (N, D) -> (N, D)."""
     return _mp_sum_half(normalize(t_emb), normalize(y_emb))
-
-
-class MPActivation(nn.Module):
-    """MP SiLU or MP GELU as a module (used where no MP linear follows to fold the division into)."""
-
-    def __init__(self, gelu: bool):
-        super().__init__()
-        self.gelu = gelu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mp_gelu(x) if self.gelu else mp_silu(x)
 
 
 class ChunkGains(nn.Module):

@@ -119,15 +119,20 @@ def mp_gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh") / GELU_RMS
 
 
-class MPSiLU(nn.Module):
-    """Module form of `mp_silu` (so a model can pick the activation layer once, at build time).
+class MPActivation(nn.Module):
+    """Module form of `mp_silu` or `mp_gelu` (so a model picks the activation layer once, at build time).
 
-    When the consumer is an `MPLinear`, a model can instead use a plain SiLU and give the linear
-    `input_scale=1/SILU_RMS`: the same function with the division folded into the weight scale (free).
+    When the consumer is an `MPLinear`, a model can instead use the plain activation and give the linear
+    `input_scale=1/SILU_RMS` (or 1/GELU_RMS): the same function with the division folded into the weight
+    scale (free).
     """
 
+    def __init__(self, gelu: bool = False):
+        super().__init__()
+        self.gelu = gelu
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mp_silu(x)
+        return mp_gelu(x) if self.gelu else mp_silu(x)
 
 
 # ------------------------------------------------------------------------------------------------
