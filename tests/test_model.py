@@ -9,7 +9,7 @@ from mapdit.cli import main as cli_main
 from mapdit.config import MP_OPTIONS, PRESETS, ModelConfig, make_config, parse_modulation
 from mapdit.errors import UserError
 from mapdit.model import DiT, SiteModulation, convert_dit_state_dict, parameter_breakdown, patchify, unpatchify
-from mapdit.nn import magnitude
+from mapdit.nn import magnitude, modulate
 
 MODULATIONS = ["adaln", "scale", "shift", "rotate", "scale+rotate"]
 
@@ -119,11 +119,14 @@ def test_rotation_site_with_zero_angles_is_identity():
     h = torch.randn(2, 5, 16)
     (theta,) = site.split(torch.zeros(2, 1, 8))
     assert torch.equal(site.pre(h, (theta,)), h)
-    assert torch.equal(site.gate(h, (theta,)), h)
+    assert site.gate_coef((theta,)) is None  # no gate: the branch output is used as it is
+    shift, scale, angle, gate = site.unpack(torch.zeros(2, 1, 8))  # the reference forward's view of the site
+    assert shift is None and scale is None and gate == 1.0
+    assert torch.equal(modulate(h, shift, scale, angle) * gate, h)
 
 
 def test_mp_residual_with_zero_gates_scales_by_a_known_constant():
-    """AdaLN-Zero with MP sums: a zero-gated block maps x to x*(1-t)/sqrt((1-t)^2+t^2) (spec §3)."""
+    """AdaLN-Zero with MP sums: a zero-gated block maps x to x*(1-t)/sqrt((1-t)^2+t^2) (EDM2 eq. 88, zero branch)."""
     cfg = tiny("E")
     model = DiT(cfg).train()
     h = torch.randn(3, 16, cfg.hidden_size)

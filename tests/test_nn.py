@@ -4,11 +4,14 @@ import math
 import pytest
 import torch
 
+from mapdit.fused import FusedMPEmbedding, FusedMPLinear, project_mp_weights_
 from mapdit.nn import (MPEmbedding, MPLinear, cosine_attention, magnitude, mp_sincos_pos_embed_2d, mp_silu,
-                       mp_sum, normalize, project_mp_weights_, rotate_pairs, sincos_pos_embed_2d)
+                       mp_sum, normalize, rotate_pairs, sincos_pos_embed_2d)
 
 # Sample sizes below give a standard error of the RMS well under 1 %; 3 % tolerances leave room for it.
 TOL = 0.03
+# The plain layers of mapdit.nn and their fast twins in mapdit.fused (what DiT builds) keep the same properties.
+LINEARS = pytest.mark.parametrize("linear", [MPLinear, FusedMPLinear], ids=["plain", "fused"])
 
 
 @pytest.fixture(autouse=True)
@@ -35,9 +38,10 @@ def test_mp_silu_has_unit_magnitude_on_standard_normal():
     assert mp_silu(z).pow(2).mean().sqrt().item() == pytest.approx(1.0, abs=TOL)
 
 
+@LINEARS
 @pytest.mark.parametrize("normalize_on_use,forced", [(True, False), (True, True), (False, True)])
-def test_mp_linear_keeps_magnitude(normalize_on_use, forced):
-    layer = MPLinear(512, 384, normalize_on_use=normalize_on_use, forced=forced).train()
+def test_mp_linear_keeps_magnitude(normalize_on_use, forced, linear):
+    layer = linear(512, 384, normalize_on_use=normalize_on_use, forced=forced).train()
     x = torch.randn(2048, 512)
     assert magnitude(layer(x)).item() == pytest.approx(1.0, abs=TOL)
     # effective rows have unit norm whatever the stored scale
@@ -49,13 +53,15 @@ def test_mp_linear_keeps_magnitude(normalize_on_use, forced):
         assert torch.allclose(rows, torch.ones(384), atol=1e-3)
 
 
-def test_mp_linear_gain_zero_gives_zero_output():
-    layer = MPLinear(32, 16, gain=0.0)
+@LINEARS
+def test_mp_linear_gain_zero_gives_zero_output(linear):
+    layer = linear(32, 16, gain=0.0)
     assert torch.count_nonzero(layer(torch.randn(4, 32))) == 0
 
 
-def test_mp_embedding_rows_have_unit_magnitude():
-    table = MPEmbedding(11, 128)
+@pytest.mark.parametrize("embedding", [MPEmbedding, FusedMPEmbedding], ids=["plain", "fused"])
+def test_mp_embedding_rows_have_unit_magnitude(embedding):
+    table = embedding(11, 128)
     with torch.no_grad():
         table.weight.mul_(torch.rand(11, 1) * 10)
     out = table(torch.arange(11))
@@ -101,9 +107,9 @@ def test_mp_positional_encoding_has_unit_rms_tokens():
     assert torch.allclose(mp, raw * math.sqrt(2), atol=1e-3)
 
 
-def _train_rows(forced: bool, steps: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+def _train_rows(linear, forced: bool, steps: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(1)
-    layer = MPLinear(64, 32, normalize_on_use=True, forced=forced).train()
+    layer = linear(64, 32, normalize_on_use=True, forced=forced).train()
     layer.project_()  # both runs start on the sphere (rows of norm sqrt(64), up to normalize's eps)
     start = layer.weight.detach().norm(dim=1).clone()
     opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
@@ -117,23 +123,26 @@ def _train_rows(forced: bool, steps: int = 300) -> tuple[torch.Tensor, torch.Ten
     return start, layer.weight.detach().norm(dim=1)
 
 
-def test_forced_weight_normalisation_keeps_rows_on_the_sphere():
-    start, rows = _train_rows(forced=True)
+@LINEARS
+def test_forced_weight_normalisation_keeps_rows_on_the_sphere(linear):
+    start, rows = _train_rows(linear, forced=True)
     # normalize() divides by (rms + 1e-4), so rows sit at sqrt(64) / (1 + 1e-4)
     assert torch.allclose(rows, torch.full_like(rows, math.sqrt(64)), rtol=2e-4)
     assert rows.max() <= start.max() * (1 + 1e-6)
 
 
-def test_without_forced_normalisation_weights_grow():
-    start, rows = _train_rows(forced=False)
+@LINEARS
+def test_without_forced_normalisation_weights_grow(linear):
+    start, rows = _train_rows(linear, forced=False)
     # on-use WN makes the gradient (nearly) tangent to the sphere, so steps push ||W|| outward on average
     assert rows.mean() > start.mean() * 1.01  # measured: +1.5 % after 300 steps
 
 
-def test_batched_projection_equals_per_layer_projection():
+@LINEARS
+def test_batched_projection_equals_per_layer_projection(linear):
     torch.manual_seed(3)
-    layers = torch.nn.ModuleList([MPLinear(48, 24), MPLinear(24, 96, gain=0.5), MPEmbedding(7, 24),
-                                  MPLinear(8, 8, forced=False)])
+    layers = torch.nn.ModuleList([linear(48, 24), linear(24, 96, gain=0.5), MPEmbedding(7, 24),
+                                  linear(8, 8, forced=False)])
     for layer in layers:
         with torch.no_grad():
             layer.weight.mul_(torch.rand(layer.weight.shape[0], 1) * 4)
@@ -147,7 +156,7 @@ def test_batched_projection_equals_per_layer_projection():
 
 
 def test_eval_cache_is_invalidated_when_weights_change():
-    layer = MPLinear(16, 8, gain=1.0).eval()
+    layer = FusedMPLinear(16, 8, gain=1.0).eval()
     x = torch.randn(3, 16)
     with torch.no_grad():
         first = layer(x)

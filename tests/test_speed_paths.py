@@ -1,10 +1,10 @@
-"""The fast paths of mapdit.nn / mapdit.model compute exactly what the plain formulas compute.
+"""The fast paths (mapdit.fused, DiTBlock.forward) compute exactly what the plain formulas compute.
 
 Batched forced normalisation equals the per-layer projection; the custom autograd Functions (weight
 normalisation, q/k normalisation, fused scale-rotation) have the gradients of the plain formulas; the
-eval-mode weight cache is reused and invalidated when weights change; folding MP constants (SiLU's
-1/0.596, the MP sum's factors) into coefficients leaves the block's output unchanged; every preset and
-modulation compiles with torch.compile without graph breaks.
+eval-mode weight cache is reused and invalidated when weights change; the fused block forward (MP constants
+folded into coefficients) equals `forward_reference`; a training step equals the same step inside
+`reference_math()`; every preset and modulation compiles with torch.compile without graph breaks.
 """
 import copy
 import math
@@ -15,12 +15,14 @@ import torch.nn.functional as F
 
 from mapdit import config as config_module
 from mapdit.config import PRESETS, make_config
+from mapdit.fused import (FAST_PATHS, FusedMPLinear, _CosineQKV, _MulAdd, _NormalizedLinearRows, _NormalizedWeight,
+                          _row_rms, _RowNormalize, mul_add, normalize_qk, project_mp_weights_, reference_enabled,
+                          reference_math, scale_rotate_pairs)
 from mapdit.model import DiT
-from mapdit.nn import (EPS, MPEmbedding, MPLinear, _CosineQKV, _MulAdd, _NormalizedLinearRows, _NormalizedWeight,
-                       _row_rms, _RowNormalize, cosine_attention, mp_gelu, mp_silu, mp_sum, mul_add, normalize, normalize_qk,
-                       project_mp_weights_, rotate_pairs, scale_rotate_pairs)
+from mapdit.nn import (EPS, MPEmbedding, MPLinear, cosine_attention, mp_gelu, mp_silu, normalize, rotate_pairs)
 
 MODULATIONS = ["adaln", "scale", "shift", "rotate", "scale+rotate"]
+CASES = [(p, "adaln") for p in PRESETS] + [("E", m) for m in MODULATIONS if m != "adaln"]  # presets, modulations
 
 
 @pytest.fixture(autouse=True)
@@ -58,9 +60,9 @@ def inputs(n=3, dtype=torch.float32):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("concat", [False, True])  # per-weight norms (CPU) / one norm per group (GPU path)
 def test_batched_projection_of_a_model_equals_per_layer_projection(tiny_size, monkeypatch, concat):
-    import mapdit.nn as mpnn
+    import mapdit.fused
 
-    monkeypatch.setattr(mpnn, "_concat_row_norms", lambda device: concat)
+    monkeypatch.setattr(mapdit.fused, "_concat_row_norms", lambda device: concat)
     model = tiny_model(tiny_size, "E")
     with torch.no_grad():
         for p in model.parameters():
@@ -82,7 +84,7 @@ def test_batched_projection_of_a_model_equals_per_layer_projection(tiny_size, mo
 
 
 def test_projection_records_row_statistics_used_by_the_next_forward():
-    layer = MPLinear(24, 16, gain=0.7).train()
+    layer = FusedMPLinear(24, 16, gain=0.7).train()
     with torch.no_grad():
         layer.weight.mul_(3.0)
     project_mp_weights_(layer)
@@ -138,7 +140,7 @@ def test_custom_functions_pass_gradcheck():
 def test_mp_linear_fast_training_path_matches_plain_normalize(forced, on_use, gain, rows):
     """Custom-autograd weight normalisation (forward one multiply, backward the tangent projection)
     against the plain differentiable normalize: outputs and gradients agree to float rounding."""
-    fast = MPLinear(48, 20, normalize_on_use=on_use, forced=forced, gain=gain, input_scale=1.7).train()
+    fast = FusedMPLinear(48, 20, normalize_on_use=on_use, forced=forced, gain=gain, input_scale=1.7).train()
     with torch.no_grad():
         fast.weight.mul_(torch.rand(20, 1) * 3 + 0.2)
     plain = copy.deepcopy(fast)
@@ -148,7 +150,8 @@ def test_mp_linear_fast_training_path_matches_plain_normalize(forced, on_use, ga
         project_mp_weights_(fast)  # as the training loop; the plain copy projects in place itself
         plain.project_()
     y_fast = fast(x)
-    y_plain = F.linear(x, plain.effective_weight())
+    with reference_math("linear"):  # MPLinear.forward: F.linear with the effective weight
+        y_plain = plain(x)
     assert torch.allclose(y_fast, y_plain, rtol=1e-5, atol=1e-6)
     (y_fast * g_out).sum().backward()
     (y_plain * g_out).sum().backward()
@@ -164,8 +167,11 @@ def test_cosine_attention_fast_paths_match_plain_formula():
     n, t, h, dh = 2, 9, 3, 8
     leaf = (torch.randn(n, t, 3 * h * dh) * 4).requires_grad_()
     plain = leaf.detach().clone().requires_grad_()
-    q5 = plain.view(n, t, 3, h, dh)
-    ref = torch.cat((normalize(q5[:, :, :2]), q5[:, :, 2:]), dim=2).reshape(n, t, -1)
+    with reference_math("qk"):
+        ref = normalize_qk(plain, h)
+    q, k, v = ref.view(n, t, 3, h, dh).permute(2, 0, 3, 1, 4)  # the plain path is cosine attention's q, k, v
+    q_raw, k_raw, v_raw = plain.detach().view(n, t, 3, h, dh).permute(2, 0, 3, 1, 4)
+    assert torch.allclose(F.scaled_dot_product_attention(q, k, v), cosine_attention(q_raw, k_raw, v_raw), atol=1e-6)
     g = torch.randn_like(ref)
     (ref * g).sum().backward()
     for source in ("leaf", "fresh"):  # a leaf is copied; a fresh non-leaf (a layer's output) is written in place
@@ -213,14 +219,33 @@ def test_fused_scale_rotation_matches_chunk_and_concatenate(pairing):
 
 
 # ------------------------------------------------------------------------------------------------
-# Folded MP constants: the block computes the textbook formula
+# The switch, and the block against its reference
 # ------------------------------------------------------------------------------------------------
+def test_reference_math_switches_named_paths_and_restores_them():
+    assert not any(reference_enabled(p) for p in FAST_PATHS)
+    with reference_math("mul_add"):
+        assert reference_enabled("mul_add") and not reference_enabled("block")
+        with reference_math():
+            assert all(reference_enabled(p) for p in FAST_PATHS)
+        assert reference_enabled("mul_add") and not reference_enabled("qk")
+    assert not any(reference_enabled(p) for p in FAST_PATHS)
+    with pytest.raises(ValueError, match="unknown fast path"):
+        with reference_math("mlp"):
+            pass
+    # a path switched on really takes the plain formula: mul_add's custom Function leaves autograd's graph
+    base, y, k = (torch.randn(2, 3, 4, requires_grad=True) for _ in range(3))
+    assert type(mul_add(base, y, k).grad_fn).__name__ == "_MulAddBackward"
+    with reference_math("mul_add"):
+        assert type(mul_add(base, y, k).grad_fn).__name__ == "AddcmulBackward0"
+
+
 @pytest.mark.parametrize("modulation,activation,gains", [
     ("adaln", "gelu", "shared"), ("scale+rotate", "gelu", "shared"), ("shift", "gelu", "shared"),
     ("rotate", "gelu", "shared"), ("adaln", "silu", "shared"), ("scale+rotate", "gelu", "per-modulator")])
-def test_config_e_block_equals_the_textbook_formula(tiny_size, modulation, activation, gains):
+def test_config_e_block_equals_forward_reference(tiny_size, modulation, activation, gains):
     """MP activation folded into the next MP linear, MP sums carried as coefficients, fused gate and residual:
-    the block equals mp_sum(x, gate * branch(modulate(x)), 0.3) written with plain operators (float64)."""
+    the block's `forward` equals `forward_reference`, x = mp_sum(x, gate * branch(modulate(norm(x))), 0.3)
+    in the plain formulas of mapdit.nn (float64), in training and in the cached eval path."""
     model = tiny_model(tiny_size, "E", modulation, dtype=torch.float64, gate_init="identity",
                        mlp_activation=activation, modulation_gains=gains).train()
     if gains == "per-modulator":  # zero gains at init would hide a wrong chunk order
@@ -232,62 +257,81 @@ def test_config_e_block_equals_the_textbook_formula(tiny_size, modulation, activ
     x = torch.randn(3, 4, 32, dtype=torch.float64)
     c = torch.randn(3, 32, dtype=torch.float64)
     parts = model.config.modulation_parts
-
-    def lin(layer, v):  # the MP linear, textbook: normalize(W) / sqrt(fan_in) * gain, no folding
-        w = normalize(layer.weight) / math.sqrt(layer.in_features)
-        return F.linear(v, w * layer.gain if layer.gain is not None else w)
-
-    def site(h, m):  # h*(1+scale) + shift, then rotation; returns branch input and gate
-        chunks = dict(zip(parts, m.split([{"rotate": 16}.get(p, 32) for p in parts], dim=-1)))
-        if "scale" in chunks:
-            h = h * (1 + chunks["scale"])
-        if "shift" in chunks:
-            h = h + chunks["shift"]
-        if "rotate" in chunks:
-            h = rotate_pairs(h, chunks["rotate"])
-        return h, 1 + chunks["gate"]
-
-    def attn(h):
-        n, t, d = h.shape
-        q, k, v = lin(block.attn.qkv, h).reshape(n, t, 3, 2, 16).permute(2, 0, 3, 1, 4)
-        return lin(block.attn.proj, cosine_attention(q, k, v).transpose(1, 2).reshape(n, t, d))
-
-    def mlp(h):
-        act = mp_gelu if activation == "gelu" else mp_silu
-        return lin(block.mlp.fc2, act(lin(block.mlp.fc1, h)))
-
-    def modulation(c):
-        if gains == "shared":
-            return lin(block.adaLN_modulation[1], mp_silu(c))
-        g = block.adaLN_modulation[2].gain  # one gain per chunk: [site 1 chunks, site 2 chunks]
-        widths = [{"rotate": 16}.get(p, 32) for p in parts] * 2
-        return lin(block.adaLN_modulation[1], mp_silu(c)) * torch.cat([g[i].expand(w) for i, w in enumerate(widths)])
+    widths = [{"rotate": 16}.get(p, 32) for p in parts]
 
     with torch.no_grad():
-        mod = modulation(c).unsqueeze(1)
-        m1, m2 = mod.chunk(2, dim=-1)
-        h1, g1 = site(x, m1)
-        x1 = mp_sum(x, g1 * attn(h1), 0.3)
-        h2, g2 = site(x1, m2)
-        expected = mp_sum(x1, g2 * mlp(h2), 0.3)
+        # what the reference builds on: the site's chunks in config order, gate 1 + g (identity init) ...
+        params = torch.randn(3, 1, sum(widths), dtype=torch.float64)
+        chunks = dict(zip(parts, params.split(widths, dim=-1)))
+        shift, scale, angle, gate = block.site.unpack(params)
+        for got, name in ((shift, "shift"), (scale, "scale"), (angle, "rotate")):
+            assert got is None if name not in chunks else torch.equal(got, chunks[name])
+        assert torch.equal(gate, 1 + chunks["gate"])
+        # ... one gain per modulator chunk, [site 1 chunks, site 2 chunks] ...
+        if gains == "per-modulator":
+            g = block.adaLN_modulation[2].gain
+            m = torch.randn(3, 2 * sum(widths), dtype=torch.float64)
+            expanded = torch.cat([g[i].expand(w) for i, w in enumerate(widths * 2)])
+            assert torch.equal(block.adaLN_modulation[2](m), m * expanded)
+        # ... and the folded MP activations: plain activation + input_scale = MP activation + MP linear
+        h = torch.randn(3, 4, 128, dtype=torch.float64)
+        fc2 = block.mlp.fc2
+        unfolded = MPLinear(fc2.in_features, fc2.out_features).to(torch.float64)
+        unfolded.weight.copy_(fc2.weight)
+        mp_act = mp_gelu if activation == "gelu" else mp_silu
+        with reference_math():
+            assert torch.allclose(fc2(block.mlp.act(h)), unfolded.eval()(mp_act(h)), rtol=1e-10, atol=1e-12)
+            mod = block.adaLN_modulation
+            unfolded = MPLinear(32, mod[1].out_features, gain=1.0).to(torch.float64).eval()
+            unfolded.weight.copy_(mod[1].weight)
+            if mod[1].gain is not None:
+                unfolded.gain.copy_(mod[1].gain)
+            assert torch.allclose(mod[1](mod[0](c)), unfolded(mp_silu(c)), rtol=1e-10, atol=1e-12)
+
+        with reference_math():
+            expected = block(x, c)
+        assert torch.allclose(block.forward_reference(x, c), expected, rtol=1e-10, atol=1e-12)
         assert torch.allclose(block(x, c), expected, rtol=1e-10, atol=1e-12)  # training path
         model.eval()
         assert torch.allclose(block(x, c), expected, rtol=1e-10, atol=1e-12)  # cached eval path
 
 
-def test_training_gradients_match_plain_formulas_end_to_end(tiny_size, monkeypatch):
-    """A training step of Config E with every fast path against the same model forced onto the plain
-    formulas (the torch.compile branch of every block): equal loss gradients (float64)."""
-    import mapdit.nn as mpnn
+@pytest.mark.parametrize("preset,modulation", CASES)
+def test_model_forward_equals_reference_for_every_preset(tiny_size, preset, modulation):
+    """Every preset and modulation: the whole model (blocks and final layer) against `reference_math()`."""
+    dtype = torch.float64 if preset == "E" else torch.float32  # DiT's sinusoid features are float32
+    model = tiny_model(tiny_size, preset, modulation, dtype=dtype).train()
+    x, t, y = inputs(dtype=dtype)
+    model.project_weights_()
+    out = model(x, t, y)
+    with reference_math():
+        expected = model(x, t, y)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    assert torch.allclose(out, expected, **tol)
+    assert torch.allclose(model.final_layer.forward_reference(*_final_inputs(model, x, t, y)),
+                          model.final_layer(*_final_inputs(model, x, t, y)), **tol)
 
+
+def _final_inputs(model, x, t, y):
+    with torch.no_grad():
+        h = model.combine(model.x_embedder(x), model.pos_embed.to(x.dtype))
+        c = model.condition(model.t_embedder(t), model.y_embedder(y))
+        for block in model.blocks:
+            h = block(h, c)
+    return h, c
+
+
+def test_training_gradients_match_plain_formulas_end_to_end(tiny_size):
+    """A training step of Config E with every fast path against the same model inside `reference_math()`
+    (every layer its plain formula, blocks through forward_reference): equal loss gradients (float64)."""
     model = tiny_model(tiny_size, "E", "scale+rotate", dtype=torch.float64).train()
     plain = copy.deepcopy(model)
     x, t, y = inputs(dtype=torch.float64)
     model.project_weights_()
     plain.project_weights_()
     (model(x, t, y) ** 2).mean().backward()
-    monkeypatch.setattr(mpnn, "_compiling", lambda: True)
-    (plain(x, t, y) ** 2).mean().backward()
+    with reference_math():
+        (plain(x, t, y) ** 2).mean().backward()
     for (name, a), b in zip(model.named_parameters(), plain.parameters()):
         if a.requires_grad:
             assert torch.allclose(a.grad, b.grad, rtol=1e-9, atol=1e-12), name
@@ -343,7 +387,6 @@ def test_eval_weights_are_computed_once_and_invalidated_by_any_change(tiny_size,
 # ------------------------------------------------------------------------------------------------
 # torch.compile
 # ------------------------------------------------------------------------------------------------
-COMPILE_CASES = [(p, "adaln") for p in PRESETS] + [("E", m) for m in MODULATIONS if m != "adaln"]
 
 
 def _graph_breaks(model, args) -> tuple[int, list]:
@@ -357,7 +400,7 @@ def _graph_breaks(model, args) -> tuple[int, list]:
     return explanation.graph_break_count, [r.reason.splitlines()[0] for r in explanation.break_reasons]
 
 
-@pytest.mark.parametrize("preset,modulation", COMPILE_CASES)
+@pytest.mark.parametrize("preset,modulation", CASES)
 def test_compiles_without_graph_breaks(tiny_size, preset, modulation):
     """Training forward (after the loop's batched projection) and no-grad eval forward: one graph each."""
     model = tiny_model(tiny_size, preset, modulation).train()

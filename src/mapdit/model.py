@@ -10,10 +10,13 @@ Magnitude preservation at (nearly) no cost in eager mode -- every rewrite below 
   * a block residual (with or without the MP sum) and its gate are one multiply-add:
     x + (b*g) * branch; the MP sum's factor a on the stream is carried to the next site's modulation
     coefficients (tiny (N, 1, D) tensors) and applied once at the block's end;
-  * scale and rotation of a site are one fused operator (`nn.scale_rotate_pairs`); with no LayerNorm the
+  * scale and rotation of a site are one fused operator (`fused.scale_rotate_pairs`); with no LayerNorm the
     carried stream factor joins their coefficients too;
-  * cosine attention normalises q and k of the fused qkv tensor in one operator (`nn.normalize_qk`).
+  * cosine attention normalises q and k of the fused qkv tensor in one operator (`fused.normalize_qk`).
 A block still takes and returns the true residual stream, so forward hooks see what they always saw.
+`DiTBlock.forward_reference` and `FinalLayer.forward_reference` are the same layers written with the plain
+formulas of `mapdit.nn`; inside `fused.reference_math()` the model runs them (and every layer its plain
+formula) instead, which is how tests and benchmarks get the reference.
 
 Shapes: N batch, C channels, H=W input side, p patch, T=(H/p)^2 tokens, D width.
 """
@@ -27,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from .config import MODULATION_PARTS, ModelConfig
 from .diffusion import linear_betas
-from .nn import (GELU_RMS, SILU_RMS, MPActivation, MPEmbedding, MPLinear, mp_fourier, mp_sincos_pos_embed_2d,
-                 mp_sum_coefficients, mul_add, normalize, normalize_qk, project_mp_weights_, scale_rotate_pairs,
-                 sincos_pos_embed_2d)
+from .fused import (FusedMPEmbedding, FusedMPLinear, mul_add, normalize_qk, project_mp_weights_, reference_enabled,
+                    scale_rotate_pairs)
+from .nn import (GELU_RMS, SILU_RMS, MPActivation, modulate, mp_fourier, mp_sincos_pos_embed_2d, mp_sum,
+                 mp_sum_coefficients, normalize, sincos_pos_embed_2d)
 
 FREQ_DIM = 256  # width of the timestep features (DiT's frequency_embedding_size)
 
@@ -49,14 +53,14 @@ class Layers:
     def linear(self, d_in: int, d_out: int, after_act: bool = False, mlp: bool = False) -> nn.Module:
         """after_act: the input comes from `act(mlp)` (which may leave its MP division to this layer)."""
         if self.mp:
-            return MPLinear(d_in, d_out, self.cfg.weight_normalization, self.cfg.forced_weight_normalization,
+            return FusedMPLinear(d_in, d_out, self.cfg.weight_normalization, self.cfg.forced_weight_normalization,
                             input_scale=self.act_gain(mlp) if after_act else 1.0)
         return nn.Linear(d_in, d_out)
 
     def zero_linear(self, d_in: int, d_out: int, after_act: bool = False) -> nn.Module:
         """A linear whose output is exactly zero at init (AdaLN-Zero modulation, final layer)."""
         if self.mp:  # MP weights cannot be zero: a learned scalar gain starting at 0 instead
-            return MPLinear(d_in, d_out, self.cfg.weight_normalization, self.cfg.forced_weight_normalization,
+            return FusedMPLinear(d_in, d_out, self.cfg.weight_normalization, self.cfg.forced_weight_normalization,
                             gain=0.0, input_scale=self.act_gain() if after_act else 1.0)
         layer = nn.Linear(d_in, d_out)
         layer.zero_init = True  # read by DiT.initialize_weights
@@ -69,7 +73,7 @@ class Layers:
         (modulator), so scales, shifts, angles and gates grow independently; otherwise one gain for all.
         """
         if self.mp and self.cfg.modulation_gains == "per-modulator":
-            linear = MPLinear(d_in, sum(widths), self.cfg.weight_normalization,
+            linear = FusedMPLinear(d_in, sum(widths), self.cfg.weight_normalization,
                               self.cfg.forced_weight_normalization, input_scale=self.act_gain())
             return nn.Sequential(self.act(), linear, ChunkGains(widths))
         return nn.Sequential(self.act(), self.zero_linear(d_in, sum(widths), after_act=True))
@@ -95,7 +99,7 @@ class Layers:
 
     def embedding(self, num: int, dim: int) -> nn.Module:
         if self.cfg.mp_embedding:
-            return MPEmbedding(num, dim)
+            return FusedMPEmbedding(num, dim)
         table = nn.Embedding(num, dim)
         table.dit_std = 0.02
         return table
@@ -106,9 +110,14 @@ class Layers:
         return _mp_sum_half if self.cfg.mp_residual else torch.add
 
     @property
+    def residual_blend(self) -> float | None:
+        """t of the block residuals' MP sum (EDM2 eq. 88), or None for DiT's plain sum."""
+        return self.cfg.residual_blend if self.cfg.mp_residual else None
+
+    @property
     def residual_coefficients(self) -> tuple[float, float]:
         """(a, b): a block residual is x <- a*x + b*branch (MP sum with blend t, or the plain sum)."""
-        return mp_sum_coefficients(self.cfg.residual_blend) if self.cfg.mp_residual else (1.0, 1.0)
+        return (1.0, 1.0) if self.residual_blend is None else mp_sum_coefficients(self.residual_blend)
 
 
 _HALF_MP = mp_sum_coefficients(0.5)[0]  # mp_sum(a, b, 0.5) = (a + b) * sqrt(1/2)
@@ -167,7 +176,7 @@ class SiteModulation:
         self.slot = {p: i for i, p in enumerate(parts)}
         self.pairing = pairing
         self.gate_init = gate_init
-        self._shift, self._scale, self._rotate, self._gate = (self.slot.get(p) for p in MODULATION_ORDER)
+        self._shift, self._scale, self._rotate, self._gate = (self.slot.get(p) for p in MODULATION_PARTS)
 
     def pre(self, h: torch.Tensor, m: tuple[torch.Tensor, ...], s: float = 1.0) -> torch.Tensor:
         """The branch input for the stream s*h: h*(1+scale)*s + shift, then the rotation.
@@ -198,15 +207,17 @@ class SiteModulation:
         g = m[self._gate]
         return g if self.gate_init == "zero" else 1 + g
 
-    def gate(self, y: torch.Tensor, m: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        coef = self.gate_coef(m)
-        return y if coef is None else y * coef
-
     def split(self, params: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return params.split(self.widths, dim=-1)
 
-
-MODULATION_ORDER = ("shift", "scale", "rotate", "gate")
+    def unpack(self, params: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
+                                                    torch.Tensor | float]:
+        """(shift, scale, angle, gate) of a site's parameters (N, 1, K): None where a modulator is absent,
+        gate the factor on the branch output (g, 1+g, or 1.0 without a gate). For the reference forwards."""
+        m = self.split(params)
+        shift, scale, angle = (None if i is None else m[i] for i in (self._shift, self._scale, self._rotate))
+        gate = self.gate_coef(m)
+        return shift, scale, angle, 1.0 if gate is None else gate
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,7 +312,7 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         kind = layers.cfg.time_embedding_kind
         if kind == "table":  # upstream MaP-DiT: a learned row of magnitude 1 per integer step
-            self.table = MPEmbedding(num_train_steps, FREQ_DIM)
+            self.table = FusedMPEmbedding(num_train_steps, FREQ_DIM)
         elif kind == "fourier":
             self.table = NoiseLevelFourier(num_train_steps)
         else:
@@ -364,12 +375,13 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """x <- residual(x, gate(attn(modulate(norm(x))))); the same for the MLP. x: (N, T, D), c: (N, D).
+    """x <- residual(x, gate * attn(modulate(norm(x)))); the same for the MLP. x: (N, T, D), c: (N, D).
 
-    residual(x, y) = a*x + b*y: the plain sum (a = b = 1) or the MP sum with blend t (spec §1).
-    Computed as x1 = a * x1s with x1s = x + (b/a) * gate * y1 (one addcmul); the MLP site reads the
-    stream through its coefficients (s = a) when there is no LayerNorm; the block returns
-    a*a*x1s + b * gate * y2 (a multiply and an addcmul), the true residual stream.
+    residual(x, y) = a*x + b*y: DiT's plain sum (a = b = 1) or the MP sum with blend t (EDM2 eq. 88), as
+    `forward_reference` writes it. `forward` computes the same with fewer operators: x1 = a * x1s with
+    x1s = x + (b/a) * gate * y1 (one addcmul); the MLP site reads the stream through its coefficients
+    (s = a) when there is no LayerNorm; the block returns a*a*x1s + b * gate * y2 (a multiply and an
+    addcmul), the true residual stream.
     """
 
     def __init__(self, layers: Layers, dim: int, heads: int, mlp_ratio: float, site: SiteModulation):
@@ -380,10 +392,29 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(layers, dim, int(dim * mlp_ratio))
         self.adaLN_modulation = layers.modulation(dim, site.widths * 2)  # (N, D) -> (N, 2K): attn, mlp sites
         self.site = site
+        self.blend = layers.residual_blend
         self.a, self.b = layers.residual_coefficients
         self.fold_stream_scale = isinstance(self.norm2, nn.Identity)
 
+    def residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + y if self.blend is None else mp_sum(x, y, self.blend)
+
+    def forward_reference(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The block as DiT and MaP-DiT write it, in the plain formulas of `mapdit.nn` (reference for `forward`).
+
+        The MP activation in front of an MP linear (MLP, modulation) is the plain activation with its 1/RMS
+        in that linear's `input_scale` (`Layers.act_gain`): the same function, built that way once.
+        """
+        pairing = self.site.pairing
+        p_attn, p_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)  # 2 x (N, 1, K)
+        shift, scale, angle, gate = self.site.unpack(p_attn)  # (N, 1, D), angle (N, 1, D/2); None if absent
+        x = self.residual(x, gate * self.attn(modulate(self.norm1(x), shift, scale, angle, pairing)))  # (N, T, D)
+        shift, scale, angle, gate = self.site.unpack(p_mlp)
+        return self.residual(x, gate * self.mlp(modulate(self.norm2(x), shift, scale, angle, pairing)))
+
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if reference_enabled("block"):
+            return self.forward_reference(x, c)
         site, a, b = self.site, self.a, self.b
         m_attn, m_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)  # 2 x (N, 1, K)
         m_attn, m_mlp = site.split(m_attn), site.split(m_mlp)
@@ -405,7 +436,13 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = layers.modulation(dim, site.widths)
         self.site = site
 
+    def forward_reference(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (N,T,D) -> (N,T,p*p*out)
+        shift, scale, angle, _ = self.site.unpack(self.adaLN_modulation(c).unsqueeze(1))  # (N, 1, D) each
+        return self.linear(modulate(self.norm_final(x), shift, scale, angle, self.site.pairing))
+
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (N,T,D) -> (N,T,p*p*out)
+        if reference_enabled("block"):
+            return self.forward_reference(x, c)
         m = self.site.split(self.adaLN_modulation(c).unsqueeze(1))
         return self.linear(self.site.pre(self.norm_final(x), m))
 
@@ -443,7 +480,7 @@ class DiT(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
-        """DiT's init for plain layers; MP layers keep their own N(0, 1) init (spec §1)."""
+        """DiT's init for plain layers; MP layers keep their own N(0, 1) init (as EDM2's MPConv)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 if getattr(m, "zero_init", False):
@@ -471,10 +508,6 @@ class DiT(nn.Module):
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-
-
-def build_model(cfg: ModelConfig) -> DiT:
-    return DiT(cfg)
 
 
 # ------------------------------------------------------------------------------------------------
