@@ -10,7 +10,7 @@ round running every configuration once (the order rotated from round to round), 
 machine's load hits them alike. A table reports the median over rounds with the min-max range, and ratios
 are taken per round (the configuration's time over its reference's time in the same round) and then
 summarised by their median and range. The training step is the training loop's real step
-(`mapdit.train`): forced weight normalisation (`model.project_weights_()`), `diffusion.training_losses`,
+(`mapdit.train.train_step`): forced weight normalisation (`model.project_weights_()`), `diffusion.training_losses`,
 backward, the gradient norm (`get_total_norm`, foreach), fused `Adam`, and the power-EMA update of two widths.
 Data are synthetic tensors of the right shape (the data loader is not timed).
 
@@ -21,6 +21,7 @@ Config A's step ran 10x slower.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -41,8 +42,9 @@ sys.path.insert(0, str(ROOT / "src"))
 from mapdit.config import make_config  # noqa: E402
 from mapdit.diffusion import make_diffusion  # noqa: E402
 from mapdit.ema import PowerEMA  # noqa: E402
+from mapdit.fused import reference_math  # noqa: E402
 from mapdit.model import DiT  # noqa: E402
-from mapdit.train import grad_norm_  # noqa: E402
+from mapdit.train import Batch, train_step  # noqa: E402
 from mapdit.demo import DEMO_MODEL  # noqa: E402
 
 # The README's demo (`mapdit demo`, src/mapdit/demo.py): DiT-XXS/2, Config E, Fashion-MNIST 28x28x1, batch 64.
@@ -118,8 +120,8 @@ def cpu_model() -> str:
 # ------------------------------------------------------------------------------------------------
 class TrainStep:
     """One configuration: model, Adam, power EMA, diffusion, a fixed synthetic batch. Calling it runs
-    one training step exactly as mapdit.train does and returns its wall time; `phases` accumulates the
-    time of (projection, forward+backward, clip+optimizer+EMA)."""
+    one training step, the loop's own `mapdit.train.train_step`, and returns its wall time; `phases`
+    accumulates the time of (projection, forward+backward, clip+optimizer+EMA)."""
 
     def __init__(self, model: str, preset: str, modulation: str = "adaln", batch: int = BATCH,
                  data: dict | None = None, adam: str = "fused", seed: int = 0, dit_cls=DiT,
@@ -172,27 +174,20 @@ class TrainStep:
         self.step += 1
         t, noise = self._draw()
         rf = record_function if ranges else _null_range
-        t0 = time.perf_counter()
-        with rf("phase:weight_projection"):
-            self.model.project_weights_()
-        t1 = time.perf_counter()
-        with rf("phase:forward_backward"):
-            losses = self.diffusion.training_losses(self.fwd, self.x, t, self.y, noise=noise)
-            loss = losses["loss"].mean()
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-        t2 = time.perf_counter()
-        with rf("phase:optimizer_ema"):
-            grad_norm = grad_norm_(self.params, None)
-            self.opt.step()
-            self.ema.update(self.params, self.step)
-            self.sums += torch.stack((loss.detach(), losses["mse"].mean().detach(), losses["vb"].mean().detach(),
-                                      grad_norm.detach()))
-        t3 = time.perf_counter()
-        self.phases[0] += t1 - t0
-        self.phases[1] += t2 - t1
-        self.phases[2] += t3 - t2
-        return t3 - t0
+        marks = [time.perf_counter()]  # the start, then the end of each phase
+
+        @contextlib.contextmanager
+        def phase(name: str):
+            with rf(f"phase:{name}"):
+                yield
+            marks.append(time.perf_counter())
+
+        result = train_step(self.model, self.fwd, self.diffusion, self.opt, self.ema, self.params,
+                            Batch(self.x, self.y, t, noise), self.step, phase=phase)
+        self.sums += result.stats
+        for i in range(3):
+            self.phases[i] += marks[i + 1] - marks[i]
+        return marks[-1] - marks[0]
 
     __call__ = run
 
@@ -673,56 +668,45 @@ def section_compile(rep: Report, args, results: dict) -> None:
     results["compile"] = times
 
 
-def ablation_patches() -> dict[str, list]:
-    """Each fast path replaced by the plain formula it computes (same values, autograd's own backward)."""
-    import mapdit.model as mm
-    import mapdit.nn as mpnn
+# variant -> the fast paths it switches to their plain formula (`mapdit.fused.FAST_PATHS`)
+ABLATION = {
+    "all fast paths": (),
+    "WN: autograd normalize(W) per forward": ("linear",),
+    "WN: no output-space path for few rows": ("linear_rows",),
+    "gate/residual/shift: autograd addcmul": ("mul_add",),
+    "cosine attention: autograd normalize(q, k)": ("qk",),
+    "rotation: chunk/cat formula": ("rotation",),
+}
 
-    def plain_mp_linear(self, x):  # normalize(W) differentiated by autograd, in every forward
-        return torch.nn.functional.linear(x, self.effective_weight().to(x.dtype))
 
-    def weight_path_only(self, x):  # the custom Function, but W scaled even for few input rows
-        return torch.nn.functional.linear(x, self._training_weight().to(x.dtype))
+class PlainPaths:
+    """A training step run inside `reference_math(*paths)`: those fast paths compute the plain formula (same
+    values, autograd's generic backward); none switched when `paths` is empty. Returns the step's seconds."""
 
-    def plain_mul_add(base, y, k, alpha=1.0):
-        return torch.addcmul(base if alpha == 1.0 else base * alpha, y, k)
+    def __init__(self, step: TrainStep, paths: tuple[str, ...]):
+        self.step, self.paths = step, paths
 
-    def plain_normalize_qk(qkv, heads):
-        n, t, d3 = qkv.shape
-        q5 = qkv.reshape(n, t, 3, heads, -1)
-        return torch.cat((mpnn.normalize(q5[:, :, :2]), q5[:, :, 2:]), dim=2).reshape(n, t, d3)
-
-    def plain_rotation(x, theta, scale=None, pairing="half"):
-        h = x if scale is None else x * scale
-        a, b = mpnn._pair_views(h, pairing)
-        c, s_ = torch.cos(theta), torch.sin(theta)
-        return mpnn._pair_join(a * c - b * s_, a * s_ + b * c, pairing)
-
-    return {
-        "all fast paths": [],
-        "WN: autograd normalize(W) per forward": [(mpnn.MPLinear, "_training_forward", plain_mp_linear)],
-        "WN: no output-space path for few rows": [(mpnn.MPLinear, "_training_forward", weight_path_only)],
-        "gate/residual/shift: autograd addcmul": [(mm, "mul_add", plain_mul_add)],
-        "cosine attention: autograd normalize(q, k)": [(mm, "normalize_qk", plain_normalize_qk)],
-        "rotation: chunk/cat formula": [(mm, "scale_rotate_pairs", plain_rotation)],
-    }
+    def __call__(self) -> float:
+        if not self.paths:
+            return self.step()
+        with reference_math(*self.paths):
+            return self.step()
 
 
 def section_ablation(rep: Report, args, results: dict) -> None:
     model = args.ablation_model
     rep(f"## What each fast path buys: {model}, batch {BATCH}, Config E, training step")
     rep()
-    rep("One fast path at a time replaced by the plain formula it computes (identical values; autograd's "
-        "generic backward). Step time relative to all fast paths, paired per round: > 1 means the fast "
-        "path saves that fraction. MP-SiLU folding and the carried MP-sum factor change how the model is "
+    rep("One fast path at a time replaced by the plain formula it computes (`fused.reference_math(path)`: "
+        "identical values; autograd's generic backward). Step time relative to all fast paths, paired per "
+        "round: > 1 means the fast path saves that fraction. MP-SiLU folding and the carried MP-sum factor change how the model is "
         "built; they are covered by the before/after section.")
     rep()
-    patches = ablation_patches()
     rows = []
     for mod in ("adaln", "scale+rotate"):
         log(f"ablation: {model} E/{mod}")
-        steps = {name: TrainStep(model, "E", mod, adam=args.adam, patches=p) for name, p in patches.items()
-                 if mod != "adaln" or "rotation" not in name}
+        steps = {name: PlainPaths(TrainStep(model, "E", mod, adam=args.adam), paths)
+                 for name, paths in ABLATION.items() if mod != "adaln" or "rotation" not in paths}
         times = rounds(steps, args.rounds, args.warmup, log)
         for name in steps:
             if name == "all fast paths":
@@ -740,24 +724,25 @@ def section_ablation(rep: Report, args, results: dict) -> None:
 # Before/after against another revision of the model code
 # ------------------------------------------------------------------------------------------------
 def baseline_dit(rev: str):
-    """The DiT class of git revision `rev` (its nn.py and model.py, with today's other modules)."""
+    """The DiT class of git revision `rev` (its nn.py, fused.py and model.py, with today's other modules)."""
     import importlib
     import shutil
 
     tmp = Path(tempfile.mkdtemp(prefix="mapdit-baseline-"))
     pkg = tmp / "mapdit_baseline"
     shutil.copytree(ROOT / "src" / "mapdit", pkg, ignore=shutil.ignore_patterns("__pycache__", "assets"))
-    for f in ("nn.py", "model.py"):
-        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:src/mapdit/{f}"], capture_output=True,
-                              text=True, check=True).stdout
-        (pkg / f).write_text(text)
+    for f in ("nn.py", "fused.py", "model.py"):  # (fused.py: from revisions that have it)
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:src/mapdit/{f}"], capture_output=True,
+                               text=True, check=f != "fused.py")
+        if shown.returncode == 0:
+            (pkg / f).write_text(shown.stdout)
     sys.path.insert(0, str(tmp))
     return importlib.import_module("mapdit_baseline.model").DiT
 
 
 def section_baseline(rep: Report, args, results: dict) -> None:
     old = baseline_dit(args.baseline)
-    rep(f"## Before/after: this tree against revision {args.baseline} (its nn.py and model.py)")
+    rep(f"## Before/after: this tree against revision {args.baseline} (its nn.py, fused.py and model.py)")
     rep()
     rep("Training step, batch 32, paired per round; 'after ÷ before' < 1 means this tree is faster.")
     rep()

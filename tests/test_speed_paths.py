@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from mapdit import config as config_module
 from mapdit.config import PRESETS, make_config
 from mapdit.fused import (FAST_PATHS, FusedMPLinear, _CosineQKV, _MulAdd, _NormalizedLinearRows, _NormalizedWeight,
-                          _row_rms, _RowNormalize, mul_add, normalize_qk, project_mp_weights_, reference_enabled,
-                          reference_math, scale_rotate_pairs)
+                          _row_rms, _RowNormalize, mul_add, normalize_qk, normalize_rows, project_mp_weights_,
+                          reference_enabled, reference_math, scale_rotate_pairs)
 from mapdit.model import DiT
 from mapdit.nn import (EPS, MPEmbedding, MPLinear, cosine_attention, mp_gelu, mp_silu, normalize, rotate_pairs)
 
@@ -150,8 +150,7 @@ def test_mp_linear_fast_training_path_matches_plain_normalize(forced, on_use, ga
         project_mp_weights_(fast)  # as the training loop; the plain copy projects in place itself
         plain.project_()
     y_fast = fast(x)
-    with reference_math("linear"):  # MPLinear.forward: F.linear with the effective weight
-        y_plain = plain(x)
+    y_plain = MPLinear.forward(plain, x)  # the plain layer's forward: F.linear with the effective weight
     assert torch.allclose(y_fast, y_plain, rtol=1e-5, atol=1e-6)
     (y_fast * g_out).sum().backward()
     (y_plain * g_out).sum().backward()
@@ -221,7 +220,20 @@ def test_fused_scale_rotation_matches_chunk_and_concatenate(pairing):
 # ------------------------------------------------------------------------------------------------
 # The switch, and the block against its reference
 # ------------------------------------------------------------------------------------------------
-def test_reference_math_switches_named_paths_and_restores_them():
+def _graph(out: torch.Tensor) -> set[str]:
+    """Names of all autograd nodes behind `out` (custom Functions appear as `_NameBackward`)."""
+    seen, todo, names = set(), [out.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
+def test_reference_math_switches_named_paths_and_restores_them(tiny_size):
     assert not any(reference_enabled(p) for p in FAST_PATHS)
     with reference_math("mul_add"):
         assert reference_enabled("mul_add") and not reference_enabled("block")
@@ -232,11 +244,35 @@ def test_reference_math_switches_named_paths_and_restores_them():
     with pytest.raises(ValueError, match="unknown fast path"):
         with reference_math("mlp"):
             pass
-    # a path switched on really takes the plain formula: mul_add's custom Function leaves autograd's graph
-    base, y, k = (torch.randn(2, 3, 4, requires_grad=True) for _ in range(3))
-    assert type(mul_add(base, y, k).grad_fn).__name__ == "_MulAddBackward"
-    with reference_math("mul_add"):
-        assert type(mul_add(base, y, k).grad_fn).__name__ == "AddcmulBackward0"
+
+    # every path switched on really leaves its custom Function for the plain formula
+    x, k, y = (torch.randn(2, 3, 16, requires_grad=True) for _ in range(3))
+    theta = torch.randn(2, 1, 8, requires_grad=True)
+    layer = FusedMPLinear(16, 8).train()
+    cases = {  # path: (computation, the custom Function it uses, the one it uses when switched, or None)
+        "mul_add": (lambda: mul_add(x, y, k), "_MulAddBackward", None),
+        "qk": (lambda: normalize_qk(x.reshape(2, 4, 12) * 1.0, 2), "_CosineQKVBackward", None),
+        "rotation": (lambda: scale_rotate_pairs(x, theta, k), "_PairMixBackward", None),
+        "rows": (lambda: normalize_rows(x), "_RowNormalizeBackward", None),
+        "linear": (lambda: layer(x.repeat(1, 4, 1)), "_NormalizedWeightBackward", None),  # 24 rows > 16 / 2
+        "linear_rows": (lambda: layer(x[:, :1]), "_NormalizedLinearRowsBackward", "_NormalizedWeightBackward"),
+    }
+    assert set(cases) | {"block"} == set(FAST_PATHS)
+    for path, (compute, fast, switched) in cases.items():
+        assert fast in _graph(compute()), path
+        with reference_math(path):
+            graph = _graph(compute())
+        assert fast not in graph and (switched is None or switched in graph), path
+
+    # the blocks: forward_reference (no fused gates), and with every path switched no custom Function at all
+    model = tiny_model(tiny_size, "E", "scale+rotate").train()
+    model.project_weights_()
+    args = inputs()
+    assert "_MulAddBackward" in _graph(model(*args))
+    with reference_math("block"):
+        assert "_MulAddBackward" not in _graph(model(*args))
+    with reference_math():
+        assert not any(n.startswith("_") for n in _graph(model(*args)))
 
 
 @pytest.mark.parametrize("modulation,activation,gains", [
