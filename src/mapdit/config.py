@@ -39,7 +39,8 @@ MP_OPTIONS = (
     "mp_embedding",
 )
 
-# The ablation ladder (spec §5): cumulative. The B/C split is inferred, not confirmed by the paper.
+# The ablation ladder (configs A to E of the MaP-DiT paper): cumulative. The B/C split is inferred, not
+# confirmed by the paper.
 PRESETS: dict[str, tuple[str, ...]] = {
     "A": (),
     "B": ("cosine_attention",),
@@ -168,7 +169,7 @@ class ModelConfig:
     modulation: str = "adaln"
     gate_init: str = "zero"  # "zero": branch*g (AdaLN-Zero); "identity": branch*(1+g)
     rotation_pairing: str = "half"  # "half" | "interleaved" (see nn.rotate_pairs)
-    # residual blend t of the MP sum (spec §1: 0.3 for block residuals)
+    # residual blend t of the MP sum (EDM2 eq. 88; 0.3 for block residuals, EDM2's res_balance)
     residual_blend: float = 0.3
     preset: str | None = None  # informational: the preset the flags came from
 

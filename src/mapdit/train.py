@@ -66,7 +66,7 @@ class TrainConfig:
     results_dir: str = "results"
     num_steps: int = 400_000
     batch_size: int = 256  # global: split evenly over ranks
-    lr: float | None = None  # None: 1e-4 without weight normalisation, 1e-2 with it (spec §6.3)
+    lr: float | None = None  # None: 1e-4 without weight normalisation (DiT's), 1e-2 with it (EDM2's order)
     warmup_steps: int | None = None  # None: num_steps // 150
     decay_start: int | None = None  # None: num_steps // 10; then lr ~ 1/sqrt(step / decay_start)
     adam_betas: tuple[float, float] = (0.9, 0.99)
@@ -149,7 +149,8 @@ class TrainConfig:
 
 
 def lr_multiplier(step: int, warmup: int, decay_start: int) -> float:
-    """Linear warm-up, flat, then inverse-square-root decay from `decay_start` (EDM2's rule, spec §6.3)."""
+    """Linear warm-up, flat, then inverse-square-root decay from `decay_start` (EDM2's rule:
+    alpha_ref / sqrt(max(t / t_ref, 1)))."""
     if step + 1 < warmup:
         return (step + 1) / warmup
     if step >= decay_start:
