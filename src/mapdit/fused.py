@@ -52,7 +52,8 @@ def reference_math(*paths: str) -> Iterator[None]:
             expected = model(x, t, y)
         with reference_math("mul_add"):          # one fast path off (the benchmark's ablation)
             ...
-    Values agree with the fast paths to rounding; nesting adds paths; not thread-local.
+    Values agree with the fast paths to rounding; nesting adds paths; not thread-local. (Under torch.compile
+    every path but "block" is plain anyway; compiled blocks keep `forward`, whose primitives are then plain.)
     """
     global _reference
     unknown = set(paths) - set(FAST_PATHS)
