@@ -1,7 +1,8 @@
 """Model configuration as plain data: sizes, the eight MP options, modulation, presets A-E.
 
 A `ModelConfig` is everything needed to rebuild a model; it round-trips through JSON and is stored with
-every run. Options are resolved here and in `model.build_model`, never inside forwards.
+every run. Options are resolved here and in `model.Layers` (when `DiT`
+is built), never inside forwards.
 """
 from __future__ import annotations
 
