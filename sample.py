@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from mapdit.sample import main  # noqa: E402
+from mapdit.commands.sample import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

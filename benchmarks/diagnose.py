@@ -23,8 +23,8 @@ import mapdit  # noqa: F401  (first: sets the OpenMP wait policy before torch lo
 import torch
 
 from mapdit.config import MP_OPTIONS, make_config
-from mapdit.evaluate.fid_cli import fid_for_run
 from mapdit.evaluate.heldout import heldout_for_run
+from mapdit.experiments.fid_run import fid_for_run
 from mapdit.runio import latest_run_dir, write_json
 from mapdit.train import TrainConfig, train
 from mapdit.weights import load_model

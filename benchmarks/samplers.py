@@ -171,7 +171,8 @@ def run_settings(run_dir: Path, args) -> tuple[str, dict, dict]:
 def benchmark_run(run_dir: Path, args, log) -> str:
     """Measure the missing cells of one run; returns its cache key."""
     from mapdit.evaluate.fid import default_cache_dir, evaluate_samples, get_extractor
-    from mapdit.evaluate.fid_cli import reference_options, sample_images, sample_labels
+    from mapdit.evaluate.scoring import reference_options
+    from mapdit.sample import sample_images, sample_labels
     from mapdit.runio import read_json, write_json
     from mapdit.weights import load_model
 
@@ -338,7 +339,7 @@ def plot(runs: dict, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mapdit.evaluate.study import _save as save_figure
+    from mapdit.plots import save_figure
 
     fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4.2), dpi=100, squeeze=False)
     for ax, (key, run) in zip(axes[0], runs.items()):

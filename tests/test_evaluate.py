@@ -22,14 +22,15 @@ import torch.nn as nn
 import mapdit.cli
 from mapdit.config import make_config
 from mapdit.data import fashion_mnist
-from mapdit.evaluate import fid_cli, magnitudes
+from mapdit.evaluate import magnitudes, scoring
 from mapdit.evaluate.fid import ModuleFeatures
 from mapdit.nn import magnitude
 from mapdit.runio import list_checkpoints, load_run_config
 from mapdit.train import TrainConfig, train
-from mapdit.weights import load_model
+from mapdit.experiments.fid_run import fid_for_run
+from mapdit.sample import sample_grid_from_model
+from mapdit.weights import load_model, model_with_weights
 
-MODULES = ["mapdit.evaluate.fid_cli", "mapdit.evaluate.magnitudes", "mapdit.evaluate.ablate"]
 needs_fmnist = pytest.mark.skipif(not fashion_mnist.has_idx_files(fashion_mnist.default_dir()),
                                   reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 pytestmark = needs_fmnist
@@ -44,9 +45,7 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
-def _our_commands(monkeypatch):
-    known = mapdit.cli.COMMAND_MODULES
-    monkeypatch.setattr(mapdit.cli, "COMMAND_MODULES", [*known, *(m for m in MODULES if m not in known)])
+def _no_fmnist_override(monkeypatch):
     monkeypatch.delenv(fashion_mnist.ENV_VAR, raising=False)
 
 
@@ -90,7 +89,7 @@ def _noisy(images: np.ndarray, sigma: float) -> np.ndarray:
 def test_distance_to_itself_is_zero_and_grows_with_noise(tiny_run, tmp_path):
     ext = ModuleFeatures(StandIn(), "standin")
     kw = dict(features=ext, steps=3, batch_size=8, cache_dir=None, progress=False)
-    first = fid_cli.fid_for_run(tiny_run, 64, ref="fashion-mnist", num_ref=100, **kw)
+    first = fid_for_run(tiny_run, 64, ref="fashion-mnist", num_ref=100, **kw)
     assert first["metric"] == "fd_standin" and first["samples_reused"] is False
     npz = Path(first["samples_npz"])
     with np.load(npz) as f:
@@ -98,7 +97,7 @@ def test_distance_to_itself_is_zero_and_grows_with_noise(tiny_run, tmp_path):
     assert images.shape == (64, 28, 28, 1) and images.dtype == np.uint8 and labels.shape == (64,)
     assert npz.parent == tiny_run / "eval" and npz.name.startswith("samples-step0000004-ema0.050-ddpm3-")
 
-    same = fid_cli.fid_for_run(tiny_run, 64, ref=str(npz), **kw)
+    same = fid_for_run(tiny_run, 64, ref=str(npz), **kw)
     assert same["samples_reused"] is True and same["samples_npz"] == str(npz)
     assert Path(same["result_json"]) != Path(first["result_json"])  # never overwritten
     scale = float(np.trace(np.cov(ext(images).numpy().T)))
@@ -108,7 +107,7 @@ def test_distance_to_itself_is_zero_and_grows_with_noise(tiny_run, tmp_path):
     for sigma in (0.1, 0.2, 0.4, 0.8):
         ref = tmp_path / f"noisy-{sigma}.npz"
         np.savez(ref, arr_0=_noisy(images, sigma), arr_1=labels)
-        values.append(fid_cli.fid_for_run(tiny_run, 64, ref=str(ref), write=False, **kw)["value"])
+        values.append(fid_for_run(tiny_run, 64, ref=str(ref), write=False, **kw)["value"])
     assert values[0] > 1e-4 * scale
     assert all(a < b for a, b in zip(values, values[1:])), values
 
@@ -144,13 +143,13 @@ def test_fid_command_end_to_end(tiny_run, cache, capsys, monkeypatch):
 
 
 def test_default_feature_rule():
-    assert fid_cli.default_features({"kind": "fashion-mnist"}) == "fmnist"
-    assert fid_cli.default_features({"kind": "fashion-mnist"}, inception_weights="w.pth") == "inception"
-    assert fid_cli.default_features({"kind": "image-folder"}) == "inception"
-    assert fid_cli.default_features({"kind": "latents"}) == "inception"
+    assert scoring.default_features({"kind": "fashion-mnist"}) == "fmnist"
+    assert scoring.default_features({"kind": "fashion-mnist"}, inception_weights="w.pth") == "inception"
+    assert scoring.default_features({"kind": "image-folder"}) == "inception"
+    assert scoring.default_features({"kind": "latents"}) == "inception"
     meta = {"kind": "fashion-mnist", "patch_size": 8, "image_size": None}
-    assert fid_cli.reference_options(meta) == {"patch_size": 8}
-    assert fid_cli.reference_options({"kind": "latents", "image_resolution": 256}) == {"image_size": 256}
+    assert scoring.reference_options(meta) == {"patch_size": 8}
+    assert scoring.reference_options({"kind": "latents", "image_resolution": 256}) == {"image_size": 256}
 
 
 def _free_port() -> int:
@@ -170,7 +169,6 @@ def test_sharded_sampling_matches_one_process(tiny_run, cache, tmp_path):
     assert run_cli([*args, "--result-dir", one]) == 0
     script = tmp_path / "mapdit_with_eval.py"
     script.write_text("import sys\nimport mapdit.cli as cli\n"
-                      f"cli.COMMAND_MODULES += [m for m in {MODULES!r} if m not in cli.COMMAND_MODULES]\n"
                       "sys.exit(cli.main(sys.argv[1:]))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop(fashion_mnist.ENV_VAR, None)
@@ -266,21 +264,21 @@ def test_training_hooks(tiny_run, cache, tmp_path):
     from mapdit.runio import load_tensors, split_prefix
 
     _, path = list_checkpoints(tiny_run)[-1]
-    twin = fid_cli.model_with_weights(raw, split_prefix(load_tensors(path), "ema.0.050/"))
+    twin = model_with_weights(raw, split_prefix(load_tensors(path), "ema.0.050/"))
     for (name, a), b in zip(twin.state_dict().items(), ema_model.state_dict().values()):
         assert torch.equal(a, b), name
     assert not torch.equal(twin.blocks[0].attn.qkv.weight, raw.blocks[0].attn.qkv.weight)
 
     raw.train()
-    png = fid_cli.sample_grid_from_model(twin, config["data"], tmp_path / "grid.png", per_class=2, steps=3)
+    png = sample_grid_from_model(twin, config["data"], tmp_path / "grid.png", per_class=2, steps=3)
     assert raw.training and png == tmp_path / "grid.png"
     from PIL import Image
 
     assert Image.open(png).size == ((2 * 30 + 2) * 2, (10 * 30 + 2) * 2)  # 10 class rows, upscaled x2
-    assert fid_cli.sample_grid_from_model(twin, config["data"], png, per_class=2, steps=3) == tmp_path / "grid-1.png"
+    assert sample_grid_from_model(twin, config["data"], png, per_class=2, steps=3) == tmp_path / "grid-1.png"
 
-    value = fid_cli.quick_fid(twin, config["data"], 16, steps=3, batch_size=8, num_ref=200, cache_dir=cache)
-    full = fid_cli.fid_for_run(tiny_run, 16, steps=3, batch_size=8, num_ref=200, cache_dir=cache, write=False,
+    value = scoring.quick_fid(twin, config["data"], 16, steps=3, batch_size=8, num_ref=200, cache_dir=cache)
+    full = fid_for_run(tiny_run, 16, steps=3, batch_size=8, num_ref=200, cache_dir=cache, write=False,
                                progress=False)
     assert full["metric"] == "fd_fmnist" and value == pytest.approx(full["value"], rel=1e-9)
 

@@ -1,4 +1,4 @@
-"""`mapdit study` (mapdit.evaluate.study): the resumable runner over the five studies and the RESULTS.md writer.
+"""`mapdit study` (mapdit.experiments.study, .results): the resumable runner over the five studies and the RESULTS.md writer.
 
 The end-to-end test trains tiny variants (DiT-XXS/4, 2 steps, batch 8, 16 samples of 3 DDIM steps, one
 seed); the other tests work on stored (made-up) results or a stubbed `run_ablation`, so they train nothing.
@@ -13,7 +13,8 @@ import torch
 import mapdit.cli
 from mapdit.data import fashion_mnist
 from mapdit.errors import UserError
-from mapdit.evaluate import study
+from mapdit.experiments import results, study
+from mapdit.experiments.budgets import ScoreBudget, TrainBudget
 from mapdit.runio import write_json
 
 needs_fmnist = pytest.mark.skipif(not fashion_mnist.has_idx_files(fashion_mnist.default_dir()),
@@ -24,9 +25,6 @@ needs_fmnist = pytest.mark.skipif(not fashion_mnist.has_idx_files(fashion_mnist.
 def _setup(monkeypatch):
     old = torch.get_num_threads()
     torch.set_num_threads(1)
-    known = mapdit.cli.COMMAND_MODULES
-    extra = ["mapdit.evaluate.ablate", "mapdit.evaluate.study"]
-    monkeypatch.setattr(mapdit.cli, "COMMAND_MODULES", [*known, *(m for m in extra if m not in known)])
     monkeypatch.delenv(fashion_mnist.ENV_VAR, raising=False)
     yield
     torch.set_num_threads(old)
@@ -101,7 +99,8 @@ def test_study_runs_every_study_then_skips_finished_variants(tmp_path, capsys):
 def test_divergence_is_recorded_not_raised(tmp_path, monkeypatch):
     calls = []
 
-    def fake_ablation(*, configs, seeds, lr, out, **kw):
+    def fake_ablation(budget, score, *, configs, seeds, out, **kw):
+        lr = budget.lr
         calls.append((configs[0], lr))
         if configs[0] == "A" and lr == 1e-2:
             raise UserError("non-finite loss or gradient at step 17: training stopped; no checkpoint yet")
@@ -109,8 +108,8 @@ def test_divergence_is_recorded_not_raised(tmp_path, monkeypatch):
             raise UserError("some other problem")
         return {"trained": [f"{configs[0]}-adaln-seed{seeds[0]}"], "skipped": []}
 
-    monkeypatch.setattr("mapdit.evaluate.ablate.run_ablation", fake_ablation)
-    common = {"model": "DiT-XXS/4"}
+    monkeypatch.setattr("mapdit.experiments.ablate.run_ablation", fake_ablation)
+    common = (TrainBudget(model="DiT-XXS/4", num_steps=1), ScoreBudget())
     summary = study._lr_study(tmp_path, common, [0], [1e-2], lambda m: None)
     assert summary["diverged"] == ["lr1e-02/A-adaln-seed0"] and summary["trained"] == ["lr1e-02/E-adaln-seed0"]
     record = json.loads((tmp_path / "lr" / "lr1e-02" / "diverged" / "A-adaln-seed0.json").read_text())
@@ -122,7 +121,7 @@ def test_divergence_is_recorded_not_raised(tmp_path, monkeypatch):
     # other errors are not divergence: they stop the study
     with pytest.raises(UserError, match="some other problem"):
         study._lr_study(tmp_path, common, [0], [1e-3], lambda m: None)
-    table, summary = study._lr_section(tmp_path)
+    table, summary = results._lr_section(tmp_path)
     assert "| A | 0.01 | - | seed 0: diverged at step 17 |" in table and summary[("A", 1e-2)]["diverged"] == 1
 
 
@@ -158,7 +157,7 @@ def test_results_md_contains_every_study_table(tmp_path):
     write_json(out / "ema" / "ema.json", {"run_dir": "r", "variant": "E-adaln", "seed": 0, "points": {
         "0.050": {"sigma_rel": 0.05, "value": 81.0, "conditioning_accuracy": 0.6, "weights": "tracked EMA"},
         "0.100": {"sigma_rel": 0.1, "value": 79.0, "conditioning_accuracy": 0.6, "weights": "post-hoc EMA"}}})
-    doc = study.write_results_md(out, tmp_path / "RESULTS.md", tmp_path / "docs" / "results")
+    doc = results.write_results_md(out, tmp_path / "RESULTS.md", tmp_path / "docs" / "results")
     text = doc.read_text()
     # the configs table: mean ± sample std over the two seeds, parameters, magnitudes per block
     # (held-out ε-MSE: "-", the fake runs have no model to score)
@@ -183,11 +182,11 @@ def test_results_md_contains_every_study_table(tmp_path):
 
 def test_comparison_puts_each_config_at_its_own_best_rate():
     def entry(fd, heldout):
-        return {"fd": study._stats([fd]), "diverged": 0, "finished": 1, "heldout": study._stats([heldout])}
+        return {"fd": results._stats([fd]), "diverged": 0, "finished": 1, "heldout": results._stats([heldout])}
 
     lr = {("A", 1e-4): entry(100.0, 0.10), ("A", 1e-2): entry(90.0, 0.06), ("E", 1e-2): entry(95.0, 0.08),
           ("E", 1e-4): entry(300.0, 0.99)}
-    text = study._comparison({}, {}, lr, {}, quick=False)
+    text = results._comparison({}, {}, lr, {}, quick=False)
     assert "A at 0.01 0.0600, E at 0.01 0.0800" in text and "the baseline is ahead" in text
     lr[("E", 1e-2)] = entry(95.0, 0.05)
-    assert "full MP is ahead even against a tuned baseline" in study._comparison({}, {}, lr, {}, quick=False)
+    assert "full MP is ahead even against a tuned baseline" in results._comparison({}, {}, lr, {}, quick=False)

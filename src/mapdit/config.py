@@ -1,8 +1,9 @@
-"""Model configuration as plain data: sizes, the eight MP options, modulation, presets A-E.
+"""Configuration as plain data: the model's (sizes, the eight MP options, modulation, presets A-E) and the
+training run's.
 
-A `ModelConfig` is everything needed to rebuild a model; it round-trips through JSON and is stored with
-every run. Options are resolved here and in `model.Layers` (when `DiT`
-is built), never inside forwards.
+A `ModelConfig` is everything needed to rebuild a model, a `TrainConfig` everything a training run is
+driven by; both round-trip through JSON and are stored with every run (config.json). Options are resolved
+here and in `model.Layers` (when `DiT` is built), never inside forwards.
 """
 from __future__ import annotations
 
@@ -316,3 +317,100 @@ def make_config(model: str = "DiT-S/2", preset: str | None = None, use_all_mp: b
         else:
             options[key] = value
     return ModelConfig(model=model, **options).validate()
+
+
+# ------------------------------------------------------------------------------------------------
+# Training settings
+# ------------------------------------------------------------------------------------------------
+SNAPSHOT_DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_SNAPSHOT_DTYPE = "float16"  # EMA snapshots (mapdit.ema.DEFAULT_SNAPSHOT_DTYPE is this dtype)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run is driven by (config.json's "train"); `None` fields are filled by `resolved`."""
+
+    data_path: str | None = None  # None: "fashion-mnist" (or, on resume, the run's own data)
+    results_dir: str = "results"
+    num_steps: int = 400_000
+    batch_size: int = 256  # global: split evenly over ranks
+    lr: float | None = None  # None: 1e-4 without weight normalisation (DiT's), 1e-2 with it (EDM2's order)
+    warmup_steps: int | None = None  # None: num_steps // 150
+    decay_start: int | None = None  # None: num_steps // 10; then lr ~ 1/sqrt(step / decay_start)
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    adam_eps: float = 1e-8
+    grad_clip: float | None = None
+    seed: int = 0
+    label_dropout: float = 0.1
+    ema_stds: tuple[float, ...] = (0.05, 0.10)
+    ema_snapshots: int = 100  # snapshots per tracked width over the run (0: none)
+    snapshot_dtype: str = DEFAULT_SNAPSHOT_DTYPE
+    ckpt_every: int | None = None  # None: num_steps // 5
+    log_every: int = 10
+    precision: str = "fp32"  # or "bf16" (autocast)
+    compile: bool = False
+    device: str | None = None
+    skip_nonfinite: bool = False
+    image_size: int | None = None
+    hflip: bool = False
+    sample_every: int = 0  # write a grid from the EMA weights every N steps (0: never)
+    fid_every: int = 0  # FID (FD_fmnist on Fashion-MNIST) of the EMA weights every N steps, in metrics.csv
+    fid_samples: int = 1000
+    magnitude_every: int = 0  # residual-stream magnitude per block every N steps (a multiple of log_every)
+
+    def resolved(self, model: ModelConfig) -> "TrainConfig":
+        """Fill the defaults that depend on the run length and the model."""
+        tc = dataclasses.replace(self)
+        if tc.lr is None:
+            tc.lr = 1e-2 if (model.weight_normalization or model.forced_weight_normalization) else 1e-4
+        if tc.warmup_steps is None:
+            tc.warmup_steps = max(1, tc.num_steps // 150)
+        if tc.decay_start is None:
+            tc.decay_start = max(1, tc.num_steps // 10)
+        if tc.ckpt_every is None:
+            tc.ckpt_every = max(1, tc.num_steps // 5)
+        return tc
+
+    def check(self, world_size: int = 1) -> None:
+        """Reject impossible or contradictory settings with one line each (UserError)."""
+        def positive(value) -> bool:
+            return value is not None and math.isfinite(value) and value > 0
+
+        if self.num_steps < 1:
+            raise UserError("--num-steps must be at least 1")
+        if self.batch_size < 1 or self.batch_size % world_size:
+            raise UserError(f"--global-batch-size {self.batch_size} must be a positive multiple of the number "
+                            f"of processes ({world_size})")
+        if self.precision not in ("fp32", "bf16"):
+            raise UserError(f"--precision {self.precision!r}: use fp32 or bf16")
+        if not self.ema_stds or any(not 0 < s < 0.2887 for s in self.ema_stds):
+            raise UserError(f"--ema-stds {list(self.ema_stds)}: each width must be in (0, 0.288)")
+        if len({f"{s:.3f}" for s in self.ema_stds}) != len(self.ema_stds):
+            raise UserError(f"--ema-stds {list(self.ema_stds)}: the widths must differ in the first 3 decimals")
+        if self.lr is not None and not positive(self.lr):
+            raise UserError(f"--lr {self.lr} must be a positive number")
+        if self.grad_clip is not None and not positive(self.grad_clip):
+            raise UserError(f"--grad-clip {self.grad_clip} must be a positive number (leave it out for no clipping)")
+        if self.ema_snapshots < 0:
+            raise UserError(f"--ema-snapshots {self.ema_snapshots} must be 0 (no snapshots) or more")
+        if self.snapshot_dtype not in SNAPSHOT_DTYPES:
+            raise UserError(f"--snapshot-dtype {self.snapshot_dtype!r}: use one of {', '.join(SNAPSHOT_DTYPES)}")
+        if self.log_every < 1:
+            raise UserError(f"--log-every {self.log_every} must be at least 1")
+        if self.ckpt_every is not None and self.ckpt_every < 1:
+            raise UserError(f"--ckpt-every {self.ckpt_every} must be at least 1")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise UserError(f"--warmup-steps {self.warmup_steps} must be 0 or more")
+        if self.decay_start is not None and self.decay_start < 1:
+            raise UserError(f"--decay-start {self.decay_start} must be at least 1")
+        if not 0 <= self.label_dropout < 1:
+            raise UserError(f"label dropout {self.label_dropout} must be in [0, 1)")
+        for name in ("sample_every", "fid_every", "magnitude_every"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be 0 (off) or more")
+        for name in ("fid_every", "magnitude_every"):  # logged on metrics rows
+            if getattr(self, name) % self.log_every:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a multiple of "
+                                f"--log-every {self.log_every} (its value goes into that row of metrics.csv)")
+        if self.fid_every and self.fid_samples < 2:
+            raise UserError(f"--fid-samples {self.fid_samples} must be at least 2")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,11 @@ def world_size_from_env() -> int:
         return 1
 
 
+def rank_from_env() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun), known before joining the group."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def collective_timeout_s() -> float:
     try:
         value = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
@@ -59,7 +65,7 @@ def init(device: str | None = None, timeout_s: float | None = None) -> Dist:
     others fail instead of hanging.
     """
     world = world_size_from_env()
-    rank = int(os.environ.get("RANK", "0"))
+    rank = rank_from_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -115,3 +121,58 @@ def all_reduce_max_(d: Dist, tensor: torch.Tensor) -> torch.Tensor:
 def shutdown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers for code that runs on every rank of a joined group, or in a single process (no Dist needed)
+# ------------------------------------------------------------------------------------------------
+def rank_and_world() -> tuple[int, int]:
+    """(rank, number of ranks) of the joined process group; (0, 1) when none is joined."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def broadcast(obj):
+    """Rank 0's (picklable) `obj` on every rank of the joined group; `obj` itself in a single process."""
+    if rank_and_world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_main(fn: Callable, share: bool = True):
+    """Run `fn` on rank 0 only. Its failure fails every rank (instead of leaving them waiting in the next
+    collective); with `share` every rank gets rank 0's (picklable) result, else the others get None."""
+    rank, world = rank_and_world()
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except UserError as err:
+            error = ("user", str(err))
+        except BaseException as err:
+            if world > 1:
+                broadcast((("other", f"rank 0 failed: {type(err).__name__}: {err}"), None))
+            raise
+    if world == 1:
+        if error:
+            raise UserError(error[1])
+        return result
+    error, shared = broadcast((error, result if share else None))
+    if error:
+        raise UserError(error[1]) if error[0] == "user" else RuntimeError(error[1])
+    return result if rank == 0 else shared
+
+
+def gather_on_main(parts: dict):
+    """{key: value} of every rank, merged on rank 0 (one collective); None on the other ranks."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return parts
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(parts, gathered, dst=0)
+    if rank != 0:
+        return None
+    return {k: v for part in gathered for k, v in part.items()}

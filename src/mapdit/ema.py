@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from mapdit import config
 from mapdit.errors import UserError
 from mapdit.runio import atomic_write
 
@@ -56,7 +57,7 @@ RCOND = 1e-12
 # <= 5% of the 0.05-0.10 gap even at drift 0.001, at half the disk of float32. Pass
 # dtype=torch.float32 where neighbouring widths (0.070 vs 0.075) must differ by more than rounding.
 # Weights of magnitude-preserving nets are O(1), far from float16's 65504 limit (checked on save).
-DEFAULT_SNAPSHOT_DTYPE = torch.float16
+DEFAULT_SNAPSHOT_DTYPE = getattr(torch, config.DEFAULT_SNAPSHOT_DTYPE)
 
 _META_STEP = "__step__"
 _META_SIGMAS = "__sigma_rels__"

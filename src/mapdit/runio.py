@@ -35,6 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .config import ModelConfig, TrainConfig, check_field_types
 from .errors import UserError
 
 CHECKPOINT_RE = re.compile(r"step-(\d{7,})\.safetensors$")
@@ -299,9 +300,6 @@ def load_run_config(run_dir: str | Path) -> dict:
     if not isinstance(config.get("data", {}), dict):
         raise UserError(f"{run_dir / 'config.json'}: data is {json.dumps(config['data'])}, not a JSON object")
     # every value of the model and training sections has the type its option has (one line naming the field)
-    from .config import ModelConfig, check_field_types
-    from .train import TrainConfig
-
     check_field_types(ModelConfig, config["model"], f"{run_dir / 'config.json'} model")
     check_field_types(TrainConfig, config["train"], f"{run_dir / 'config.json'} train")
     return config

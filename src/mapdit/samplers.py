@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from mapdit.diffusion import GaussianDiffusion, ModelFn, make_diffusion
 from mapdit.errors import UserError
-from mapdit.schedulers import DIFFUSERS_SAMPLERS
+from mapdit.schedulers import DIFFUSERS_SAMPLERS, diffusers_schedulers, sample_diffusers
 
 # --sampler name -> the sampler it runs (ours: ddpm, ddim; diffusers': see mapdit.schedulers)
 SAMPLER_NAMES = {"ddpm": "ddpm", "ancestral": "ddpm", "ddim": "ddim", **{n: n for n in DIFFUSERS_SAMPLERS}}
@@ -26,8 +26,6 @@ def check_sampler(name: str) -> str:
     if kind is None:
         raise UserError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLER_CHOICES)}")
     if kind in DIFFUSERS_SAMPLERS:
-        from mapdit.schedulers import diffusers_schedulers
-
         diffusers_schedulers()
     return kind
 
@@ -130,8 +128,6 @@ def sample(model_fn: ModelFn, *, shape, y: torch.Tensor, sampler: str = "ddpm", 
     if cfg_scale != 1:
         model_fn = classifier_free_guidance(model_fn, cfg_scale, null_class, guide_channels)
     if kind in DIFFUSERS_SAMPLERS:
-        from mapdit.schedulers import sample_diffusers
-
         return sample_diffusers(model_fn, kind, shape=shape, y=y, steps=steps, noise=noise, generator=generator,
                                 num_train_steps=num_train_steps, learn_sigma=learn_sigma,
                                 clip_denoised=clip_denoised, progress=progress)

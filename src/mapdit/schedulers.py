@@ -31,9 +31,11 @@ diffusers is a core dependency (see README, "Sampling"); an installation without
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from mapdit.diffusion import linear_betas
 from mapdit.errors import UserError
@@ -119,8 +121,6 @@ def sample_with_scheduler(model_fn: ModelFn, scheduler, *, shape, y: torch.Tenso
         kwargs["generator"] = generator
     steps_iter = zip(schedule, as_int.tolist())
     if progress:
-        from tqdm.auto import tqdm
-
         steps_iter = tqdm(steps_iter, total=len(schedule), desc=type(scheduler).__name__)
     batch = x.shape[0]
     for t_sched, t_model in steps_iter:
@@ -134,8 +134,6 @@ def sample_with_scheduler(model_fn: ModelFn, scheduler, *, shape, y: torch.Tenso
 
 
 def _step_parameters(scheduler) -> set[str]:
-    import inspect
-
     return set(inspect.signature(scheduler.step).parameters)
 
 

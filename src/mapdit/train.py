@@ -1,4 +1,12 @@
-"""The training loop: one readable function, `train`, driven by plain-data configs.
+"""The training loop, `train`, driven by plain-data configs (mapdit.config.TrainConfig, ModelConfig).
+
+Read it top-down as one loop: schedule (the learning rate of the step) -> step (`train_step`: weight
+projection, the diffusion loss, backward, gradient norm, Adam, power EMA) -> report (metrics.csv, and the
+magnitudes and FID asked for) -> snapshot/checkpoint (`RunWriter`) -> stop (the last step, or a signal).
+Everything else lives beside it: `BatchSource` draws a step's batch, `RunWriter` writes the run folder and
+reads it back (checkpoints, EMA snapshots, metrics, the fall-back to an older checkpoint, non-finite values,
+a full disk), and the resume policy (`RESUME_MAY_CHANGE`, `RESUME_MUST_MATCH`, `resume_settings`,
+`resume_config`) says what a resumed run may change.
 
 Every random draw of step s (timesteps, noise, label dropout, flips) comes from a generator seeded by
 (seed, s) over the *global* batch, and the data order is a pure function of (seed, s): so a resumed run
@@ -20,7 +28,6 @@ raise a UserError at the start of step s, to test that a failing rank ends a tor
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import dataclasses
@@ -29,125 +36,42 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, ContextManager, Mapping
 
 import torch
 from safetensors import SafetensorError
+from tqdm.auto import tqdm
 
 from . import __version__
 from . import distributed as dist_utils
 from . import signals
-from .config import CHOICE_KEYS, MP_OPTIONS, ModelConfig, make_config
+from .config import CHOICE_KEYS, MP_OPTIONS, ModelConfig, TrainConfig, make_config
 from .data import IndexStream, load_dataset
 from .diffusion import make_diffusion
-from .ema import DEFAULT_SNAPSHOT_DTYPE as _SNAP_DTYPE, PowerEMA, save_snapshot
+from .distributed import Dist
+from .ema import PowerEMA, save_snapshot
 from .errors import Stopped, UserError
-from .model import DiT
-from .runio import (DiskFullError, NotWritableError, create_run_dir, environment_error, find_resumable_checkpoint, latest_run_dir,
-                    load_run_config, load_tensors, rewind_run, run_lock, save_checkpoint, split_prefix,
-                    trim_metrics, write_json)
+from .evaluate.magnitudes import residual_magnitudes
+from .evaluate.scoring import quick_fid
+from .log import Logger
+from .model import DiT, parameter_breakdown
+from .runio import (DiskFullError, NotWritableError, create_run_dir, environment_error, find_resumable_checkpoint,
+                    latest_run_dir, load_run_config, load_tensors, rewind_run, run_lock, save_checkpoint,
+                    split_prefix, trim_metrics, write_json)
+from .sample import sample_grid_from_model
+from .weights import checkpoint_mismatch, load_prefixed, model_with_weights
 
-DEFAULT_SNAPSHOT_DTYPE = str(_SNAP_DTYPE).removeprefix("torch.")
 METRIC_FIELDS = ["step", "loss", "mse", "vb", "lr", "grad_norm", "steps_per_s", "images_per_s", "skipped",
                  "elapsed_s", "max_block_magnitude", "fid"]
-SNAPSHOT_DTYPES = ("float32", "bfloat16", "float16")
-# what `--resume` may change; every other training option is the run's own
-RESUME_MAY_CHANGE = ("num_steps", "lr", "grad_clip", "skip_nonfinite", "log_every", "ckpt_every", "data_path",
-                     "device", "compile", "results_dir")
 _NO_BAD = 2 ** 62  # "no non-finite step seen" in the first-bad-step tracker
 
 
-@dataclass
-class TrainConfig:
-    data_path: str | None = None  # None: "fashion-mnist" (or, on resume, the run's own data)
-    results_dir: str = "results"
-    num_steps: int = 400_000
-    batch_size: int = 256  # global: split evenly over ranks
-    lr: float | None = None  # None: 1e-4 without weight normalisation (DiT's), 1e-2 with it (EDM2's order)
-    warmup_steps: int | None = None  # None: num_steps // 150
-    decay_start: int | None = None  # None: num_steps // 10; then lr ~ 1/sqrt(step / decay_start)
-    adam_betas: tuple[float, float] = (0.9, 0.99)
-    adam_eps: float = 1e-8
-    grad_clip: float | None = None
-    seed: int = 0
-    label_dropout: float = 0.1
-    ema_stds: tuple[float, ...] = (0.05, 0.10)
-    ema_snapshots: int = 100  # snapshots per tracked width over the run (0: none)
-    snapshot_dtype: str = DEFAULT_SNAPSHOT_DTYPE
-    ckpt_every: int | None = None  # None: num_steps // 5
-    log_every: int = 10
-    precision: str = "fp32"  # or "bf16" (autocast)
-    compile: bool = False
-    device: str | None = None
-    skip_nonfinite: bool = False
-    image_size: int | None = None
-    hflip: bool = False
-    sample_every: int = 0  # write a grid from the EMA weights every N steps (0: never)
-    fid_every: int = 0  # FID (FD_fmnist on Fashion-MNIST) of the EMA weights every N steps, in metrics.csv
-    fid_samples: int = 1000
-    magnitude_every: int = 0  # residual-stream magnitude per block every N steps (a multiple of log_every)
-
-    def resolved(self, model: ModelConfig) -> "TrainConfig":
-        """Fill the defaults that depend on the run length and the model."""
-        tc = dataclasses.replace(self)
-        if tc.lr is None:
-            tc.lr = 1e-2 if (model.weight_normalization or model.forced_weight_normalization) else 1e-4
-        if tc.warmup_steps is None:
-            tc.warmup_steps = max(1, tc.num_steps // 150)
-        if tc.decay_start is None:
-            tc.decay_start = max(1, tc.num_steps // 10)
-        if tc.ckpt_every is None:
-            tc.ckpt_every = max(1, tc.num_steps // 5)
-        return tc
-
-    def check(self, world_size: int = 1) -> None:
-        """Reject impossible or contradictory settings with one line each (UserError)."""
-        def positive(value) -> bool:
-            return value is not None and math.isfinite(value) and value > 0
-
-        if self.num_steps < 1:
-            raise UserError("--num-steps must be at least 1")
-        if self.batch_size < 1 or self.batch_size % world_size:
-            raise UserError(f"--global-batch-size {self.batch_size} must be a positive multiple of the number "
-                            f"of processes ({world_size})")
-        if self.precision not in ("fp32", "bf16"):
-            raise UserError(f"--precision {self.precision!r}: use fp32 or bf16")
-        if not self.ema_stds or any(not 0 < s < 0.2887 for s in self.ema_stds):
-            raise UserError(f"--ema-stds {list(self.ema_stds)}: each width must be in (0, 0.288)")
-        if len({f"{s:.3f}" for s in self.ema_stds}) != len(self.ema_stds):
-            raise UserError(f"--ema-stds {list(self.ema_stds)}: the widths must differ in the first 3 decimals")
-        if self.lr is not None and not positive(self.lr):
-            raise UserError(f"--lr {self.lr} must be a positive number")
-        if self.grad_clip is not None and not positive(self.grad_clip):
-            raise UserError(f"--grad-clip {self.grad_clip} must be a positive number (leave it out for no clipping)")
-        if self.ema_snapshots < 0:
-            raise UserError(f"--ema-snapshots {self.ema_snapshots} must be 0 (no snapshots) or more")
-        if self.snapshot_dtype not in SNAPSHOT_DTYPES:
-            raise UserError(f"--snapshot-dtype {self.snapshot_dtype!r}: use one of {', '.join(SNAPSHOT_DTYPES)}")
-        if self.log_every < 1:
-            raise UserError(f"--log-every {self.log_every} must be at least 1")
-        if self.ckpt_every is not None and self.ckpt_every < 1:
-            raise UserError(f"--ckpt-every {self.ckpt_every} must be at least 1")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise UserError(f"--warmup-steps {self.warmup_steps} must be 0 or more")
-        if self.decay_start is not None and self.decay_start < 1:
-            raise UserError(f"--decay-start {self.decay_start} must be at least 1")
-        if not 0 <= self.label_dropout < 1:
-            raise UserError(f"label dropout {self.label_dropout} must be in [0, 1)")
-        for name in ("sample_every", "fid_every", "magnitude_every"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be 0 (off) or more")
-        for name in ("fid_every", "magnitude_every"):  # logged on metrics rows
-            if getattr(self, name) % self.log_every:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a multiple of "
-                                f"--log-every {self.log_every} (its value goes into that row of metrics.csv)")
-        if self.fid_every and self.fid_samples < 2:
-            raise UserError(f"--fid-samples {self.fid_samples} must be at least 2")
-
-
+# ------------------------------------------------------------------------------------------------
+# The schedule and the step
+# ------------------------------------------------------------------------------------------------
 def lr_multiplier(step: int, warmup: int, decay_start: int) -> float:
     """Linear warm-up, flat, then inverse-square-root decay from `decay_start` (EDM2's rule:
     alpha_ref / sqrt(max(t / t_ref, 1)))."""
@@ -162,8 +86,134 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
 
 
+@dataclass
+class Batch:
+    """One step's training batch on this rank: images x, labels y (dropped ones set to the null class),
+    timesteps t and the noise."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+
+
+class BatchSource:
+    """`source(step)`: the batch of `step` for this rank. t, noise and label dropout are drawn for the global
+    batch from step_generator(seed, step) and this rank takes its slice; the images come in the order of
+    `IndexStream` (a pure function of seed and step), so ranks and resumed runs see what one process would.
+    `batch_hook(step, x) -> x` lets tests poison a batch; it is not a user option."""
+
+    def __init__(self, data, stream: IndexStream, tc: TrainConfig, d: Dist, num_timesteps: int,
+                 null_class: int | None, batch_hook=None):
+        self.data, self.stream, self.tc, self.device = data, stream, tc, d.device
+        self.num_timesteps, self.null_class, self.batch_hook = num_timesteps, null_class, batch_hook
+        per_rank = tc.batch_size // d.world_size
+        self.lo, self.hi = d.rank * per_rank, (d.rank + 1) * per_rank
+        self.shape = (data.channels, data.resolution, data.resolution)
+
+    def __call__(self, step: int) -> Batch:
+        tc, device, lo, hi = self.tc, self.device, self.lo, self.hi
+        g = step_generator(tc.seed, step, device)
+        t = torch.randint(0, self.num_timesteps, (tc.batch_size,), generator=g, device=device)[lo:hi]
+        noise = torch.randn((tc.batch_size, *self.shape), generator=g, device=device)[lo:hi]
+        drop = (torch.rand(tc.batch_size, generator=g, device=device) < tc.label_dropout)[lo:hi]
+        x, y = self.data.batch(self.stream.indices(step), torch.Generator().manual_seed(tc.seed * 7919 + step))
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if self.null_class is not None:
+            y = torch.where(drop, torch.full_like(y, self.null_class), y)
+        if self.batch_hook is not None:
+            x = self.batch_hook(step, x)
+        return Batch(x, y, t, noise)
+
+
+def grad_norm_(params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
+    """The gradients' total 2-norm (logged), clipping them to `clip` when given. Without clipping only the
+    norm is computed: clip_grad_norm_(inf) would also multiply every gradient by 1.0."""
+    if clip or not hasattr(torch.nn.utils, "get_total_norm"):  # get_total_norm: torch >= 2.6
+        return torch.nn.utils.clip_grad_norm_(params, clip or float("inf"), foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+
+
+@dataclass
+class StepResult:
+    """What a step reports: `stats` = (loss, mse, vb, grad_norm) on the device (nothing synchronised);
+    `finite` whether loss and gradient norm are finite (a tensor, or a bool once the ranks agreed on it
+    with skip_nonfinite); `applied` whether the update was applied (False only for a skipped step)."""
+
+    stats: torch.Tensor
+    finite: torch.Tensor | bool
+    applied: bool
+
+
+def _no_phase(name: str) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+def train_step(model: DiT, fwd, diffusion, opt: torch.optim.Optimizer, ema: PowerEMA,
+               params: list[torch.Tensor], batch: Batch, step: int, *, grad_clip: float | None = None,
+               autocast: ContextManager | None = None, skip_nonfinite: bool = False, d: Dist | None = None,
+               phase: Callable[[str], ContextManager] = _no_phase) -> StepResult:
+    """One optimisation step, the one the training loop runs (and benchmarks/bench.py times):
+
+        project the weights (forced weight normalisation) -> diffusion loss of `fwd` (the model, or its
+        DDP / compiled wrapper) on the batch -> backward -> gradient norm (clipped to `grad_clip`) ->
+        Adam -> the power EMA at `step` (the number of steps done, this one included).
+
+    skip_nonfinite: the ranks agree (one synchronisation) whether loss and gradient are finite, and a
+    non-finite step is skipped (no update, gradients cleared). `phase(name)` wraps the three phases
+    ("weight_projection", "forward_backward", "optimizer_ema"), e.g. to time them."""
+    with phase("weight_projection"):
+        model.project_weights_()  # forced weight normalisation: one batched pass per step
+    with phase("forward_backward"):
+        with autocast or contextlib.nullcontext():
+            losses = diffusion.training_losses(fwd, batch.x, batch.t, batch.y, noise=batch.noise)
+        loss = losses["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    with phase("optimizer_ema"):
+        grad_norm = grad_norm_(params, grad_clip)
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        applied = True
+        if skip_nonfinite:  # one synchronisation per step; only with --skip-nonfinite
+            finite = bool(dist_utils.all_reduce_min_(d or Dist(), finite.to(torch.int32)).item())  # skip together
+            applied = finite
+        if applied:
+            opt.step()
+            ema.update(params, step)
+        else:
+            opt.zero_grad(set_to_none=True)
+        stats = torch.stack((loss.detach(), losses["mse"].mean().detach(), losses["vb"].mean().detach(),
+                             grad_norm.detach()))
+    return StepResult(stats, finite, applied)
+
+
+class ReportWindow:
+    """The steps since the last report: (loss, mse, vb, grad_norm) summed on the device (no per-step
+    synchronisation), steps run and skipped, and the wall time."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(4, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.steps, self.skipped, self.start = 0, 0, time.perf_counter()
+
+    def add(self, result: StepResult) -> None:
+        self.steps += 1
+        if result.applied:
+            self.sums += result.stats
+        else:
+            self.skipped += 1
+
+    def means(self, d: Dist) -> list[float]:
+        """The window's mean loss, mse, vb and gradient norm over its applied steps and over the ranks."""
+        dist_utils.all_reduce_mean_(d, self.sums)
+        return (self.sums / max(1, self.steps - self.skipped)).tolist()
+
+
 # ------------------------------------------------------------------------------------------------
-# Checkpoint contents (tensors only; the JSON sidecar holds the rest)
+# The run folder: checkpoints, snapshots, metrics; fall-back; non-finite values; a full disk
 # ------------------------------------------------------------------------------------------------
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
@@ -179,61 +229,158 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-class Logger:
-    """Human log (stdout via tqdm-safe writes + log.txt on rank 0); `warn` goes to stderr (+ log.txt)."""
+def load_checkpoint_into(path: Path, model: DiT, ema: PowerEMA, opt: torch.optim.Optimizer,
+                         device: torch.device) -> dict:
+    """Load a verified checkpoint (tensors from safetensors, the rest from its JSON sidecar)."""
+    tensors = load_tensors(path, device=str(device))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    with checkpoint_mismatch(path, "the run's model", ": was it copied from another run?"):
+        load_prefixed(model, tensors, "model.")
+        load_prefixed(ema, tensors, "ema.")
+        load_optimizer(opt, tensors, meta)
+    return meta
 
-    def __init__(self, run_dir: Path | None, is_main: bool, bar=None):
-        self.path = run_dir / "log.txt" if run_dir else None
-        self.is_main, self.bar = is_main, bar
 
-    def warn(self, msg: str) -> None:
-        """Something skipped or set aside (a broken checkpoint, unreadable files): stderr, as in sampling."""
-        self(msg, stream=sys.stderr)
+def _all_finite(tensors) -> bool:
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
-    def __call__(self, msg: str, stream=None) -> None:
-        if not self.is_main:
-            return
-        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
-        if self.bar is not None:
-            self.bar.write(line, file=stream)
+
+class RunWriter:
+    """What training writes into its run folder, and reads back from it, with every failure around that:
+
+      - `restore`: the newest intact checkpoint (a damaged newer one is reported and set aside: the
+        fall-back), and the metrics rows and EMA snapshots after it removed;
+      - `checkpoint`, `snapshot`: never with a non-finite value; `note_finite` tracks the first non-finite
+        step on the device, `check_finite` (one synchronisation) stops training there with one line;
+      - `metrics_row`, `magnitudes_row`: metrics.csv and residual_magnitudes.csv;
+      - `guard()`: a full disk or an unwritable place anywhere in the run ends training with one line naming
+        the file and the last good checkpoint.
+    Files are written on rank 0 only; `last_ckpt` (the newest checkpoint written or resumed from) is kept on
+    every rank."""
+
+    def __init__(self, run_dir: Path, d: Dist, log: Logger, snapshot_dtype: str):
+        self.run_dir, self.d, self.log = run_dir, d, log
+        self.snapshot_dtype = getattr(torch, snapshot_dtype)
+        self.metrics_path = run_dir / "metrics.csv"
+        self.last_ckpt: int | None = None
+        self.first_bad = torch.full((), _NO_BAD, dtype=torch.long, device=d.device)  # first step with NaN/Inf
+
+    def where_good(self) -> str:
+        if self.last_ckpt is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint is step {self.last_ckpt} in {self.run_dir / 'checkpoints'}"
+
+    @contextlib.contextmanager
+    def guard(self):
+        """A full disk or an unwritable place anywhere in the run (checkpoint, snapshot, metrics or log line,
+        sample grid) ends training with one line naming the file and the last good checkpoint."""
+        try:
+            yield
+        except (DiskFullError, NotWritableError, OSError, SafetensorError) as err:
+            user = err if isinstance(err, (DiskFullError, NotWritableError)) else environment_error(err)
+            if user is None:
+                raise
+            if isinstance(user, DiskFullError):
+                raise UserError(f"disk full while writing {user.path}; {self.where_good()}: free space and "
+                                "resume") from None
+            raise UserError(f"cannot write {user.path} ({user.reason}); {self.where_good()}") from None
+
+    # ---- reading back ---------------------------------------------------------------------------
+    def restore(self, model: DiT, ema: PowerEMA, opt: torch.optim.Optimizer, num_steps: int) -> tuple[int, int]:
+        """Load the newest intact checkpoint (rank 0 finds it, every rank loads it); cut metrics.csv and the
+        EMA snapshots back to its step. Returns (its step, the steps skipped so far); (0, 0) without one."""
+        d, run_dir = self.d, self.run_dir
+        start_step, skipped = 0, 0
+        found = find_resumable_checkpoint(run_dir, log=self.log.warn) if d.is_main else None
+        found = dist_utils.broadcast_object(d, None if found is None else (found[0], str(found[1])))
+        if found is None:
+            self.log(f"no complete checkpoint in {run_dir / 'checkpoints'}: starting again from step 0")
         else:
-            print(line, file=stream or sys.stdout, flush=True)
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
+            start_step, path = found[0], Path(found[1])
+            meta = load_checkpoint_into(path, model, ema, opt, d.device)
+            self.last_ckpt, skipped = start_step, int(meta.get("skipped", 0))
+        if num_steps < start_step:
+            raise UserError(f"--num-steps {num_steps} is below step {start_step}, which the run has "
+                            "reached: pass a larger --num-steps (or leave it out to keep the run's own)")
+        if d.is_main:
+            for note in rewind_run(run_dir, start_step):
+                self.log.warn(note)
+        return start_step, skipped
 
+    def start(self, start_step: int, config: dict) -> None:
+        """metrics.csv keeps the rows up to `start_step` (a fresh run: just the header; rows after the
+        checkpoint are logged again); config.json records the run's settings."""
+        if self.d.is_main:
+            trim_metrics(self.metrics_path, METRIC_FIELDS, start_step)
+            write_json(self.run_dir / "config.json", config)
 
-class StopRequest:
-    """SIGTERM/SIGINT ask the loop to finish the current step, checkpoint and exit. Entered at the start of
-    `train`, it also takes over a signal `mapdit` held while starting (mapdit.signals): set-up then stops
-    before anything is written."""
+    # ---- non-finite values ----------------------------------------------------------------------
+    def note_finite(self, finite: torch.Tensor, step: int) -> None:
+        """Remember the first step whose loss or gradient was not finite (on the device: no synchronisation)."""
+        self.first_bad = torch.where(finite | (self.first_bad != _NO_BAD), self.first_bad,
+                                     torch.full_like(self.first_bad, step))
 
-    def __init__(self):
-        self.signal: int | None = None
-        self._old = {}
+    def check_finite(self) -> None:
+        """Every rank, before anything is written: stop at the first non-finite loss or gradient."""
+        bad = int(dist_utils.all_reduce_min_(self.d, self.first_bad.clone()).item())
+        if bad != _NO_BAD:
+            raise UserError(f"non-finite loss or gradient at step {bad}: training stopped; {self.where_good()} "
+                            f"(continue from it with --resume {self.run_dir} and a lower --lr, a --grad-clip or "
+                            "--skip-nonfinite)")
 
-    def __enter__(self):
-        self.signal = signals.take_pending()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+    # ---- writing --------------------------------------------------------------------------------
+    def checkpoint(self, step: int, model: DiT, ema: PowerEMA, opt: torch.optim.Optimizer, skipped: int) -> None:
+        """Model, EMA and optimizer (tensors) plus a JSON sidecar; refused if any value is not finite."""
+        if self.d.is_main:
+            opt_t, opt_meta = optimizer_tensors(opt)
+            tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
+                       **{f"ema.{k}": v for k, v in ema.state_dict().items()}, **opt_t}
+            if not _all_finite(tensors.values()):
+                raise UserError(f"non-finite weights at step {step}: refusing to write a checkpoint; "
+                                f"{self.where_good()}")
+            path = save_checkpoint(self.run_dir, step, tensors, {**opt_meta, "train_step": step, "skipped": skipped})
+            self.log(f"checkpoint {path}")
+        self.last_ckpt = step
+
+    def snapshot(self, step: int, ema: PowerEMA, sigma_rels) -> None:
+        """One EMA snapshot per tracked width (for post-hoc EMA); refused if any value is not finite."""
+        if not self.d.is_main:
+            return
+        for sigma in sigma_rels:
+            averaged = ema.averaged(sigma)
+            if not _all_finite(averaged.values()):
+                raise UserError(f"non-finite EMA weights (sigma_rel {sigma:.3f}) at step {step}: refusing to "
+                                f"write the snapshot; {self.where_good()}")
             try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a test thread)
-                pass
-        return self
+                save_snapshot(self.run_dir / "ema", sigma, step, averaged, dtype=self.snapshot_dtype)
+            except ValueError as err:  # float16 overflow
+                raise UserError(f"EMA snapshot at step {step}: {err} (--snapshot-dtype float32)") from None
 
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
+    def metrics_row(self, row: list) -> None:
+        if self.d.is_main:
+            with open(self.metrics_path, "a", newline="") as f:
+                csv.writer(f).writerow(row)
 
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+    def magnitudes_row(self, step: int, mags: list[float]) -> None:
+        if self.d.is_main:
+            with open(self.run_dir / "residual_magnitudes.csv", "a", newline="") as f:
+                csv.writer(f).writerow([step, *(f"{m:.5g}" for m in mags)])
 
 
 # ------------------------------------------------------------------------------------------------
-# Resuming: which run, which settings
+# Resuming: which run, which settings (the resume policy)
 # ------------------------------------------------------------------------------------------------
+# What `--resume` may change (RESUME_MAY_CHANGE); every other training option (RESUME_MUST_MATCH) and every
+# model option is the run's own: given again with another value it is a contradiction, never ignored.
+RESUME_MAY_CHANGE = ("num_steps", "lr", "grad_clip", "skip_nonfinite", "log_every", "ckpt_every", "data_path",
+                     "device", "compile", "results_dir")
+RESUME_MUST_MATCH = ("batch_size", "seed", "warmup_steps", "decay_start", "ema_stds", "ema_snapshots",
+                     "snapshot_dtype", "precision", "image_size", "hflip")
+MODEL_FLAGS = ("model", "preset", "use_all_mp", *MP_OPTIONS, *CHOICE_KEYS)
+_FLAG_NAMES = {"batch_size": "--global-batch-size", "seed": "--global-seed", "preset": "--config"}
+
+
 def resolve_run_dir(results_dir: str | Path, resume: str) -> Path:
     """`--resume` names a run folder, or "latest": the newest run in results_dir."""
     return latest_run_dir(results_dir) if resume == "latest" else Path(resume)
@@ -265,22 +412,105 @@ def resume_config(stored: TrainConfig, given: TrainConfig, run_dir: Path) -> Tra
         skip_nonfinite=given.skip_nonfinite or stored.skip_nonfinite)
 
 
-def load_checkpoint_into(path: Path, model: DiT, ema: PowerEMA, opt: torch.optim.Optimizer,
-                         device: torch.device) -> dict:
-    """Load a verified checkpoint (tensors from safetensors, the rest from its JSON sidecar)."""
-    tensors = load_tensors(path, device=str(device))
-    meta = json.loads(path.with_suffix(".json").read_text())
-    try:
-        model.load_state_dict(split_prefix(tensors, "model."))
-        ema.load_state_dict(split_prefix(tensors, "ema."))
-        load_optimizer(opt, tensors, meta)
-    except (RuntimeError, ValueError, KeyError, IndexError) as err:
-        detail = " ".join(str(err).split())
-        raise UserError(f"checkpoint {path} does not match the run's model ({detail[:300]}): was it copied "
-                        "from another run?") from None
-    return meta
+def flag_name(dest: str) -> str:
+    """The command-line name of an option, for messages: seed -> --global-seed, mp_silu -> --use-mp-silu."""
+    if dest in MP_OPTIONS:
+        return "--use-" + dest.replace("_", "-")
+    return _FLAG_NAMES.get(dest, "--" + dest.replace("_", "-"))
 
 
+def resume_settings(run_dir: Path, given: Mapping[str, object], tc: TrainConfig) -> TrainConfig:
+    """The resume policy for options given by name (`given`: option -> value, only those the user gave; model
+    options by the names of MODEL_FLAGS): a model option or a RESUME_MUST_MATCH option that asks for something
+    else than the run has is a one-line UserError naming them. Returns `tc` with num_steps and log_every the
+    run's own unless given; `train(tc, None, resume=run_dir)` then takes RESUME_MAY_CHANGE from it
+    (`resume_config`)."""
+    saved = load_run_config(run_dir)
+    stored = stored_train_config(saved, run_dir)
+    model = ModelConfig.from_dict(saved["model"])
+    problems = []
+    if "model" in given and given["model"] != model.model:
+        problems.append(f"--model {given['model']} (the run is {model.model})")
+    elif set(given) & set(MODEL_FLAGS):
+        wanted = make_config(model.model, preset=given.get("preset"), use_all_mp=bool(given.get("use_all_mp")),
+                             **{name: given.get(name) for name in MP_OPTIONS},
+                             **{key: given.get(key) for key in CHOICE_KEYS}, input_size=model.input_size,
+                             in_channels=model.in_channels, num_classes=model.num_classes)
+        compare = set(given) & set(MP_OPTIONS + CHOICE_KEYS)
+        if set(given) & {"preset", "use_all_mp"}:  # a preset names the whole set of MP options
+            compare |= set(MP_OPTIONS)
+        shown = " ".join(flag_name(k) for k in MODEL_FLAGS if k in given)
+        for key in sorted(compare):
+            if getattr(wanted, key) != getattr(model, key):
+                problems.append(f"{shown} gives {key}={getattr(wanted, key)} (the run has {getattr(model, key)})")
+    for key in RESUME_MUST_MATCH:
+        if key not in given:
+            continue
+        mine, theirs = given[key], getattr(stored, key)
+        if key == "ema_stds":
+            mine, theirs = [float(v) for v in mine], [float(v) for v in theirs]
+        if mine != theirs:
+            problems.append(f"{flag_name(key)} {mine} (the run has {theirs})")
+    if problems:
+        raise UserError(f"--resume {run_dir} continues the run as it was trained, but {'; '.join(problems[:3])}: "
+                        "drop these options, or start a new run without --resume")
+    # options left out keep the run's own values (not the command's defaults)
+    return dataclasses.replace(tc, num_steps=given.get("num_steps", stored.num_steps),
+                               log_every=given.get("log_every", stored.log_every))
+
+
+# ------------------------------------------------------------------------------------------------
+# Stopping: a signal, or a failure before step 1
+# ------------------------------------------------------------------------------------------------
+class StopRequest:
+    """SIGTERM/SIGINT ask the loop to finish the current step, checkpoint and exit. Entered at the start of
+    `train`, it also takes over a signal `mapdit` held while starting (mapdit.signals): set-up then stops
+    before anything is written."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        self.signal = signals.take_pending()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class _SetUp:
+    """What `train` made before its first step: a new run folder is removed again if set-up fails or is
+    stopped, so a run that never reached step 1 leaves nothing behind (and the next run takes its number)."""
+
+    def __init__(self):
+        self.new_run_dir: Path | None = None
+        self.done = False
+
+
+def _stop_if_asked(stop: StopRequest, run_dir: Path | None, resume: str | None, distributed: bool) -> None:
+    """Before step 1 a signal stops at once (exit code 0, nothing kept). Under torchrun the ranks agree on
+    stopping at report steps instead, so that no rank waits for one that left."""
+    if stop.signal is None or distributed:
+        return
+    what = f"resume {run_dir} again to continue" if resume is not None else "no run folder is kept"
+    raise Stopped(f"stopped by signal {signal.Signals(stop.signal).name} during set-up, before step 1: {what}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Set-up: settings, data, the run folder (files are only read until the settings check out)
+# ------------------------------------------------------------------------------------------------
 def _check_labels(data, data_path: str) -> None:
     labels = getattr(data, "labels", None)
     if labels is None or not len(labels):
@@ -293,52 +523,64 @@ def _check_labels(data, data_path: str) -> None:
                         f"0..{data.num_classes - 1} (fix the labels or the class list)")
 
 
-def _all_finite(tensors) -> bool:
-    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
-    return bool(torch.stack(flags).all()) if flags else True
-
-
 def _env_int(name: str, default: int | None = None) -> int | None:
     value = os.environ.get(name)
     return default if value in (None, "") else int(value)
 
 
-@contextlib.contextmanager
-def _disk_full_is_user_error(where_good):
-    """A full disk or an unwritable place anywhere in the run (checkpoint, snapshot, metrics or log line,
-    sample grid) ends training with one line naming the file and the last good checkpoint."""
-    try:
-        yield
-    except (DiskFullError, NotWritableError, OSError, SafetensorError) as err:
-        user = err if isinstance(err, (DiskFullError, NotWritableError)) else environment_error(err)
-        if user is None:
-            raise
-        if isinstance(user, DiskFullError):
-            raise UserError(f"disk full while writing {user.path}; {where_good()}: free space and resume") from None
-        raise UserError(f"cannot write {user.path} ({user.reason}); {where_good()}") from None
+def _settings(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None):
+    """(tc, model_cfg, the run folder or None, its saved config or None): on resume the run's own settings
+    with what `resume_config` takes from `tc`; checked (one line per mistake) before anything is written."""
+    run_dir: Path | None = None
+    saved: dict | None = None
+    if resume is not None:
+        run_dir = resolve_run_dir(tc.results_dir, resume)
+        saved = load_run_config(run_dir)
+        model_cfg = ModelConfig.from_dict(saved["model"])
+        tc = resume_config(stored_train_config(saved, run_dir), tc, run_dir)
+    elif model_cfg is None:
+        raise ValueError("train() needs a model config unless it resumes a run")
+    tc = dataclasses.replace(tc, data_path=tc.data_path or "fashion-mnist")
+    tc.check(dist_utils.world_size_from_env())
+    return tc, model_cfg, run_dir, saved
+
+
+def _load_data(tc: TrainConfig, model_cfg: ModelConfig, saved: dict | None):
+    """(data, model_cfg with the data's sizes, tc resolved for the model)."""
+    data = load_dataset(tc.data_path, patch_size=model_cfg.patch_size, image_size=tc.image_size, hflip=tc.hflip)
+    _check_labels(data, tc.data_path)
+    if data.num_classes > model_cfg.num_classes and saved is not None:
+        raise UserError(f"the data has {data.num_classes} classes but the run was trained with "
+                        f"{model_cfg.num_classes}: resume with the run's own data")
+    model_cfg = dataclasses.replace(model_cfg, input_size=data.resolution, in_channels=data.channels,
+                                    num_classes=data.num_classes).validate()
+    if saved is not None and model_cfg.to_dict() != ModelConfig.from_dict(saved["model"]).to_dict():
+        raise UserError(f"the data at {tc.data_path} ({data.channels}x{data.resolution}x{data.resolution}, "
+                        f"{data.num_classes} classes) does not match the run's model "
+                        f"({saved['model']['in_channels']}x{saved['model']['input_size']}, "
+                        f"{saved['model']['num_classes']} classes)")
+    return data, model_cfg, tc.resolved(model_cfg)
+
+
+def _evaluate(step: int, tc: TrainConfig, model: DiT, ema: PowerEMA, batch: Batch, data_meta: dict,
+              writer: RunWriter) -> tuple[str, str]:
+    """Residual magnitudes (cheap, this batch) and FID of the EMA weights, only on the steps asked for; ""
+    otherwise (the values of metrics.csv's last two columns)."""
+    max_mag = fid = ""
+    if tc.magnitude_every and step % tc.magnitude_every == 0:
+        mags = residual_magnitudes(model, batch.x[:16], batch.t[:16], batch.y[:16])
+        max_mag = f"{max(mags):.4g}"
+        writer.magnitudes_row(step, mags)
+    if tc.fid_every and step % tc.fid_every == 0:  # all ranks: sampling is sharded
+        value = quick_fid(model_with_weights(model, ema.averaged(min(tc.ema_stds))), data_meta, tc.fid_samples)
+        fid = f"{value:.5g}"
+        writer.log(f"step {step}: FID of the EMA (sigma_rel {min(tc.ema_stds)}) on {tc.fid_samples} samples: {fid}")
+    return max_mag, fid
 
 
 # ------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------
-
-def grad_norm_(params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
-    """The gradients' total 2-norm (logged), clipping them to `clip` when given. Without clipping only the
-    norm is computed: clip_grad_norm_(inf) would also multiply every gradient by 1.0."""
-    if clip or not hasattr(torch.nn.utils, "get_total_norm"):  # get_total_norm: torch >= 2.6
-        return torch.nn.utils.clip_grad_norm_(params, clip or float("inf"), foreach=True)
-    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
-
-
-class _SetUp:
-    """What `train` made before its first step: a new run folder is removed again if set-up fails or is
-    stopped, so a run that never reached step 1 leaves nothing behind (and the next run takes its number)."""
-
-    def __init__(self):
-        self.new_run_dir: Path | None = None
-        self.done = False
-
-
 def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = None,
           batch_hook=None) -> Path:
     """Train; returns the run folder. `resume`: a run folder to continue ("latest": newest in results_dir).
@@ -357,31 +599,11 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = N
             raise
 
 
-def _stop_if_asked(stop: StopRequest, run_dir: Path | None, resume: str | None, distributed: bool) -> None:
-    """Before step 1 a signal stops at once (exit code 0, nothing kept). Under torchrun the ranks agree on
-    stopping at report steps instead, so that no rank waits for one that left."""
-    if stop.signal is None or distributed:
-        return
-    what = f"resume {run_dir} again to continue" if resume is not None else "no run folder is kept"
-    raise Stopped(f"stopped by signal {signal.Signals(stop.signal).name} during set-up, before step 1: {what}")
-
-
 def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, batch_hook, stop: StopRequest,
            setup: _SetUp) -> Path:
-    # ---- settings: only files are read, nothing is written and no process group is joined until they check out
-    run_dir: Path | None = None
-    saved: dict | None = None
-    if resume is not None:
-        run_dir = resolve_run_dir(tc.results_dir, resume)
-        saved = load_run_config(run_dir)
-        model_cfg = ModelConfig.from_dict(saved["model"])
-        tc = resume_config(stored_train_config(saved, run_dir), tc, run_dir)
-    elif model_cfg is None:
-        raise ValueError("train() needs a model config unless it resumes a run")
-    tc = dataclasses.replace(tc, data_path=tc.data_path or "fashion-mnist")
-    tc.check(dist_utils.world_size_from_env())
+    # ---- settings, process group, data, run folder --------------------------------------------------
+    tc, model_cfg, run_dir, saved = _settings(tc, model_cfg, resume)
     fail_rank, fail_step = _env_int("MAPDIT_TEST_FAIL_RANK"), _env_int("MAPDIT_TEST_FAIL_STEP", 1)
-
     d = dist_utils.init(tc.device)
     _stop_if_asked(stop, run_dir, resume, d.enabled)  # a signal while mapdit started: before loading the data
     device = d.device
@@ -389,43 +611,20 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, b
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-    # ---- data, model config, run folder -----------------------------------------------------------
-    data = load_dataset(tc.data_path, patch_size=model_cfg.patch_size, image_size=tc.image_size,
-                        hflip=tc.hflip)
-    _check_labels(data, tc.data_path)
-    if data.num_classes > model_cfg.num_classes and resume is not None:
-        raise UserError(f"the data has {data.num_classes} classes but the run was trained with "
-                        f"{model_cfg.num_classes}: resume with the run's own data")
-    model_cfg = dataclasses.replace(model_cfg, input_size=data.resolution, in_channels=data.channels,
-                                    num_classes=data.num_classes).validate()
-    if resume is not None and model_cfg.to_dict() != ModelConfig.from_dict(saved["model"]).to_dict():
-        raise UserError(f"the data at {tc.data_path} ({data.channels}x{data.resolution}x{data.resolution}, "
-                        f"{data.num_classes} classes) does not match the run's model "
-                        f"({saved['model']['in_channels']}x{saved['model']['input_size']}, "
-                        f"{saved['model']['num_classes']} classes)")
-    tc = tc.resolved(model_cfg)
-    per_rank = tc.batch_size // d.world_size
-    stream = IndexStream(len(data), per_rank, tc.seed, d.rank, d.world_size)  # too small a dataset: stop here
+    data, model_cfg, tc = _load_data(tc, model_cfg, saved)
+    stream = IndexStream(len(data), tc.batch_size // d.world_size, tc.seed, d.rank, d.world_size)  # too small: stop
     _stop_if_asked(stop, run_dir, resume, d.enabled)
     if run_dir is None and d.is_main:
         run_dir = setup.new_run_dir = create_run_dir(tc.results_dir, model_cfg.model)
     run_dir = Path(dist_utils.broadcast_object(d, str(run_dir) if run_dir else None))
 
-    last_ckpt: int | None = None  # the newest checkpoint written or resumed from
-
-    def where_good() -> str:
-        if last_ckpt is None:
-            return "no checkpoint was written yet"
-        return f"the last good checkpoint is step {last_ckpt} in {run_dir / 'checkpoints'}"
-
+    writer = RunWriter(run_dir, d, Logger(run_dir / "log.txt", is_main=d.is_main), tc.snapshot_dtype)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_disk_full_is_user_error(where_good))
+        stack.enter_context(writer.guard())
         if d.is_main:
             stack.enter_context(run_lock(run_dir))  # a second process resuming this run fails at once
-        log = Logger(run_dir, d.is_main)
 
-        # ---- model, optimizer, EMA --------------------------------------------------------------
+        # ---- model, optimizer, EMA (a resumed run: from its newest intact checkpoint) ---------------
         torch.manual_seed(tc.seed)
         model = DiT(model_cfg).to(device)
         named = model.trainable_parameters()
@@ -435,122 +634,37 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, b
         opt = torch.optim.Adam(params, lr=tc.lr, betas=tc.adam_betas, eps=tc.adam_eps,
                                foreach=not fused, fused=fused or None)
         ema = PowerEMA(dict(named), sigma_rels=tc.ema_stds)
-        start_step, skipped_total = 0, 0
-        if resume is not None:
-            found = find_resumable_checkpoint(run_dir, log=log.warn) if d.is_main else None
-            found = dist_utils.broadcast_object(d, None if found is None else (found[0], str(found[1])))
-            if found is None:
-                log(f"no complete checkpoint in {run_dir / 'checkpoints'}: starting again from step 0")
-            else:
-                start_step, path = found[0], Path(found[1])
-                meta = load_checkpoint_into(path, model, ema, opt, device)
-                last_ckpt, skipped_total = start_step, int(meta.get("skipped", 0))
-            if tc.num_steps < start_step:
-                raise UserError(f"--num-steps {tc.num_steps} is below step {start_step}, which the run has "
-                                "reached: pass a larger --num-steps (or leave it out to keep the run's own)")
-            if d.is_main:
-                for note in rewind_run(run_dir, start_step):
-                    log.warn(note)
-        metrics_path = run_dir / "metrics.csv"
-        if d.is_main:
-            # rows after the checkpoint are logged again by this run; a fresh run gets just the header
-            trim_metrics(metrics_path, METRIC_FIELDS, start_step)
-            write_json(run_dir / "config.json", {
-                "model": model_cfg.to_dict(), "train": dataclasses.asdict(tc), "data": data.meta(),
-                "mapdit_version": __version__, "torch_version": torch.__version__, "world_size": d.world_size})
+        start_step, skipped = writer.restore(model, ema, opt, tc.num_steps) if resume is not None else (0, 0)
+        writer.start(start_step, {
+            "model": model_cfg.to_dict(), "train": dataclasses.asdict(tc), "data": data.meta(),
+            "mapdit_version": __version__, "torch_version": torch.__version__, "world_size": d.world_size})
 
         fwd = model
         if d.enabled:
             fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if tc.compile:
             fwd = torch.compile(fwd)
-
-        def evaluate_now(step: int, x, t, y) -> tuple[str, str]:
-            """Residual magnitudes (cheap, this batch) and FID of the EMA weights, only on the steps asked for."""
-            max_mag = fid = ""
-            if tc.magnitude_every and step % tc.magnitude_every == 0:
-                from .evaluate.magnitudes import residual_magnitudes
-
-                mags = residual_magnitudes(model, x[:16], t[:16], y[:16])
-                max_mag = f"{max(mags):.4g}"
-                if d.is_main:
-                    with open(run_dir / "residual_magnitudes.csv", "a", newline="") as f:
-                        csv.writer(f).writerow([step, *(f"{m:.5g}" for m in mags)])
-            if tc.fid_every and step % tc.fid_every == 0:  # all ranks: sampling is sharded
-                from .evaluate.fid_cli import model_with_weights, quick_fid
-
-                value = quick_fid(model_with_weights(model, ema.averaged(min(tc.ema_stds))), data.meta(),
-                                  tc.fid_samples)
-                fid = f"{value:.5g}"
-                log(f"step {step}: FID of the EMA (sigma_rel {min(tc.ema_stds)}) on {tc.fid_samples} samples: {fid}")
-            return max_mag, fid
-
         diffusion = make_diffusion(model_cfg.num_train_steps, learn_sigma=model_cfg.learn_sigma)
-        snap_every = max(1, tc.num_steps // tc.ema_snapshots) if tc.ema_snapshots else 0
-        snap_dtype = getattr(torch, tc.snapshot_dtype)
-        null_class = model_cfg.null_class
-        sample_shape = (data.channels, data.resolution, data.resolution)
-        lo, hi = d.rank * per_rank, (d.rank + 1) * per_rank
+        batches = BatchSource(data, stream, tc, d, diffusion.num_timesteps, model_cfg.null_class, batch_hook)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
-
-        from tqdm.auto import tqdm
+        snap_every = max(1, tc.num_steps // tc.ema_snapshots) if tc.ema_snapshots else 0
 
         bar = tqdm(total=tc.num_steps, initial=start_step, disable=not d.is_main, dynamic_ncols=True,
                    mininterval=1.0, unit="step")
         stack.callback(bar.close)  # also on an error, so that its one line starts on a line of its own
-        log = Logger(run_dir, d.is_main, bar)
-        n_params = sum(p.numel() for p in model.parameters())
+        log = writer.log = Logger(run_dir / "log.txt", is_main=d.is_main, bar=bar)
         log(f"{'resuming' if start_step else 'starting'} {run_dir} at step {start_step}/{tc.num_steps}: "
             f"{model_cfg.model} preset={model_cfg.preset or '-'} modulation={model_cfg.modulation} "
-            f"params={n_params:,} data={data.kind} {len(data)} images {sample_shape} lr={tc.lr:g} "
-            f"batch={tc.batch_size} ranks={d.world_size} device={device}")
+            f"params={parameter_breakdown(model)['total']:,} data={data.kind} {len(data)} images "
+            f"{batches.shape} lr={tc.lr:g} batch={tc.batch_size} ranks={d.world_size} device={device}")
         skipped_files = getattr(data, "skipped", None)
         if skipped_files:
             path0, why0 = skipped_files[0]
             log.warn(f"skipped {len(skipped_files)} unreadable image file(s) in {tc.data_path} (first: {path0}: {why0})")
 
-        # window accumulators stay on the device: no per-step synchronisation
-        sums = torch.zeros(4, device=device)  # loss, mse, vb, grad_norm
-        first_bad = torch.full((), _NO_BAD, dtype=torch.long, device=device)  # first step with NaN/Inf
-        window_steps, window_skipped, window_start = 0, 0, time.perf_counter()
+        window = ReportWindow(device)
         run_start = time.perf_counter()
-
-        def check_finite() -> None:
-            """Every rank, before anything is written: stop at the first non-finite loss or gradient."""
-            bad = dist_utils.all_reduce_min_(d, first_bad.clone())
-            bad = int(bad.item())
-            if bad != _NO_BAD:
-                raise UserError(f"non-finite loss or gradient at step {bad}: training stopped; {where_good()} "
-                                f"(continue from it with --resume {run_dir} and a lower --lr, a --grad-clip or "
-                                "--skip-nonfinite)")
-
-        def checkpoint(step: int) -> None:
-            nonlocal last_ckpt
-            if d.is_main:
-                opt_t, opt_meta = optimizer_tensors(opt)
-                tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
-                           **{f"ema.{k}": v for k, v in ema.state_dict().items()}, **opt_t}
-                if not _all_finite(tensors.values()):
-                    raise UserError(f"non-finite weights at step {step}: refusing to write a checkpoint; "
-                                    f"{where_good()}")
-                path = save_checkpoint(run_dir, step, tensors,
-                                       {**opt_meta, "train_step": step, "skipped": skipped_total})
-                log(f"checkpoint {path}")
-            last_ckpt = step
-
-        def snapshot(step: int) -> None:
-            for sigma in tc.ema_stds:
-                averaged = ema.averaged(sigma)
-                if not _all_finite(averaged.values()):
-                    raise UserError(f"non-finite EMA weights (sigma_rel {sigma:.3f}) at step {step}: refusing to "
-                                    f"write the snapshot; {where_good()}")
-                try:
-                    save_snapshot(run_dir / "ema", sigma, step, averaged, dtype=snap_dtype)
-                except ValueError as err:  # float16 overflow
-                    raise UserError(f"EMA snapshot at step {step}: {err} (--snapshot-dtype float32)") from None
-
         model.train()
-        stopped = False
         _stop_if_asked(stop, run_dir, resume, d.enabled)  # a signal during set-up: the folder is removed
         setup.done = True
         for step in range(start_step, tc.num_steps):
@@ -558,237 +672,61 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, b
                 raise UserError(f"rank {d.rank} failed at step {step} on purpose (test hook "
                                 "MAPDIT_TEST_FAIL_RANK)")
             done = step + 1
+
+            # ---- schedule
             lr = tc.lr * lr_multiplier(step, tc.warmup_steps, tc.decay_start)
             for group in opt.param_groups:
                 group["lr"] = lr
-            model.project_weights_()  # forced weight normalisation: one batched pass per step
 
-            g = step_generator(tc.seed, step, device)
-            t = torch.randint(0, diffusion.num_timesteps, (tc.batch_size,), generator=g, device=device)[lo:hi]
-            noise = torch.randn((tc.batch_size, *sample_shape), generator=g, device=device)[lo:hi]
-            drop = (torch.rand(tc.batch_size, generator=g, device=device) < tc.label_dropout)[lo:hi]
-            x, y = data.batch(stream.indices(step), torch.Generator().manual_seed(tc.seed * 7919 + step))
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if null_class is not None:
-                y = torch.where(drop, torch.full_like(y, null_class), y)
-            if batch_hook is not None:
-                x = batch_hook(step, x)
+            # ---- step
+            batch = batches(step)
+            result = train_step(model, fwd, diffusion, opt, ema, params, batch, done, grad_clip=tc.grad_clip,
+                                autocast=autocast, skip_nonfinite=tc.skip_nonfinite, d=d)
+            if not result.applied:
+                skipped += 1
+                log(f"step {done}: non-finite loss or gradient, step skipped ({skipped} so far)")
+            elif not tc.skip_nonfinite:  # noted now, acted on (one sync) before anything is written
+                writer.note_finite(result.finite, done)
+            window.add(result)
 
-            with autocast:
-                losses = diffusion.training_losses(fwd, x, t, y, noise=noise)
-            loss = losses["loss"].mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = grad_norm_(params, tc.grad_clip)
-            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-            if tc.skip_nonfinite:  # one synchronisation per step; only with --skip-nonfinite
-                ok = dist_utils.all_reduce_min_(d, finite.to(torch.int32))  # the ranks skip together
-                finite = bool(ok.item())
-                if not finite:
-                    skipped_total += 1
-                    window_skipped += 1
-                    log(f"step {done}: non-finite loss or gradient, step skipped ({skipped_total} so far)")
-                    opt.zero_grad(set_to_none=True)
-            if not tc.skip_nonfinite or finite:
-                opt.step()
-                ema.update(params, done)
-                if not tc.skip_nonfinite:  # noted now, acted on (one sync) before anything is written
-                    first_bad = torch.where(finite | (first_bad != _NO_BAD), first_bad,
-                                            torch.full_like(first_bad, done))
-                sums += torch.stack((loss.detach(), losses["mse"].mean().detach(),
-                                     losses["vb"].mean().detach(), grad_norm.detach()))
-            window_steps += 1
-
+            # ---- report (the ranks agree to stop at report steps only)
             stop_now = stop.signal is not None and not d.enabled
             report = done % tc.log_every == 0 or done == tc.num_steps or stop_now
-            if report and d.enabled:  # the ranks agree to stop at report steps only
+            if report and d.enabled:
                 flag = torch.tensor(float(stop.signal is not None), device=device)
                 stop_now = dist_utils.all_reduce_max_(d, flag).item() > 0
             snap_now = bool(snap_every) and (done % snap_every == 0 or done == tc.num_steps)
             ckpt_now = done % tc.ckpt_every == 0 or done == tc.num_steps or stop_now
             if report or snap_now or ckpt_now:
-                check_finite()  # never a non-finite metric row, snapshot or checkpoint
-            if snap_now and d.is_main:
-                snapshot(done)
+                writer.check_finite()  # never a non-finite metric row, snapshot or checkpoint
+            if snap_now:
+                writer.snapshot(done, ema, tc.ema_stds)
             if report:
-                dist_utils.all_reduce_mean_(d, sums)
+                loss_v, mse_v, vb_v, gn_v = window.means(d)
                 now = time.perf_counter()
-                elapsed = now - window_start
-                loss_v, mse_v, vb_v, gn_v = (sums / max(1, window_steps - window_skipped)).tolist()
-                max_mag, fid = evaluate_now(done, x, t, y)  # "" unless due at this step
-                row = [done, f"{loss_v:.6g}", f"{mse_v:.6g}", f"{vb_v:.6g}", f"{lr:.6g}", f"{gn_v:.6g}",
-                       f"{window_steps / elapsed:.4g}", f"{window_steps * tc.batch_size / elapsed:.4g}",
-                       skipped_total, f"{now - run_start:.1f}", max_mag, fid]
-                if d.is_main:
-                    with open(metrics_path, "a", newline="") as f:
-                        csv.writer(f).writerow(row)
+                elapsed = now - window.start
+                max_mag, fid = _evaluate(done, tc, model, ema, batch, data.meta(), writer)
+                writer.metrics_row([done, f"{loss_v:.6g}", f"{mse_v:.6g}", f"{vb_v:.6g}", f"{lr:.6g}", f"{gn_v:.6g}",
+                                    f"{window.steps / elapsed:.4g}", f"{window.steps * tc.batch_size / elapsed:.4g}",
+                                    skipped, f"{now - run_start:.1f}", max_mag, fid])
                 bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2g}", refresh=False)
-                sums.zero_()
-                window_steps, window_skipped, window_start = 0, 0, time.perf_counter()
+                window.reset()
 
+            # ---- snapshot (a sample grid) / checkpoint
             if tc.sample_every and done % tc.sample_every == 0 and d.is_main:
-                from .evaluate.fid_cli import model_with_weights, sample_grid_from_model
-
                 grid = sample_grid_from_model(model_with_weights(model, ema.averaged(min(tc.ema_stds))),
                                               data.meta(), run_dir / "samples" / f"train-{done:07d}.png")
                 log(f"step {done}: sample grid {grid}")
             bar.update(1)
             if ckpt_now:
-                checkpoint(done)
+                writer.checkpoint(done, model, ema, opt, skipped)
+
+            # ---- stop
             if stop_now:
                 log(f"stopped by signal at step {done}; checkpoint written; continue with --resume {run_dir}")
-                stopped = True
                 break
-        bar.close()
-        if not stopped:
+        else:
+            bar.close()
             log(f"finished at step {max(tc.num_steps, start_step)}; run folder {run_dir}")
     dist_utils.barrier(d)
     return run_dir
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line (`mapdit train` and the seed's `python train.py`)
-# ------------------------------------------------------------------------------------------------
-DEFAULT_MODEL = "DiT-S/2"
-MODEL_FLAGS = ("model", "preset", "use_all_mp", *MP_OPTIONS, *CHOICE_KEYS)
-_FLAG_NAMES = {"batch_size": "--global-batch-size", "seed": "--global-seed", "preset": "--config"}
-
-
-def _flag(dest: str) -> str:
-    if dest in MP_OPTIONS:
-        return "--use-" + dest.replace("_", "-")
-    return _FLAG_NAMES.get(dest, "--" + dest.replace("_", "-"))
-
-
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    from .cli import add_model_args
-
-    add_model_args(p, data_defaults=False)
-    p.set_defaults(model=None)  # None: not given (DEFAULT_MODEL for a new run; the run's own on --resume)
-    g = p.add_argument_group("training")
-    g.add_argument("--data-path", default=None,
-                   help="(default fashion-mnist) 'fashion-mnist', a folder of IDX files, a folder of class subfolders, or prepared latents")
-    g.add_argument("--results-dir", default="results")
-    g.add_argument("--num-steps", type=int, default=400_000, help="default 400000 (on --resume: the run's own)")
-    g.add_argument("--global-batch-size", "--batch-size", dest="batch_size", type=int, default=256)
-    g.add_argument("--lr", type=float, default=None, help="default 1e-4 (Config A) or 1e-2 with weight normalisation")
-    g.add_argument("--warmup-steps", type=int, default=None)
-    g.add_argument("--decay-start", type=int, default=None)
-    g.add_argument("--grad-clip", type=float, default=None)
-    g.add_argument("--global-seed", "--seed", dest="seed", type=int, default=0)
-    g.add_argument("--ema-stds", type=float, nargs="+", default=[0.05, 0.10])
-    g.add_argument("--ema-snapshots", type=int, default=100, help="snapshots per EMA width over the run (0: none)")
-    g.add_argument("--snapshot-dtype", choices=SNAPSHOT_DTYPES, default=DEFAULT_SNAPSHOT_DTYPE)
-    g.add_argument("--ckpt-every", type=int, default=None)
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    g.add_argument("--compile", action="store_true")
-    g.add_argument("--device", default=None)
-    g.add_argument("--skip-nonfinite", action="store_true",
-                   help="skip (and count) steps with a NaN/Inf loss or gradient instead of stopping")
-    g.add_argument("--image-size", type=int, default=None)
-    g.add_argument("--hflip", action="store_true")
-    g.add_argument("--sample-every", type=int, default=0, help="a sample grid from the EMA every N steps")
-    g.add_argument("--fid-every", type=int, default=0, help="FID of the EMA every N steps into metrics.csv")
-    g.add_argument("--fid-samples", type=int, default=1000)
-    g.add_argument("--magnitude-every", type=int, default=0,
-                   help="residual-stream magnitude per block every N steps (residual_magnitudes.csv)")
-    g.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue a run: its folder, or nothing for the newest run in --results-dir. Only "
-                        "--num-steps, --lr, --grad-clip, --skip-nonfinite, --log-every, --ckpt-every, --data-path, "
-                        "--device and --compile may differ from the run's own")
-
-
-def _given(args: argparse.Namespace) -> set[str]:
-    """The options given on the command line (those whose value is not the parser's default)."""
-    p = argparse.ArgumentParser(add_help=False)
-    add_train_args(p)
-    defaults = vars(p.parse_args([]))
-    return {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
-
-
-def check_resume_flags(args: argparse.Namespace, given: set[str], saved: dict, stored: TrainConfig,
-                       run_dir: Path) -> None:
-    """`--resume` continues a run as it was trained: model flags or fixed training options that ask for
-    something else are a contradiction (one line naming them), never silently ignored."""
-    model = ModelConfig.from_dict(saved["model"])
-    problems = []
-    if "model" in given and args.model != model.model:
-        problems.append(f"--model {args.model} (the run is {model.model})")
-    elif given & set(MODEL_FLAGS):
-        wanted = make_config(model.model, preset=args.preset, use_all_mp=args.use_all_mp,
-                             **{name: getattr(args, name) for name in MP_OPTIONS},
-                             **{key: getattr(args, key) for key in CHOICE_KEYS}, input_size=model.input_size,
-                             in_channels=model.in_channels, num_classes=model.num_classes)
-        compare = given & set(MP_OPTIONS + CHOICE_KEYS)
-        if given & {"preset", "use_all_mp"}:  # a preset names the whole set of MP options
-            compare |= set(MP_OPTIONS)
-        shown = " ".join(_flag(k) for k in MODEL_FLAGS if k in given)
-        for key in sorted(compare):
-            if getattr(wanted, key) != getattr(model, key):
-                problems.append(f"{shown} gives {key}={getattr(wanted, key)} (the run has {getattr(model, key)})")
-    fixed = ("batch_size", "seed", "warmup_steps", "decay_start", "ema_stds", "ema_snapshots", "snapshot_dtype",
-             "precision", "image_size", "hflip")
-    for key in fixed:
-        if key not in given:
-            continue
-        mine, theirs = getattr(args, key), getattr(stored, key)
-        if key == "ema_stds":
-            mine, theirs = [float(v) for v in mine], [float(v) for v in theirs]
-        if mine != theirs:
-            problems.append(f"{_flag(key)} {mine} (the run has {theirs})")
-    if problems:
-        raise UserError(f"--resume {run_dir} continues the run as it was trained, but {'; '.join(problems[:3])}: "
-                        "drop these options, or start a new run without --resume")
-
-
-def run_from_args(args: argparse.Namespace) -> Path:
-    from .cli import config_from_args
-
-    given = _given(args)
-    tc = TrainConfig(data_path=args.data_path, results_dir=args.results_dir, num_steps=args.num_steps,
-                     batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                     decay_start=args.decay_start, grad_clip=args.grad_clip, seed=args.seed,
-                     ema_stds=tuple(args.ema_stds), ema_snapshots=args.ema_snapshots,
-                     snapshot_dtype=args.snapshot_dtype, ckpt_every=args.ckpt_every, log_every=args.log_every,
-                     precision=args.precision, compile=args.compile, device=args.device,
-                     skip_nonfinite=args.skip_nonfinite, image_size=args.image_size, hflip=args.hflip,
-                     sample_every=args.sample_every, fid_every=args.fid_every, fid_samples=args.fid_samples,
-                     magnitude_every=args.magnitude_every)
-    if args.resume:
-        run_dir = resolve_run_dir(args.results_dir, args.resume)
-        saved = load_run_config(run_dir)
-        stored = stored_train_config(saved, run_dir)
-        check_resume_flags(args, given, saved, stored, run_dir)
-        # options left out keep the run's own values (not the parser defaults)
-        tc = dataclasses.replace(tc, num_steps=args.num_steps if "num_steps" in given else stored.num_steps,
-                                 log_every=args.log_every if "log_every" in given else stored.log_every)
-        run_dir = train(tc, None, resume=str(run_dir))
-    else:
-        args.model = args.model or DEFAULT_MODEL
-        # sizes follow the data; placeholders until the data is loaded
-        model_cfg = config_from_args(args, input_size=_patch_multiple(args.model), in_channels=1, num_classes=1)
-        run_dir = train(tc, model_cfg)
-    # leave the process group cleanly after a finished run (after a failure the process just exits)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return run_dir
-
-
-def _patch_multiple(model_name: str) -> int:
-    from .config import parse_model_name
-
-    return parse_model_name(model_name)[1]
-
-
-def register(sub) -> None:
-    p = sub.add_parser("train", help="train a MaP-DiT (also under torchrun)")
-    add_train_args(p)
-    p.set_defaults(func=run_from_args, graceful_stop=True)  # SIGTERM during start-up: handled by train()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The seed paper's `python train.py ...` entry point: the same options as `mapdit train`."""
-    from .cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])

@@ -1,24 +1,67 @@
 """Which weights of a run to use: raw, a tracked EMA, or a post-hoc EMA reconstructed from snapshots.
 
-Also the `mapdit ema` command: reconstruct (and cache) the EMA for any width after training.
 Post-hoc results are cached as run/ema/posthoc/sigma-0.080-step-0000300.safetensors.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
+import copy
 import json
 import sys
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
-from .ema import list_snapshots, parse_sweep, reconstruct
+from .ema import list_snapshots, reconstruct
 from .errors import UserError
 from .model import DiT
 from .runio import (CHECKPOINT_RE, DiskFullError, NotWritableError, check_writable, find_resumable_checkpoint,
                     load_run_config, load_tensors, save_tensors, split_prefix, verify_checkpoint)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading weights into a model: from a checkpoint's prefixed tensors, or a set of named weights (an EMA)
+# ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def checkpoint_mismatch(path: Path, what: str, hint: str = ""):
+    """A state that does not fit (missing or unexpected keys, wrong shapes) while loading checkpoint `path`
+    is one line: 'checkpoint PATH does not match WHAT (detail)HINT'."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError, IndexError) as err:
+        detail = " ".join(str(err).split())
+        raise UserError(f"checkpoint {path} does not match {what} ({detail[:300]}){hint}") from None
+
+
+def load_prefixed(module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    """`module.load_state_dict` from the checkpoint tensors under `prefix` ("model.", "ema.")."""
+    module.load_state_dict(split_prefix(tensors, prefix))
+
+
+def copy_weights_(model: torch.nn.Module, named: Mapping[str, torch.Tensor], what: str = "weights"):
+    """Copy the parameters in `named` (e.g. an EMA: `ema.averaged(sigma)`) into `model`, in place; names and
+    shapes must match the model's. Returns the model."""
+    own = dict(model.named_parameters())
+    unknown = set(named) - set(own)
+    if unknown or not named:
+        raise UserError(f"{what} do not match the model (unexpected {sorted(unknown)[:3]})")
+    wrong = [n for n, v in named.items() if tuple(v.shape) != tuple(own[n].shape)]
+    if wrong:
+        raise UserError(f"{what} do not match the model: {wrong[0]} is {tuple(named[wrong[0]].shape)}, the "
+                        f"model's is {tuple(own[wrong[0]].shape)}")
+    with torch.no_grad():
+        for name, value in named.items():
+            own[name].copy_(value)
+    return model
+
+
+def model_with_weights(model: torch.nn.Module, named: Mapping[str, torch.Tensor]):
+    """A copy of `model` (the plain DiT) with the parameters in `named` loaded, in eval mode, e.g. an EMA:
+    model_with_weights(model, ema.averaged(sigma)). The training model is untouched."""
+    return copy_weights_(copy.deepcopy(model), named).eval()
 
 
 def posthoc_path(run_dir: Path, sigma_rel: float, step: int) -> Path:
@@ -112,12 +155,8 @@ def load_model(run_dir: str | Path, weights: str = "ema", ema_std: float | None 
     model = DiT(ModelConfig.from_dict(config["model"]))
     step, path = resolve_checkpoint(run_dir, ckpt)
     tensors = load_tensors(path)
-    state = split_prefix(tensors, "model.")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())
-        raise UserError(f"checkpoint {path} does not match the run's model config ({detail[:300]})") from None
+    with checkpoint_mismatch(path, "the run's model config"):
+        load_prefixed(model, tensors, "model.")
     desc = f"raw weights at step {step}"
     if weights == "ema":
         tracked = config["train"]["ema_stds"]
@@ -129,41 +168,7 @@ def load_model(run_dir: str | Path, weights: str = "ema", ema_std: float | None 
             _, ema = posthoc_ema(run_dir, sigma, step=step if ckpt is not None else None, progress=True, log=log,
                                  cache_optional=True)
             desc = f"post-hoc EMA sigma_rel={sigma:.3f}" + (f" at step {step}" if ckpt is not None else "")
-        own = dict(model.named_parameters())
-        unknown = set(ema) - set(own)
-        if unknown or not ema:
-            raise UserError(f"EMA weights do not match the model (unexpected {sorted(unknown)[:3]})")
-        wrong = [n for n, v in ema.items() if tuple(v.shape) != tuple(own[n].shape)]
-        if wrong:
-            raise UserError(f"EMA weights do not match the model: {wrong[0]} is {tuple(ema[wrong[0]].shape)}, the "
-                            f"model's is {tuple(own[wrong[0]].shape)}")
-        with torch.no_grad():
-            for name, value in ema.items():
-                own[name].copy_(value)
+        copy_weights_(model, ema, "EMA weights")
     elif weights != "raw":
         raise UserError(f"--weights {weights!r}: use 'ema' or 'raw'")
     return model.to(device).eval(), config, desc
-
-
-# ------------------------------------------------------------------------------------------------
-# `mapdit ema`
-# ------------------------------------------------------------------------------------------------
-def cmd_ema(args: argparse.Namespace) -> None:
-    if args.std is None and args.sweep is None:
-        raise UserError("give --std S or --sweep START:STOP:STEP")
-    if args.sweep is not None and args.out:
-        raise UserError("--out names one file: use it with --std, not with --sweep")
-    widths = parse_sweep(args.sweep) if args.sweep else [args.std]
-    for sigma in widths:
-        path, _ = posthoc_ema(args.result_dir, sigma, args.step, args.out)
-        print(path)
-
-
-def register(sub) -> None:
-    p = sub.add_parser("ema", help="reconstruct the EMA of any width from a run's snapshots (post-hoc EMA)")
-    p.add_argument("--result-dir", required=True)
-    p.add_argument("--std", type=float, default=None, help="sigma_rel of the EMA to reconstruct, e.g. 0.08")
-    p.add_argument("--sweep", default=None, help="START:STOP:STEP, e.g. 0.03:0.15:0.01")
-    p.add_argument("--step", type=int, default=None, help="training step (default: the last snapshot)")
-    p.add_argument("--out", default=None, help="output file (default: cached in the run's ema/posthoc/)")
-    p.set_defaults(func=cmd_ema)

@@ -27,24 +27,13 @@ import torch.nn.functional as F
 
 from mapdit.data import fashion_mnist, image_folder
 from mapdit.data.batches import IndexStream
+from mapdit.data.latents import latent_decoder, load_latents
+from mapdit.data.pixels import to_uint8_images, uint8_to_model
 from mapdit.errors import UserError
 
 __all__ = ["ImageDataset", "IndexStream", "load_dataset", "to_uint8_images", "uint8_to_model"]
 
 DEFAULT_FOLDER_SIZE = 32  # image folders have no native size: this is used when none is given
-
-
-def uint8_to_model(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float32 in [-1, 1], same shape: 0 -> -1, 255 -> 1."""
-    return images.to(torch.float32) / 127.5 - 1.0
-
-
-def to_uint8_images(x: torch.Tensor) -> torch.Tensor:
-    """Model space float (N, C, H, W) -> uint8 (N, H, W, C) by clamp(floor(127.5 x + 128))."""
-    if x.ndim != 4:
-        raise ValueError(f"expected (N, C, H, W), got shape {tuple(x.shape)}")
-    u = (127.5 * x.to(torch.float32) + 128.0).clamp(0.0, 255.0).floor()
-    return u.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 class ImageDataset:
@@ -212,8 +201,6 @@ def load_dataset(
     if not fashion_mnist.is_alias(path):
         candidate = Path(path).expanduser()
         if (candidate / "latents.json").is_file() or (candidate.name == "latents.json" and candidate.is_file()):
-            from mapdit.data.latents import load_latents
-
             return load_latents(candidate, split, image_size, patch_size, channels, hflip=hflip)
     _check_args(image_size, patch_size, channels)
     if fashion_mnist.is_alias(path):
@@ -253,7 +240,5 @@ def decoder_for(data_meta: dict, device: str | torch.device = "cpu"):
     Pixel datasets need no decoder beyond `to_uint8_images`; latent datasets are decoded by their VAE.
     """
     if data_meta.get("kind") == "latents":
-        from mapdit.data.latents import latent_decoder
-
         return latent_decoder(data_meta, device)
     return to_uint8_images

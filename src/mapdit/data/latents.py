@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mapdit.data.pixels import to_uint8_images
 from mapdit.errors import UserError
 from mapdit.runio import read_json, save_tensors, sha256_file, write_json
 
@@ -489,8 +490,6 @@ def latent_decoder(data_meta: dict, device: str | torch.device = "cpu", *, vae: 
     """fn(x (N, C, h, w) in model space) -> uint8 (N, H, W, 3): x * std + mean, VAE decode, clamp to
     [-1, 1], then `to_uint8_images`. The VAE (data_meta['vae'] unless `vae` is given) is loaded now,
     once per (VAE, device) and cached, so a missing VAE fails before any sampling."""
-    from mapdit.data import to_uint8_images
-
     stats = data_meta.get("stats") or {}
     if "mean" not in stats or "std" not in stats:
         raise UserError("the data description has no latent stats: it was not made from a prepared latent folder")

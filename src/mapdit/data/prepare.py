@@ -30,7 +30,6 @@ without a new shard raise an error) and writes latents.json. A rerun of all rank
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import time
@@ -40,7 +39,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
+from mapdit import distributed as dist_utils
 from mapdit.data import image_folder, uint8_to_model
 from mapdit.data.latents import (
     FORMAT, INDEX_NAME, SETTINGS_NAME, json_digest, load_vae, read_marker, shard_name, vae_downsample,
@@ -229,9 +230,9 @@ def prepare_latents(
     stats (rank 0), seconds and images_per_s.
     """
     if rank is None:
-        rank = int(os.environ.get("RANK", "0"))
+        rank = dist_utils.rank_from_env()
     if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        world_size = dist_utils.world_size_from_env()
     root, out = _validate(image_folder, out_dir, resolution, batch_size, num_workers, shard_size, rank,
                           world_size, small_images)
     files, class_names = list_files(root)
@@ -314,8 +315,6 @@ def prepare_latents(
 
 def _encode_shards(model, device, root, out, files, pending, resolution, batch_size, num_workers, flip,
                    shard_size, small_images, latent_shape, marker_info, progress, report) -> None:
-    from tqdm import tqdm
-
     slices = [(i, i * shard_size, min((i + 1) * shard_size, len(files))) for i in pending]
     paths = [files[k][0] for _, a, b in slices for k in range(a, b)]
     stream = _read_stream(paths, resolution, small_images, num_workers)
@@ -419,38 +418,3 @@ def _print_report(report: dict, log) -> None:
         fmt = lambda v: "[" + ", ".join(f"{x:.4f}" for x in v) + "]"  # noqa: E731
         log(f"prepare: wrote {report['index']}: {report['num_items']} entries, stats mean {fmt(stats['mean'])} "
             f"std {fmt(stats['std'])}")
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------------
-def cmd_prepare(args: argparse.Namespace) -> None:
-    prepare_latents(
-        args.image_folder, args.out, args.resolution, args.vae, batch_size=args.batch_size,
-        num_workers=args.num_workers, flip=args.flip, shard_size=args.shard_size, device=args.device,
-        progress=not args.no_progress, small_images=args.small_images, wait_timeout=args.wait_timeout,
-    )
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "prepare", help="encode an image folder into VAE latents for training",
-        description="Encode a class-per-subfolder image folder with a diffusers AutoencoderKL into "
-                    "resumable latent shards plus latents.json (pass the --out folder as the training data). "
-                    "Under torchrun every rank encodes its share of the shards.")
-    p.add_argument("--image-folder", required=True, metavar="PATH", help="root/<class name>/<images>")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (rerun with it to resume)")
-    p.add_argument("--resolution", required=True, type=int, help="image side, a multiple of 8 (128, 256, ...)")
-    p.add_argument("--vae", required=True, metavar="ID|DIR",
-                   help="hub id (e.g. stabilityai/sd-vae-ft-ema) or a folder saved with save_pretrained")
-    p.add_argument("--batch-size", type=int, default=32, help="VAE batch (entries per forward)")
-    p.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes")
-    p.add_argument("--flip", action="store_true", help="also store the horizontally flipped images")
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="files per shard")
-    p.add_argument("--small-images", choices=SMALL_RULES, default="skip",
-                   help="images with short side < resolution: skip (default, reported) or upscale (ADM)")
-    p.add_argument("--device", default=None, help="default: cuda (LOCAL_RANK) if available, else cpu")
-    p.add_argument("--wait-timeout", type=float, default=3600.0,
-                   help="rank 0: seconds without a new shard from other ranks before giving up")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_prepare)

@@ -49,9 +49,15 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from safetensors import safe_open
+from tqdm import tqdm
 
+from mapdit.data import decoder_for, fashion_mnist, load_dataset
 from mapdit.errors import UserError
+from mapdit.evaluate.fmnist_classifier import load_classifier
+from mapdit.runio import load_tensors, save_tensors, sha256_file
 
 STATS_FORMAT = "mapdit-feature-stats-1"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -156,8 +162,6 @@ class FeatureStats:
     def all_reduce(self) -> "FeatureStats":
         """Merge the statistics of all processes (torch.distributed, when initialised) in rank order,
         so every rank ends with the same result; a no-op in a single process."""
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self
         if self.moments_only:
@@ -206,8 +210,6 @@ class FeatureStats:
     def save(self, path: str | Path) -> Path:
         """One safetensors file (written atomically): float64 mean and M2 (or covariance for
         moments-only statistics); count and `info` (as JSON) in the metadata."""
-        from mapdit.runio import save_tensors
-
         if self._mean is None:
             raise ValueError("no features were added")
         tensors = {"mean": self._mean}
@@ -221,10 +223,6 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureStats":
-        from safetensors import safe_open
-
-        from mapdit.runio import load_tensors
-
         tensors = load_tensors(path)
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
@@ -364,8 +362,6 @@ class FmnistFeatures(FeatureExtractor):
     name = "fmnist"
 
     def __init__(self, weights_path: str | Path | None = None, device: str | torch.device = "cpu"):
-        from mapdit.evaluate.fmnist_classifier import load_classifier
-
         self.device = torch.device(device)
         self.classifier = load_classifier(weights_path, device=self.device)
         self.dim = self.classifier.feature_dim
@@ -407,8 +403,6 @@ class InceptionFeatures(FeatureExtractor):
             weights_path = cached if cached.is_file() else None
         self._weights_id = "default"
         if weights_path is not None:  # the cache of reference statistics must not mix different weights
-            from mapdit.runio import sha256_file
-
             self._weights_id = sha256_file(weights_path)[:16]
         try:
             # torch-fidelity unpickles the weights file with weights_only=False; only tensors may be loaded
@@ -487,8 +481,6 @@ def compute_stats(
     """Feature statistics of uint8 images (N, H, W, C): a tensor/array, or an iterable of such batches
     (streamed: only one batch of images and features is held at a time). `on_features(features)` is
     called for every batch (e.g. to classify from the same features)."""
-    from tqdm import tqdm
-
     ext = _resolve_extractor(extractor)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -552,8 +544,6 @@ def _npz_array_shape(path: Path, key: str) -> tuple | None:
 
 def _classify_ref(ref) -> tuple[str, str]:
     """(kind, resolved path) for a reference: fashion-mnist | adm-npz | latents | folder."""
-    from mapdit.data import fashion_mnist
-
     if fashion_mnist.is_alias(str(ref)):
         return "fashion-mnist", str(fashion_mnist.default_dir())
     p = Path(ref).expanduser()
@@ -656,8 +646,6 @@ def _reference_images(kind, resolved, ref, split, num_samples, data_options, ext
         idx = _subset(len(arr), num_samples, resolved)
         arr = arr if idx is None else arr[idx.numpy()]
         return arr, len(arr), {"resolution": list(arr.shape[1:3]), "channels": int(arr.shape[3])}
-
-    from mapdit.data import decoder_for, load_dataset
 
     if kind == "latents":
         ds = load_dataset(resolved)

@@ -18,10 +18,8 @@ Inputs are uint8 images in [0, 255] (float tensors are taken to be on the same 0
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -29,8 +27,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 
+from mapdit.data import load_dataset
 from mapdit.errors import UserError
+from mapdit.runio import load_tensors, save_tensors
 
 ASSET_PATH = Path(__file__).resolve().parent.parent / "assets" / "fmnist_classifier.safetensors"
 FORMAT = "mapdit-fmnist-classifier-1"
@@ -124,10 +125,6 @@ def _file_fingerprint(path: Path) -> str:
 
 def load_classifier(path: str | Path | None = None, device: str | torch.device = "cpu") -> FmnistClassifier:
     """The classifier from `path` (default: the weights shipped in mapdit/assets), in eval mode."""
-    from safetensors import safe_open
-
-    from mapdit.runio import load_tensors
-
     path = Path(path) if path is not None else ASSET_PATH
     if not path.is_file():
         raise UserError(f"Fashion-MNIST classifier weights not found at {path}: train them with "
@@ -202,9 +199,6 @@ def train_classifier(
     generator, deterministic algorithms. Adam with a cosine learning-rate decay to zero.
     Returns {"test_accuracy", "seconds", ...}; the file's metadata records the same.
     """
-    from mapdit.data import load_dataset
-    from mapdit.runio import save_tensors
-
     if epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {epochs}")
     train = load_dataset(data_path, split="train")
@@ -271,33 +265,3 @@ def train_classifier(
     result["path"] = str(out_path)
     result["bytes"] = Path(out_path).stat().st_size
     return result
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI: mapdit fmnist-classifier
-# ------------------------------------------------------------------------------------------------
-def cmd_fmnist_classifier(args: argparse.Namespace) -> None:
-    command = (f"mapdit fmnist-classifier --out {args.out} --epochs {args.epochs} --seed {args.seed} "
-               f"--threads {args.threads}" + ("" if args.data_path == "fashion-mnist" else f" --data-path {args.data_path}"))
-    result = train_classifier(args.out, epochs=args.epochs, seed=args.seed, threads=args.threads,
-                              data_path=args.data_path, command=command,
-                              log=lambda m: print(m, file=sys.stderr))
-    print(json.dumps(result, indent=2))
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "fmnist-classifier",
-        help="train the Fashion-MNIST CNN whose features give FD_fmnist and conditioning accuracy",
-        description="Train the small Fashion-MNIST classifier (deterministic, a few CPU minutes) and save "
-                    "it as safetensors; the package ships one in mapdit/assets.",
-    )
-    p.add_argument("--out", required=True, help="output .safetensors path")
-    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (default 1: the result depends on the thread count; 1 reproduces the "
-                        "shipped weights)")
-    p.add_argument("--data-path", default="fashion-mnist",
-                   help="'fashion-mnist' (installed copy) or a folder with the four IDX files")
-    p.set_defaults(func=cmd_fmnist_classifier)

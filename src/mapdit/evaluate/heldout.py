@@ -16,7 +16,12 @@ from pathlib import Path
 
 import torch
 
+from mapdit.config import ModelConfig
+from mapdit.data import load_dataset
+from mapdit.diffusion import make_diffusion
 from mapdit.errors import UserError
+from mapdit.runio import load_run_config, read_json, write_json
+from mapdit.weights import load_model, resolve_checkpoint
 
 
 def _timesteps(n: int, num_timesteps: int) -> torch.Tensor:
@@ -56,12 +61,6 @@ def heldout_for_run(run_dir: str | Path, weights: str = "ema", ema_std: float | 
                     log=None) -> dict:
     """heldout_mse of a run's model (its last checkpoint; EMA `ema_std`, reconstructed post hoc when not
     tracked) on `split` of its training data, cached under run/eval/. Returns the dict plus "weights"."""
-    from mapdit.config import ModelConfig
-    from mapdit.data import load_dataset
-    from mapdit.diffusion import make_diffusion
-    from mapdit.runio import load_run_config, read_json, write_json
-    from mapdit.weights import load_model, resolve_checkpoint
-
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     step, _ = resolve_checkpoint(run_dir, None)

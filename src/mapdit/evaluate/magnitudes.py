@@ -25,17 +25,22 @@ Outputs of `mapdit magnitudes --result-dir R` (never overwriting: the next free 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from mapdit.config import ModelConfig
+from mapdit.data import load_dataset
+from mapdit.diffusion import make_diffusion
 from mapdit.errors import UserError
 from mapdit.nn import magnitude
+from mapdit.plots import pyplot, save_figure
+from mapdit.runio import list_checkpoints, load_run_config, verify_checkpoint, write_json, write_text
+from mapdit.sample import unused_path
+from mapdit.weights import load_model
 
 DEFAULT_T = 500
 ACTIVATIONS = ("residual", "attn_in", "attn_out", "mlp_in", "mlp_out")
@@ -110,10 +115,6 @@ def fixed_batch(config: dict, batch_size: int = 64, seed: int = 0, t: int = DEFA
                 device: str | torch.device = "cpu", log: Callable[[str], None] | None = None):
     """(x_t, t, y, source) for a run config: real training images noised to step t, or Gaussian inputs
     (source "gaussian") when the data cannot be loaded. Deterministic given (seed, t, batch_size)."""
-    from mapdit.config import ModelConfig
-    from mapdit.data import load_dataset
-    from mapdit.diffusion import make_diffusion
-
     cfg = ModelConfig.from_dict(config["model"])
     if not 0 <= t < cfg.num_train_steps:
         raise UserError(f"--t {t} must be in 0..{cfg.num_train_steps - 1}")
@@ -153,10 +154,6 @@ def measure_run(run_dir: str | Path, batch_size: int = 64, seed: int = 0, weight
                 plots: bool = True, log: Callable[[str], None] = print) -> dict:
     """Measure every intact checkpoint of a run; write the CSV, the settings JSON and one PNG per quantity
     under run/eval (never overwriting). Returns {"csv", "json", "pngs", "rows", "input", "steps"}."""
-    from mapdit.runio import list_checkpoints, load_run_config, verify_checkpoint, write_json, write_text
-    from mapdit.sample import unused_path
-    from mapdit.weights import load_model
-
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     if weights not in ("raw", "ema"):
@@ -220,14 +217,9 @@ def read_csv(path: str | Path) -> list[tuple[int, str, int, float]]:
 
 def plot_quantity(rows, quantity: str, path: Path, title: str = "") -> Path:
     """One PNG: blocks on the x axis, one line per checkpoint, coloured by training step (written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.cm import ScalarMappable
+    plt = pyplot()
+    from matplotlib.cm import ScalarMappable  # matplotlib is heavy: loaded only to plot (mapdit.plots)
     from matplotlib.colors import Normalize
-
-    from mapdit.runio import atomic_write
 
     series: dict[int, dict[int, float]] = {}
     for step, q, block, value in rows:
@@ -255,34 +247,4 @@ def plot_quantity(rows, quantity: str, path: Path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="training step")
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    finally:
-        plt.close(fig)
-    return path
-
-
-# ------------------------------------------------------------------------------------------------
-# `mapdit magnitudes`
-# ------------------------------------------------------------------------------------------------
-def cmd_magnitudes(args: argparse.Namespace) -> dict:
-    torch.set_flush_denormal(True)
-    out = measure_run(args.result_dir, batch_size=args.batch_size, seed=args.seed, weights=args.weights,
-                      ema_std=args.ema_std, t=args.t, device=args.device,
-                      log=lambda m: print(m, file=sys.stderr))
-    print(out["csv"])
-    return out
-
-
-def register(sub) -> None:
-    p = sub.add_parser("magnitudes", help="activation and weight magnitudes per block for every checkpoint "
-                                          "of a run (the paper's Figure 5)")
-    p.add_argument("--result-dir", required=True, help="a run folder made by training")
-    p.add_argument("--batch-size", type=int, default=64, help="images in the fixed batch")
-    p.add_argument("--seed", type=int, default=0, help="picks the images and the noise of the fixed batch")
-    p.add_argument("--weights", choices=("raw", "ema"), default="raw")
-    p.add_argument("--ema-std", type=float, default=None, help="with --weights ema: a tracked width "
-                                                                 "(default the smallest)")
-    p.add_argument("--t", type=int, default=DEFAULT_T, help="diffusion step the batch is noised to")
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=cmd_magnitudes)
+    return save_figure(fig, path)

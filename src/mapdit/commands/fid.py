@@ -1,0 +1,53 @@
+"""`mapdit fid`: FID (or FD_fmnist) of a run's samples against a reference (also under torchrun)."""
+from __future__ import annotations
+
+import argparse
+
+from .. import distributed as dist_utils
+from ..evaluate.scoring import DEFAULT_CACHE
+from ..experiments.fid_run import DEFAULT_NUM_SAMPLES, fid_for_run
+from ..samplers import SAMPLER_CHOICES
+
+
+def run(args: argparse.Namespace) -> dict:
+    result = fid_for_run(args.result_dir, args.num_samples, ref=args.ref, features=args.features,
+                         weights=args.weights, ema_std=args.ema_std, ckpt=args.ckpt, cfg_scale=args.cfg_scale,
+                         sampler=args.sampler, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                         inception_weights=args.inception_weights,
+                         cache_dir=args.cache_dir if args.cache_dir is not None else DEFAULT_CACHE,
+                         num_ref=args.num_ref, split=args.split, device=args.device)
+    if dist_utils.rank_and_world()[0] == 0:
+        print(result["result_json"])
+    dist_utils.shutdown(dist_utils.init(args.device))
+    return result
+
+
+def add_fid_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--result-dir", required=True, help="a run folder made by training")
+    p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES)
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    p.add_argument("--ema-std", type=float, default=None,
+                   help="EMA width (default the smallest tracked one; others are reconstructed post hoc)")
+    p.add_argument("--ckpt", default=None, help="a checkpoint file (default: the newest complete one)")
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddpm",
+                   help="ddpm/ancestral, ddim (ours) or dpm++2m, unipc, heun (diffusers; few steps, e.g. --steps 20)")
+    p.add_argument("--steps", "--num-sampling-steps", dest="steps", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch (per rank)")
+    p.add_argument("--ref", default=None,
+                   help="reference: 'fashion-mnist', an image folder, a prepared latent folder or an ADM "
+                        "reference batch .npz (default: the run's training data)")
+    p.add_argument("--num-ref", type=int, default=None, help="use a fixed random subset of the reference")
+    p.add_argument("--split", default="test", help="split of an IDX reference (default test)")
+    p.add_argument("--features", choices=("fmnist", "inception"), default=None,
+                   help="default: fmnist for Fashion-MNIST runs, inception otherwise or with --inception-weights")
+    p.add_argument("--inception-weights", default=None, help="a local copy of torch-fidelity's Inception weights")
+    p.add_argument("--cache-dir", default=None, help="reference statistics cache (default ~/.cache/mapdit/fid-stats)")
+    p.add_argument("--device", default=None)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("fid", help="FID (or FD_fmnist) of a run's samples against a reference (also under torchrun)")
+    add_fid_args(p)
+    p.set_defaults(func=run)

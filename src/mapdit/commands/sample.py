@@ -1,0 +1,54 @@
+"""`mapdit sample` and the seed paper's `python sample.py`: a grid (PNG) or an ADM-layout npz from a run."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..samplers import SAMPLER_CHOICES
+from ..sample import sample_run
+
+
+def run(args: argparse.Namespace) -> Path:
+    return sample_run(args.result_dir, class_label=args.class_label, num_samples=args.num_samples, out=args.out,
+                      sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+                      guide_channels=args.guide_channels, clip_denoised=args.clip_denoised, seed=args.seed,
+                      batch_size=args.batch_size, weights=args.weights, ema_std=args.ema_std, ckpt=args.ckpt,
+                      device=args.device)
+
+
+def add_sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--result-dir", required=True, help="a run folder made by training")
+    p.add_argument("--class-label", type=int, default=None, help="one class (default: one row per class)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="images per class row / of the class / in the npz (defaults 8, 8, 1000)")
+    p.add_argument("--out", default=None, help="output .png, or .npz for arr_0 (N,H,W,C uint8) + arr_1 labels")
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddpm",
+                   help="ddpm (= ancestral) and ddim are ours; dpm++2m, unipc and heun are diffusers' ODE solvers "
+                        "(few-step: e.g. --sampler dpm++2m --steps 20; heun makes 2*steps-1 model calls)")
+    p.add_argument("--steps", "--num-sampling-steps", dest="steps", type=int, default=250)
+    p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default 4 for grids, 1 for npz)")
+    p.add_argument("--guide-channels", type=int, default=None,
+                   help="guide only the first K channels (3 reproduces the original DiT); default all")
+    p.add_argument("--clip-denoised", choices=("auto", "yes", "no"), default="auto",
+                   help="clip x0 estimates to [-1, 1]: auto = yes for pixel data (as ADM), no for latents (as DiT)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    p.add_argument("--ema-std", type=float, default=None,
+                   help="EMA width: a tracked one, or any other (reconstructed post hoc and cached)")
+    p.add_argument("--ckpt", default=None, help="a checkpoint file (default: the newest complete one)")
+    p.add_argument("--device", default=None)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sample", help="sample a grid (PNG) or an ADM-layout npz from a trained run")
+    add_sample_args(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The seed paper's `python sample.py ...`: the same options as `mapdit sample`."""
+    from ..cli import main as cli_main  # the entry point imports this module: import it when called
+
+    return cli_main(["sample", *(sys.argv[1:] if argv is None else argv)])
