@@ -10,7 +10,7 @@ round running every configuration once (the order rotated from round to round), 
 machine's load hits them alike. A table reports the median over rounds with the min-max range, and ratios
 are taken per round (the configuration's time over its reference's time in the same round) and then
 summarised by their median and range. The training step is the training loop's real step
-(`mapdit.train`): forced weight normalisation (`model.project_weights_()`), `diffusion.training_losses`,
+(`mapdit.train.train_step`): forced weight normalisation (`model.project_weights_()`), `diffusion.training_losses`,
 backward, the gradient norm (`get_total_norm`, foreach), fused `Adam`, and the power-EMA update of two widths.
 Data are synthetic tensors of the right shape (the data loader is not timed).
 
@@ -21,6 +21,7 @@ Config A's step ran 10x slower.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -43,7 +44,7 @@ from mapdit.diffusion import make_diffusion  # noqa: E402
 from mapdit.ema import PowerEMA  # noqa: E402
 from mapdit.fused import reference_math  # noqa: E402
 from mapdit.model import DiT  # noqa: E402
-from mapdit.train import grad_norm_  # noqa: E402
+from mapdit.train import Batch, train_step  # noqa: E402
 from mapdit.demo import DEMO_MODEL  # noqa: E402
 
 # The README's demo (`mapdit demo`, src/mapdit/demo.py): DiT-XXS/2, Config E, Fashion-MNIST 28x28x1, batch 64.
@@ -119,8 +120,8 @@ def cpu_model() -> str:
 # ------------------------------------------------------------------------------------------------
 class TrainStep:
     """One configuration: model, Adam, power EMA, diffusion, a fixed synthetic batch. Calling it runs
-    one training step exactly as mapdit.train does and returns its wall time; `phases` accumulates the
-    time of (projection, forward+backward, clip+optimizer+EMA)."""
+    one training step, the loop's own `mapdit.train.train_step`, and returns its wall time; `phases`
+    accumulates the time of (projection, forward+backward, clip+optimizer+EMA)."""
 
     def __init__(self, model: str, preset: str, modulation: str = "adaln", batch: int = BATCH,
                  data: dict | None = None, adam: str = "fused", seed: int = 0, dit_cls=DiT,
@@ -173,27 +174,20 @@ class TrainStep:
         self.step += 1
         t, noise = self._draw()
         rf = record_function if ranges else _null_range
-        t0 = time.perf_counter()
-        with rf("phase:weight_projection"):
-            self.model.project_weights_()
-        t1 = time.perf_counter()
-        with rf("phase:forward_backward"):
-            losses = self.diffusion.training_losses(self.fwd, self.x, t, self.y, noise=noise)
-            loss = losses["loss"].mean()
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-        t2 = time.perf_counter()
-        with rf("phase:optimizer_ema"):
-            grad_norm = grad_norm_(self.params, None)
-            self.opt.step()
-            self.ema.update(self.params, self.step)
-            self.sums += torch.stack((loss.detach(), losses["mse"].mean().detach(), losses["vb"].mean().detach(),
-                                      grad_norm.detach()))
-        t3 = time.perf_counter()
-        self.phases[0] += t1 - t0
-        self.phases[1] += t2 - t1
-        self.phases[2] += t3 - t2
-        return t3 - t0
+        marks = [time.perf_counter()]  # the start, then the end of each phase
+
+        @contextlib.contextmanager
+        def phase(name: str):
+            with rf(f"phase:{name}"):
+                yield
+            marks.append(time.perf_counter())
+
+        result = train_step(self.model, self.fwd, self.diffusion, self.opt, self.ema, self.params,
+                            Batch(self.x, self.y, t, noise), self.step, phase=phase)
+        self.sums += result.stats
+        for i in range(3):
+            self.phases[i] += marks[i + 1] - marks[i]
+        return marks[-1] - marks[0]
 
     __call__ = run
 
