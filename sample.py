@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from mapdit.commands.sample import main  # noqa: E402
+from mapdit.cli import main  # noqa: E402  (light: SIGTERM is held before torch is imported)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["sample", *sys.argv[1:]]))

@@ -1,8 +1,8 @@
-"""`mapdit sample` and the seed paper's `python sample.py`: a grid (PNG) or an ADM-layout npz from a run."""
+"""`mapdit sample` (also the seed paper's `python sample.py`): a grid (PNG) or an ADM-layout npz from a
+run."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..samplers import SAMPLER_CHOICES
@@ -45,10 +45,3 @@ def register(sub) -> None:
     p = sub.add_parser("sample", help="sample a grid (PNG) or an ADM-layout npz from a trained run")
     add_sample_args(p)
     p.set_defaults(func=run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The seed paper's `python sample.py ...`: the same options as `mapdit sample`."""
-    from ..cli import main as cli_main  # the entry point imports this module: import it when called
-
-    return cli_main(["sample", *(sys.argv[1:] if argv is None else argv)])

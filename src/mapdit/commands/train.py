@@ -1,4 +1,4 @@
-"""`mapdit train` and the seed paper's `python train.py`: parse the options, then `mapdit.train.train`.
+"""`mapdit train` (also the seed paper's `python train.py`): parse the options, then `mapdit.train.train`.
 
 On `--resume` the options the user gave (those whose value differs from the parser's default) go to
 `mapdit.train.resume_settings`, which holds the policy of what may change.
@@ -6,7 +6,6 @@ On `--resume` the options the user gave (those whose value differs from the pars
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -94,10 +93,3 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train a MaP-DiT (also under torchrun)")
     add_train_args(p)
     p.set_defaults(func=run, graceful_stop=True)  # SIGTERM during start-up: handled by train()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The seed paper's `python train.py ...`: the same options as `mapdit train`."""
-    from ..cli import main as cli_main  # the entry point imports this module: import it when called
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
