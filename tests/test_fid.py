@@ -310,9 +310,9 @@ def test_fmnist_fd_train_vs_test_and_noise(fmnist_data, tmp_path):
 
 
 def test_cli_registration(tmp_path):
-    from mapdit.evaluate import fmnist_classifier
+    from mapdit.commands import fmnist_classifier
 
     parser = argparse.ArgumentParser(prog="mapdit")
     fmnist_classifier.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["fmnist-classifier", "--out", str(tmp_path / "c.safetensors"), "--epochs", "2"])
-    assert args.func is fmnist_classifier.cmd_fmnist_classifier and args.epochs == 2 and args.seed == 0
+    assert args.func is fmnist_classifier.run and args.epochs == 2 and args.seed == 0

@@ -340,8 +340,10 @@ def test_truncated_shard_is_an_error_and_is_redone(reference, images, vae_dir, t
 
 
 def test_cli_prepare(images, vae_dir, tmp_path, monkeypatch, capsys):
+    from mapdit.commands import prepare as prepare_command
+
     parser = argparse.ArgumentParser()
-    prep.register(parser.add_subparsers(dest="command"))
+    prepare_command.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["prepare", "--image-folder", str(images), "--out", str(tmp_path / "cli"),
                               "--resolution", "16", "--vae", str(vae_dir), "--shard-size", "100", "--flip",
                               "--no-progress"])

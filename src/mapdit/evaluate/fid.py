@@ -54,7 +54,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from tqdm import tqdm
 
-from mapdit.data import decoder_for, fashion_mnist, load_dataset
+from mapdit import data
 from mapdit.errors import UserError
 from mapdit.evaluate.fmnist_classifier import load_classifier
 from mapdit.runio import load_tensors, save_tensors, sha256_file
@@ -544,8 +544,8 @@ def _npz_array_shape(path: Path, key: str) -> tuple | None:
 
 def _classify_ref(ref) -> tuple[str, str]:
     """(kind, resolved path) for a reference: fashion-mnist | adm-npz | latents | folder."""
-    if fashion_mnist.is_alias(str(ref)):
-        return "fashion-mnist", str(fashion_mnist.default_dir())
+    if data.fashion_mnist.is_alias(str(ref)):
+        return "fashion-mnist", str(data.fashion_mnist.default_dir())
     p = Path(ref).expanduser()
     if not p.exists():
         raise UserError(f"reference {ref} does not exist: pass 'fashion-mnist', an image folder, a prepared "
@@ -648,8 +648,8 @@ def _reference_images(kind, resolved, ref, split, num_samples, data_options, ext
         return arr, len(arr), {"resolution": list(arr.shape[1:3]), "channels": int(arr.shape[3])}
 
     if kind == "latents":
-        ds = load_dataset(resolved)
-        decoder = decoder_for(ds.meta(), device=ext.device)
+        ds = data.load_dataset(resolved)
+        decoder = data.decoder_for(ds.meta(), device=ext.device)
         idx = _subset(len(ds), num_samples, resolved)
         idx = torch.arange(len(ds)) if idx is None else idx
 
@@ -660,7 +660,7 @@ def _reference_images(kind, resolved, ref, split, num_samples, data_options, ext
         return decoded(), len(idx), {"dataset": _small_meta(ds.meta()), "resolution": [ds.image_resolution] * 2,
                                      "decoded": "VAE decodes of the posterior means"}
 
-    ds = load_dataset(ref if kind == "fashion-mnist" else resolved, split=split, **data_options)
+    ds = data.load_dataset(ref if kind == "fashion-mnist" else resolved, split=split, **data_options)
     idx = _subset(len(ds), num_samples, resolved)
     images = ds.images if idx is None else ds.images[idx]
     return images.permute(0, 2, 3, 1), len(images), {"resolution": [ds.resolution] * 2, "channels": ds.channels,

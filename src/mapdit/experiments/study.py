@@ -20,8 +20,9 @@ continue their run; diverged ones stay recorded; EMA widths already scored are n
 Variants shared between studies (E-adaln of configs in modulation; A at 1e-4 and E at 1e-2 in lr, which
 are the default rates of those configs) are trained once: their result is copied.
 
-RESULTS.md is regenerated from the stored results at the end of every run (also `--report-only`); its
-PNGs are copied to --docs-dir (default docs/results) and linked relative to the document.
+RESULTS.md is regenerated from the stored results at the end of every run (also `--report-only`) by
+mapdit.experiments.results; its PNGs are copied to --docs-dir (default docs/results) and linked relative
+to the document. Every variant is trained with one `TrainBudget` and scored with one `ScoreBudget`.
 """
 from __future__ import annotations
 
