@@ -562,6 +562,31 @@ def _load_data(tc: TrainConfig, model_cfg: ModelConfig, saved: dict | None):
     return data, model_cfg, tc.resolved(model_cfg)
 
 
+def _model_optimizer_ema(model_cfg: ModelConfig, tc: TrainConfig, device: torch.device):
+    """(model, its trainable parameters, Adam over them, their power EMA); the model is seeded by tc.seed."""
+    torch.manual_seed(tc.seed)
+    model = DiT(model_cfg).to(device)
+    named = model.trainable_parameters()
+    params = [p for _, p in named]
+    # fused Adam: one kernel over all parameters; on the CPU 3.5x faster than foreach (BENCHMARKS.md)
+    fused = device.type in ("cuda", "cpu")
+    opt = torch.optim.Adam(params, lr=tc.lr, betas=tc.adam_betas, eps=tc.adam_eps,
+                           foreach=not fused, fused=fused or None)
+    ema = PowerEMA(dict(named), sigma_rels=tc.ema_stds)
+    return model, params, opt, ema
+
+
+def _forward_of(model: DiT, d: Dist, compile: bool):
+    """What the loss calls: the model, in DistributedDataParallel under torchrun, compiled with --compile."""
+    fwd = model
+    if d.enabled:
+        fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda"
+                                                        else None)
+    if compile:
+        fwd = torch.compile(fwd)
+    return fwd
+
+
 def _evaluate(step: int, tc: TrainConfig, model: DiT, ema: PowerEMA, batch: Batch, data_meta: dict,
               writer: RunWriter) -> tuple[str, str]:
     """Residual magnitudes (cheap, this batch) and FID of the EMA weights, only on the steps asked for; ""
@@ -625,25 +650,13 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, b
             stack.enter_context(run_lock(run_dir))  # a second process resuming this run fails at once
 
         # ---- model, optimizer, EMA (a resumed run: from its newest intact checkpoint) ---------------
-        torch.manual_seed(tc.seed)
-        model = DiT(model_cfg).to(device)
-        named = model.trainable_parameters()
-        params = [p for _, p in named]
-        # fused Adam: one kernel over all parameters; on the CPU 3.5x faster than foreach (BENCHMARKS.md)
-        fused = device.type in ("cuda", "cpu")
-        opt = torch.optim.Adam(params, lr=tc.lr, betas=tc.adam_betas, eps=tc.adam_eps,
-                               foreach=not fused, fused=fused or None)
-        ema = PowerEMA(dict(named), sigma_rels=tc.ema_stds)
+        model, params, opt, ema = _model_optimizer_ema(model_cfg, tc, device)
         start_step, skipped = writer.restore(model, ema, opt, tc.num_steps) if resume is not None else (0, 0)
         writer.start(start_step, {
             "model": model_cfg.to_dict(), "train": dataclasses.asdict(tc), "data": data.meta(),
             "mapdit_version": __version__, "torch_version": torch.__version__, "world_size": d.world_size})
 
-        fwd = model
-        if d.enabled:
-            fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if tc.compile:
-            fwd = torch.compile(fwd)
+        fwd = _forward_of(model, d, tc.compile)
         diffusion = make_diffusion(model_cfg.num_train_steps, learn_sigma=model_cfg.learn_sigma)
         batches = BatchSource(data, stream, tc, d, diffusion.num_timesteps, model_cfg.null_class, batch_hook)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
