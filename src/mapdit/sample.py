@@ -18,7 +18,7 @@ from . import distributed as dist_utils
 from .data import clip_denoised_for, decoder_for
 from .errors import UserError
 from .runio import atomic_write, check_writable, load_run_config
-from .samplers import check_sampler
+from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
 from .samplers import sample as run_sampler
 from .weights import load_model
 
@@ -154,7 +154,7 @@ def sample_grid_from_model(model, data_meta: dict, path: str | Path, *, per_clas
 # Sampling a run (`mapdit sample`, `mapdit demo`)
 # ------------------------------------------------------------------------------------------------
 def sample_run(result_dir: str | Path, *, class_label: int | None = None, num_samples: int | None = None,
-               out: str | None = None, sampler: str = "ddpm", steps: int = 250, cfg_scale: float | None = None,
+               out: str | None = None, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, cfg_scale: float | None = None,
                guide_channels: int | None = None, clip_denoised: str = "auto", seed: int = 0,
                batch_size: int = 64, weights: str = "ema", ema_std: float | None = None, ckpt: str | None = None,
                device: str | None = None) -> Path:

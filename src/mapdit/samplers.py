@@ -18,6 +18,11 @@ from mapdit.schedulers import DIFFUSERS_SAMPLERS, diffusers_schedulers, sample_d
 SAMPLER_NAMES = {"ddpm": "ddpm", "ancestral": "ddpm", "ddim": "ddim", **{n: n for n in DIFFUSERS_SAMPLERS}}
 SAMPLER_CHOICES = tuple(SAMPLER_NAMES)  # for argparse `choices`
 
+# The default of `mapdit sample`, `mapdit fid`, the demo's grid and the study: DPM-Solver++(2M) at 20 model
+# evaluations reached the FD_fmnist of 250-step ancestral sampling (within or below its seed spread) on two
+# trained models, at 1/12.5 of its cost (BENCHMARKS.md, "Few-step samplers").
+DEFAULT_SAMPLER, DEFAULT_STEPS = "dpm++2m", 20
+
 
 def check_sampler(name: str) -> str:
     """The sampler `name` runs (ancestral -> ddpm), or a one-line UserError for an unknown name or a diffusers

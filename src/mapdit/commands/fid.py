@@ -6,7 +6,7 @@ import argparse
 from .. import distributed as dist_utils
 from ..evaluate.scoring import DEFAULT_CACHE
 from ..experiments.fid_run import DEFAULT_NUM_SAMPLES, fid_for_run
-from ..samplers import SAMPLER_CHOICES
+from ..samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_CHOICES
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -30,9 +30,10 @@ def add_fid_args(p: argparse.ArgumentParser) -> None:
                    help="EMA width (default the smallest tracked one; others are reconstructed post hoc)")
     p.add_argument("--ckpt", default=None, help="a checkpoint file (default: the newest complete one)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddpm",
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=DEFAULT_SAMPLER,
                    help="ddpm/ancestral, ddim (ours) or dpm++2m, unipc, heun (diffusers; few steps, e.g. --steps 20)")
-    p.add_argument("--steps", "--num-sampling-steps", dest="steps", type=int, default=250)
+    p.add_argument("--steps", "--num-sampling-steps", dest="steps", type=int, default=DEFAULT_STEPS,
+                   help=f"sampler steps (default {DEFAULT_STEPS}; the paper's FID used --sampler ddpm --steps 250)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch (per rank)")
     p.add_argument("--ref", default=None,

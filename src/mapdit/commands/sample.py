@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..samplers import SAMPLER_CHOICES
+from ..samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_CHOICES
 from ..sample import sample_run
 
 
@@ -23,10 +23,11 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=None,
                    help="images per class row / of the class / in the npz (defaults 8, 8, 1000)")
     p.add_argument("--out", default=None, help="output .png, or .npz for arr_0 (N,H,W,C uint8) + arr_1 labels")
-    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddpm",
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=DEFAULT_SAMPLER,
                    help="ddpm (= ancestral) and ddim are ours; dpm++2m, unipc and heun are diffusers' ODE solvers "
                         "(few-step: e.g. --sampler dpm++2m --steps 20; heun makes 2*steps-1 model calls)")
-    p.add_argument("--steps", "--num-sampling-steps", dest="steps", type=int, default=250)
+    p.add_argument("--steps", "--num-sampling-steps", dest="steps", type=int, default=DEFAULT_STEPS,
+                   help=f"sampler steps (default {DEFAULT_STEPS}; the paper's FID used --sampler ddpm --steps 250)")
     p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default 4 for grids, 1 for npz)")
     p.add_argument("--guide-channels", type=int, default=None,
                    help="guide only the first K channels (3 reproduces the original DiT); default all")

@@ -31,6 +31,7 @@ from mapdit.evaluate.scoring import (DEFAULT_CACHE, check_sampling, default_feat
                                      reference_options)
 from mapdit.runio import check_writable, claim_new_path, load_run_config, write_json
 from mapdit.sample import sample_images, sample_labels, save_npz
+from mapdit.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from mapdit.weights import load_model, resolve_checkpoint
 
 DEFAULT_NUM_SAMPLES = 10_000
@@ -59,7 +60,7 @@ def load_if_reusable(path: Path, labels: np.ndarray) -> np.ndarray | None:
 
 def fid_for_run(run_dir: str | Path, num_samples: int = DEFAULT_NUM_SAMPLES, *, ref: str | None = None,
                 features=None, weights: str = "ema", ema_std: float | None = None, ckpt: str | None = None,
-                cfg_scale: float = 1.0, sampler: str = "ddpm", steps: int = 250, seed: int = 0,
+                cfg_scale: float = 1.0, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, seed: int = 0,
                 batch_size: int = 64, inception_weights: str | None = None, cache_dir=DEFAULT_CACHE,
                 num_ref: int | None = None, split: str = "test", device: str | None = None,
                 progress: bool = True, write: bool = True, log: Callable[[str], None] | None = None) -> dict:
