@@ -39,13 +39,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from mapdit.config import make_config  # noqa: E402
-from mapdit.diffusion import make_diffusion  # noqa: E402
-from mapdit.ema import PowerEMA  # noqa: E402
-from mapdit.fused import reference_math  # noqa: E402
-from mapdit.model import DiT  # noqa: E402
-from mapdit.train import Batch, train_step  # noqa: E402
-from mapdit.demo import DEMO_MODEL  # noqa: E402
+from mapdit.config import make_config
+from mapdit.demo import DEMO_MODEL
+from mapdit.diffusion import make_diffusion
+from mapdit.ema import PowerEMA
+from mapdit.fused import reference_math
+from mapdit.model import DiT
+from mapdit.train import Batch, train_step
 
 # The README's demo (`mapdit demo`, src/mapdit/demo.py): DiT-XXS/2, Config E, Fashion-MNIST 28x28x1, batch 64.
 # The README demo's model on Fashion-MNIST, at the common batch of 32 (the demo itself trains at 64).
@@ -591,7 +591,8 @@ def section_optimizer(rep: Report, args, results: dict) -> None:
     rep(f"## Outside forward and backward: {model} Config E parameters, per step")
     rep()
     rep("Each phase timed alone on the same parameters and gradients, interleaved rounds (median, min-max). "
-        "The loop runs: projection, get_total_norm(foreach) (clip_grad_norm_ only with --grad-clip), Adam(fused), EMA update. "
+        "The loop runs: projection, get_total_norm(foreach) (clip_grad_norm_ only with --grad-clip), Adam(fused), "
+        "EMA update. "
         "Beside them, what the loop ran before: clip_grad_norm_(inf) (the same norm plus a multiply of every "
         "gradient by 1.0) and Adam(foreach).")
     rep()
@@ -699,8 +700,8 @@ def section_ablation(rep: Report, args, results: dict) -> None:
     rep()
     rep("One fast path at a time replaced by the plain formula it computes (`fused.reference_math(path)`: "
         "identical values; autograd's generic backward). Step time relative to all fast paths, paired per "
-        "round: > 1 means the fast path saves that fraction. MP-SiLU folding and the carried MP-sum factor change how the model is "
-        "built; they are covered by the before/after section.")
+        "round: > 1 means the fast path saves that fraction. MP-SiLU folding and the carried MP-sum factor change "
+        "how the model is built; they are covered by the before/after section.")
     rep()
     rows = []
     for mod in ("adaln", "scale+rotate"):
@@ -775,7 +776,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=None, help="comma-separated models for the training table "
                                                   "(default: DiT-XS/2, DiT-S/4, DiT-S/2; quick: DiT-XS/2, DiT-S/4)")
     p.add_argument("--variants", default=None, help="comma-separated preset/modulation pairs for the training "
-                                                    "table, e.g. A/adaln,E/adaln (default: A-E adaln, E rotate variants)")
+                                                    "table, e.g. A/adaln,E/adaln "
+                                                    "(default: A-E adaln, E rotate variants)")
     p.add_argument("--no-demo", action="store_true", help="leave the demo model out of the training table")
     p.add_argument("--rounds", type=int, default=None, help="override the number of interleaved rounds")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)

@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 import mapdit  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
+
+# isort: split
+
 import torch
 
 from mapdit.config import MP_OPTIONS, make_config
@@ -132,8 +135,8 @@ def run_variant(spec: str, args, out: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    cols = ["variant", "lr", "fd", "acc", "heldout", "heldout_low_t", "heldout_high_t", "modulation_gain_mean", "final_gain", "t_emb_rms",
-            "y_emb_rms", "label_share_block0", "train_s"]
+    cols = ["variant", "lr", "fd", "acc", "heldout", "heldout_low_t", "heldout_high_t", "modulation_gain_mean",
+            "final_gain", "t_emb_rms", "y_emb_rms", "label_share_block0", "train_s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         cells = []

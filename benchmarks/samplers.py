@@ -56,11 +56,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import mapdit  # noqa: E402,F401  (before torch: sets the OpenMP wait policy)
-import torch  # noqa: E402
+import mapdit  # noqa: F401  (before torch: sets the OpenMP wait policy)
 
-from mapdit.errors import UserError  # noqa: E402
-from mapdit.schedulers import DIFFUSERS_SAMPLERS, model_evaluations  # noqa: E402
+# isort: split
+
+import torch
+
+from mapdit.errors import UserError
+from mapdit.schedulers import DIFFUSERS_SAMPLERS, model_evaluations
 
 STEPS = (10, 15, 20, 25, 50)
 BASELINE = ("ddpm", 250)
@@ -172,8 +175,8 @@ def benchmark_run(run_dir: Path, args, log) -> str:
     """Measure the missing cells of one run; returns its cache key."""
     from mapdit.evaluate.fid import default_cache_dir, evaluate_samples, get_extractor
     from mapdit.evaluate.scoring import reference_options
-    from mapdit.sample import sample_images, sample_labels
     from mapdit.runio import read_json, write_json
+    from mapdit.sample import sample_images, sample_labels
     from mapdit.weights import load_model
 
     key, common, config = run_settings(run_dir, args)
@@ -320,7 +323,8 @@ def report(out: Path, run_keys: list[str] | None = None) -> Path:
             if ok and s["sampler"] in DIFFUSERS_SAMPLERS and (best is None or c["nfe"] < best["nfe"]):
                 best = c
         if through:
-            lines += ["", f"Bare forward at batch {through['forward_batch']}: {1000 * through['bare_forward_s']:.2f} ms."]
+            ms = 1000 * through["bare_forward_s"]
+            lines += ["", f"Bare forward at batch {through['forward_batch']}: {ms:.2f} ms."]
         if best is not None:
             b = best["settings"]
             lines += ["", f"Fewest model evaluations within the spread: {b['sampler']} at {b['steps']} steps "

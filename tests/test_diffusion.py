@@ -151,7 +151,8 @@ def test_training_losses_shapes_and_stopped_mean_gradient():
     diffusion = make_diffusion()
     out = torch.randn(N, 2 * C, H, W, requires_grad=True)
     t = torch.tensor([0, 1, 500, 999])
-    losses = diffusion.training_losses(lambda x, tt, y: out * 1.0, torch.rand(N, C, H, W) * 2 - 1, t, torch.zeros(N, dtype=torch.int64))
+    losses = diffusion.training_losses(lambda x, tt, y: out * 1.0, torch.rand(N, C, H, W) * 2 - 1, t,
+                                       torch.zeros(N, dtype=torch.int64))
     for key in ("loss", "mse", "vb"):
         assert losses[key].shape == (N,)
         assert torch.isfinite(losses[key]).all()
@@ -200,7 +201,8 @@ def test_vb_decoder_nll_at_step_zero_matches_direct_computation():
     eps_model = noise + 0.3 * torch.randn(N, C, H, W)  # imperfect eps so the mean is off the bin centre
     v = torch.full((N, C, H, W), 0.2)
     t = torch.zeros(N, dtype=torch.int64)
-    losses = diffusion.training_losses(lambda x, tt, y: torch.cat([eps_model, v], 1), x0, t, torch.zeros(N, dtype=torch.int64), noise=noise)
+    losses = diffusion.training_losses(lambda x, tt, y: torch.cat([eps_model, v], 1), x0, t,
+                                       torch.zeros(N, dtype=torch.int64), noise=noise)
 
     x_t = math.sqrt(abar[0]) * x0.double() + math.sqrt(1 - abar[0]) * noise.double()
     mean = (x_t - math.sqrt(1 - abar[0]) * eps_model.double()) / math.sqrt(abar[0])  # posterior mean at t=0 is x0_hat
@@ -224,7 +226,8 @@ def test_fixed_variance_loss_is_mse():
     diffusion = make_diffusion(learn_sigma=False)
     weight = torch.randn(C, C)
     model = lambda x, t, y: torch.einsum("dc,nchw->ndhw", weight, x)  # noqa: E731
-    losses = diffusion.training_losses(model, torch.randn(N, C, H, W), torch.tensor([0, 5, 50, 999]), torch.zeros(N, dtype=torch.int64))
+    losses = diffusion.training_losses(model, torch.randn(N, C, H, W), torch.tensor([0, 5, 50, 999]),
+                                       torch.zeros(N, dtype=torch.int64))
     assert torch.equal(losses["loss"], losses["mse"])
     assert torch.all(losses["vb"] == 0) and torch.all(losses["mse"] > 0)
 
@@ -232,7 +235,8 @@ def test_fixed_variance_loss_is_mse():
 def test_wrong_output_channels_raise():
     diffusion = make_diffusion()
     with pytest.raises(ValueError, match="channels"):
-        diffusion.training_losses(lambda x, t, y: x, torch.randn(N, C, H, W), torch.zeros(N, dtype=torch.int64), torch.zeros(N, dtype=torch.int64))
+        diffusion.training_losses(lambda x, t, y: x, torch.randn(N, C, H, W), torch.zeros(N, dtype=torch.int64),
+                                  torch.zeros(N, dtype=torch.int64))
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -275,12 +279,14 @@ def test_ddim_eta0_is_deterministic_and_ignores_generator():
     diffusion = make_diffusion(1000, sampling_steps=10)
     y = torch.arange(N)
     noise = torch.randn(N, C, H, W, generator=torch.Generator().manual_seed(7))
-    a = sample_ddim(toy_model, diffusion, (N, C, H, W), y, eta=0.0, noise=noise, generator=torch.Generator().manual_seed(1))
-    b = sample_ddim(toy_model, diffusion, (N, C, H, W), y, eta=0.0, noise=noise.clone(), generator=torch.Generator().manual_seed(2))
+    shape = (N, C, H, W)
+    a = sample_ddim(toy_model, diffusion, shape, y, eta=0.0, noise=noise, generator=torch.Generator().manual_seed(1))
+    b = sample_ddim(toy_model, diffusion, shape, y, eta=0.0, noise=noise.clone(),
+                    generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and torch.isfinite(a).all()
     # eta > 0 does consume the generator, so different generators now give different samples.
-    c = sample_ddim(toy_model, diffusion, (N, C, H, W), y, eta=1.0, noise=noise, generator=torch.Generator().manual_seed(1))
-    d = sample_ddim(toy_model, diffusion, (N, C, H, W), y, eta=1.0, noise=noise, generator=torch.Generator().manual_seed(2))
+    c = sample_ddim(toy_model, diffusion, shape, y, eta=1.0, noise=noise, generator=torch.Generator().manual_seed(1))
+    d = sample_ddim(toy_model, diffusion, shape, y, eta=1.0, noise=noise, generator=torch.Generator().manual_seed(2))
     assert not torch.allclose(c, d)
 
 
@@ -345,7 +351,8 @@ def test_oracle_gaussian_data_distribution_is_recovered(sampler, eta):
     torch.testing.assert_close(out.mean(0), mu[0], rtol=0, atol=0.05)
     expected_std = predicted_output_std(sampler, eta, steps, sd)
     assert 0.7 * sd < expected_std < sd
-    torch.testing.assert_close(out.std(0).mean().double(), torch.tensor(expected_std, dtype=torch.float64), rtol=0.02, atol=0)
+    torch.testing.assert_close(out.std(0).mean().double(), torch.tensor(expected_std, dtype=torch.float64),
+                               rtol=0.02, atol=0)
 
 
 # ----------------------------------------------------------------------------- guidance

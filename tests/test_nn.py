@@ -5,8 +5,18 @@ import pytest
 import torch
 
 from mapdit.fused import FusedMPEmbedding, FusedMPLinear, project_mp_weights_
-from mapdit.nn import (MPEmbedding, MPLinear, cosine_attention, magnitude, mp_sincos_pos_embed_2d, mp_silu,
-                       mp_sum, normalize, rotate_pairs, sincos_pos_embed_2d)
+from mapdit.nn import (
+    MPEmbedding,
+    MPLinear,
+    cosine_attention,
+    magnitude,
+    mp_silu,
+    mp_sincos_pos_embed_2d,
+    mp_sum,
+    normalize,
+    rotate_pairs,
+    sincos_pos_embed_2d,
+)
 
 # Sample sizes below give a standard error of the RMS well under 1 %; 3 % tolerances leave room for it.
 TOL = 0.03
@@ -102,7 +112,8 @@ def test_rotation_pairings_differ_by_a_channel_permutation():
 
 def test_mp_positional_encoding_has_unit_rms_tokens():
     raw = sincos_pos_embed_2d(64, 6, 6)
-    assert torch.allclose(raw.pow(2).mean(dim=1).sqrt(), torch.full((36,), 1 / math.sqrt(2), dtype=torch.float64), atol=1e-9)
+    half = torch.full((36,), 1 / math.sqrt(2), dtype=torch.float64)
+    assert torch.allclose(raw.pow(2).mean(dim=1).sqrt(), half, atol=1e-9)
     mp = mp_sincos_pos_embed_2d(64, 6, 6)
     assert torch.allclose(mp, raw * math.sqrt(2), atol=1e-3)
 

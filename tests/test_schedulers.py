@@ -15,8 +15,13 @@ from mapdit.diffusion import GaussianDiffusion, linear_betas, respace_betas
 from mapdit.errors import UserError
 from mapdit.model import DiT
 from mapdit.samplers import SAMPLER_CHOICES, classifier_free_guidance, sample, sample_ddim
-from mapdit.schedulers import (DIFFUSERS_SAMPLERS, make_scheduler, model_evaluations, sample_diffusers,
-                               sample_with_scheduler)
+from mapdit.schedulers import (
+    DIFFUSERS_SAMPLERS,
+    make_scheduler,
+    model_evaluations,
+    sample_diffusers,
+    sample_with_scheduler,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3

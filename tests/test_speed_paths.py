@@ -15,11 +15,25 @@ import torch.nn.functional as F
 
 from mapdit import config as config_module
 from mapdit.config import PRESETS, make_config
-from mapdit.fused import (FAST_PATHS, FusedMPLinear, _CosineQKV, _MulAdd, _NormalizedLinearRows, _NormalizedWeight,
-                          _row_rms, _RowNormalize, mul_add, normalize_qk, normalize_rows, project_mp_weights_,
-                          reference_enabled, reference_math, scale_rotate_pairs)
+from mapdit.fused import (
+    FAST_PATHS,
+    FusedMPLinear,
+    _CosineQKV,
+    _MulAdd,
+    _NormalizedLinearRows,
+    _NormalizedWeight,
+    _row_rms,
+    _RowNormalize,
+    mul_add,
+    normalize_qk,
+    normalize_rows,
+    project_mp_weights_,
+    reference_enabled,
+    reference_math,
+    scale_rotate_pairs,
+)
 from mapdit.model import DiT
-from mapdit.nn import (EPS, MPEmbedding, MPLinear, cosine_attention, mp_gelu, mp_silu, normalize, rotate_pairs)
+from mapdit.nn import EPS, MPEmbedding, MPLinear, cosine_attention, mp_gelu, mp_silu, normalize, rotate_pairs
 
 MODULATIONS = ["adaln", "scale", "shift", "rotate", "scale+rotate"]
 CASES = [(p, "adaln") for p in PRESETS] + [("E", m) for m in MODULATIONS if m != "adaln"]  # presets, modulations

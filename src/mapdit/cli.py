@@ -16,8 +16,21 @@ def build_parser():
     # The command modules load torch and the library. They are imported here, inside main's signals.held(),
     # not at the top: a SIGTERM or Ctrl-C that comes while mapdit starts is then held for training instead
     # of killing the process half-way (mapdit.signals), from the moment mapdit's code runs.
-    from .commands import (OneLineParser, ablate, demo, ema, fid, finite_floats_everywhere, fmnist_classifier,
-                           magnitudes, model_info, prepare, sample, study, train)
+    from .commands import (
+        OneLineParser,
+        ablate,
+        demo,
+        ema,
+        fid,
+        finite_floats_everywhere,
+        fmnist_classifier,
+        magnitudes,
+        model_info,
+        prepare,
+        sample,
+        study,
+        train,
+    )
 
     parser = OneLineParser(prog="mapdit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -5,8 +5,9 @@ that draws 1,000 samples with them and scores them.
 The recipe (docs/diagnosis.md has the measurements behind every number): DiT-XXS/4 (1.5M parameters),
 2000 steps of batch 64 (about two epochs) at learning rate 3e-2 -- at this batch MP's unit-norm weights
 want a larger rotation per step than the paper's 1e-2 -- with every default of Config E (smooth noise-level
-embedding, DiT's GELU, balanced conditioning). Grid: DPM-Solver++(2M) 20 steps (the default sampler), guidance 4 (DiT's default; at 500
-samples 3 -> 4 raised the conditioning accuracy 0.86 -> 0.89 at equal FD), EMA width sigma_rel 0.10.
+embedding, DiT's GELU, balanced conditioning). Grid: DPM-Solver++(2M) 20 steps (the default sampler),
+guidance 4 (DiT's default; at 500 samples 3 -> 4 raised the conditioning accuracy 0.86 -> 0.89 at equal FD),
+EMA width sigma_rel 0.10.
 """
 from __future__ import annotations
 

@@ -225,7 +225,8 @@ class GaussianDiffusion:
             "sqrt_recipm1_alphas_cumprod", t, x_t
         )
 
-    def p_mean_variance(self, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False) -> dict:
+    def p_mean_variance(self, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                        clip_denoised: bool = False) -> dict:
         """Moments of p(x_{t-1} | x_t) from a model output; t indexes THIS (possibly respaced) chain.
 
         Learned range: log var = frac * log beta_t + (1 - frac) * log beta_tilde_t, frac = (v + 1) / 2.
@@ -255,7 +256,8 @@ class GaussianDiffusion:
 
     # -- training --------------------------------------------------------------
 
-    def vb_terms_bits(self, model_out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def vb_terms_bits(self, model_out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
+                      t: torch.Tensor) -> torch.Tensor:
         """(N,) variational-bound term in bits: KL(q(x_{t-1}|x_t,x_0) || p) for t > 0, decoder NLL at t == 0."""
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, x_t, t)
         p = self.p_mean_variance(model_out, x_t, t)
@@ -265,7 +267,8 @@ class GaussianDiffusion:
         ) / math.log(2.0)
         return torch.where(t.to(kl.device) == 0, decoder_nll, kl)
 
-    def training_losses(self, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, noise: torch.Tensor | None = None) -> dict:
+    def training_losses(self, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                        noise: torch.Tensor | None = None) -> dict:
         """Hybrid loss per sample: loss = mse(eps) + vb (vb only when learn_sigma).
 
         The vb term sees the eps half detached ("stopped mean"), so it only trains the variance.
@@ -285,7 +288,8 @@ class GaussianDiffusion:
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
 
-def make_diffusion(num_steps: int = 1000, sampling_steps: int | None = None, learn_sigma: bool = True) -> GaussianDiffusion:
+def make_diffusion(num_steps: int = 1000, sampling_steps: int | None = None,
+                   learn_sigma: bool = True) -> GaussianDiffusion:
     """DiT diffusion: linear betas over `num_steps`; respaced to `sampling_steps` evenly strided steps if given."""
     betas = linear_betas(num_steps)
     if sampling_steps is None:

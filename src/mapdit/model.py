@@ -32,10 +32,27 @@ from torch import nn
 
 from .config import MODULATION_PARTS, ModelConfig
 from .diffusion import linear_betas
-from .fused import (FusedMPEmbedding, FusedMPLinear, mul_add, normalize_qk, project_mp_weights_, reference_enabled,
-                    scale_rotate_pairs)
-from .nn import (GELU_RMS, SILU_RMS, MPActivation, modulate, mp_fourier, mp_sincos_pos_embed_2d, mp_sum,
-                 mp_sum_coefficients, normalize, sincos_pos_embed_2d)
+from .fused import (
+    FusedMPEmbedding,
+    FusedMPLinear,
+    mul_add,
+    normalize_qk,
+    project_mp_weights_,
+    reference_enabled,
+    scale_rotate_pairs,
+)
+from .nn import (
+    GELU_RMS,
+    SILU_RMS,
+    MPActivation,
+    modulate,
+    mp_fourier,
+    mp_sincos_pos_embed_2d,
+    mp_sum,
+    mp_sum_coefficients,
+    normalize,
+    sincos_pos_embed_2d,
+)
 
 FREQ_DIM = 256  # width of the timestep features (DiT's frequency_embedding_size)
 

@@ -318,7 +318,7 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
     try:
         f = open(path, "a+")
     except OSError as err:
-        if (user := environment_error(err, run_dir)) is None:
+        if environment_error(err, run_dir) is None:
             raise
         raise UserError(f"cannot write into the run folder {run_dir} ({(err.strerror or str(err)).lower()}): "
                         "training writes checkpoints there; copy the run to a writable place and resume the copy") \

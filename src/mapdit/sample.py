@@ -154,7 +154,8 @@ def sample_grid_from_model(model, data_meta: dict, path: str | Path, *, per_clas
 # Sampling a run (`mapdit sample`, `mapdit demo`)
 # ------------------------------------------------------------------------------------------------
 def sample_run(result_dir: str | Path, *, class_label: int | None = None, num_samples: int | None = None,
-               out: str | None = None, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, cfg_scale: float | None = None,
+               out: str | None = None, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
+               cfg_scale: float | None = None,
                guide_channels: int | None = None, clip_denoised: str = "auto", seed: int = 0,
                batch_size: int = 64, weights: str = "ema", ema_std: float | None = None, ckpt: str | None = None,
                device: str | None = None) -> Path:

@@ -35,7 +35,8 @@ def check_sampler(name: str) -> str:
     return kind
 
 
-def classifier_free_guidance(model_fn: ModelFn, cfg_scale: float, null_class: int, guide_channels: int | None = None) -> ModelFn:
+def classifier_free_guidance(model_fn: ModelFn, cfg_scale: float, null_class: int,
+                             guide_channels: int | None = None) -> ModelFn:
     """Wrap model_fn so eps = eps_u + s * (eps_c - eps_u) on the first `guide_channels` eps channels.
 
     One doubled batch [x, x] with labels [y, null] per call. Channels that are not guided (the rest of
@@ -77,8 +78,9 @@ def _reverse_steps(diffusion: GaussianDiffusion, progress: bool, desc: str):
 
 
 @torch.no_grad()
-def sample_ddpm(model_fn: ModelFn, diffusion: GaussianDiffusion, shape, y: torch.Tensor, noise: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, progress: bool = False, clip_denoised: bool = False) -> torch.Tensor:
+def sample_ddpm(model_fn: ModelFn, diffusion: GaussianDiffusion, shape, y: torch.Tensor,
+                noise: torch.Tensor | None = None, generator: torch.Generator | None = None, progress: bool = False,
+                clip_denoised: bool = False) -> torch.Tensor:
     """Ancestral sampling x_{t-1} = mean + sigma * z with the model's (learned or fixed-small) variance;
     the final step returns the mean without noise. Returns x0 (N, C, H, W)."""
     device = _sampling_device(y, noise)
@@ -99,7 +101,8 @@ def sample_ddpm(model_fn: ModelFn, diffusion: GaussianDiffusion, shape, y: torch
 def sample_ddim(model_fn: ModelFn, diffusion: GaussianDiffusion, shape, y: torch.Tensor, eta: float = 0.0,
                 noise: torch.Tensor | None = None, generator: torch.Generator | None = None, progress: bool = False,
                 clip_denoised: bool = False) -> torch.Tensor:
-    """DDIM (Song et al. 2021, eq. 12): x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
+    """DDIM (Song et al. 2021, eq. 12):
+    x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
     sigma = eta * sqrt((1 - abar_prev) / (1 - abar)) * sqrt(1 - abar / abar_prev). eta=0 is deterministic."""
     device = _sampling_device(y, noise)
     x = _initial_noise(shape, noise, generator, device)
@@ -129,7 +132,8 @@ def sample(model_fn: ModelFn, *, shape, y: torch.Tensor, sampler: str = "ddpm", 
     if not 1 <= steps <= num_train_steps:
         raise UserError(f"steps must be between 1 and {num_train_steps}, got {steps}")
     if cfg_scale != 1 and null_class is None:
-        raise UserError("classifier-free guidance (cfg_scale != 1) needs null_class, the label of the unconditional class")
+        raise UserError("classifier-free guidance (cfg_scale != 1) needs null_class, "
+                        "the label of the unconditional class")
     if cfg_scale != 1:
         model_fn = classifier_free_guidance(model_fn, cfg_scale, null_class, guide_channels)
     if kind in DIFFUSERS_SAMPLERS:

@@ -74,7 +74,8 @@ def make_scheduler(name: str, *, num_train_steps: int = 1000, clip_denoised: boo
         raise UserError(f"unknown diffusers sampler {name!r}; valid names: {', '.join(DIFFUSERS_SAMPLERS)}")
     class_name, options, clip_kind = _SPECS[name]
     cls = getattr(diffusers_schedulers(), class_name)
-    config = dict(options, num_train_timesteps=int(num_train_steps), trained_betas=linear_betas(num_train_steps).tolist(),
+    config = dict(options, num_train_timesteps=int(num_train_steps),
+                  trained_betas=linear_betas(num_train_steps).tolist(),
                   prediction_type="epsilon", timestep_spacing="trailing")
     if clip_kind == "threshold":
         config.update(thresholding=bool(clip_denoised), sample_max_value=1.0)

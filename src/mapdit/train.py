@@ -45,9 +45,8 @@ import torch
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, signals
 from . import distributed as dist_utils
-from . import signals
 from .config import CHOICE_KEYS, MP_OPTIONS, ModelConfig, TrainConfig, make_config
 from .data import IndexStream, load_dataset
 from .diffusion import make_diffusion
@@ -58,9 +57,22 @@ from .evaluate.magnitudes import residual_magnitudes
 from .evaluate.scoring import quick_fid
 from .log import Logger
 from .model import DiT, parameter_breakdown
-from .runio import (DiskFullError, NotWritableError, create_run_dir, environment_error, find_resumable_checkpoint,
-                    latest_run_dir, load_run_config, load_tensors, rewind_run, run_lock, save_checkpoint,
-                    split_prefix, trim_metrics, write_json)
+from .runio import (
+    DiskFullError,
+    NotWritableError,
+    create_run_dir,
+    environment_error,
+    find_resumable_checkpoint,
+    latest_run_dir,
+    load_run_config,
+    load_tensors,
+    rewind_run,
+    run_lock,
+    save_checkpoint,
+    split_prefix,
+    trim_metrics,
+    write_json,
+)
 from .sample import sample_grid_from_model
 from .weights import checkpoint_mismatch, load_prefixed, model_with_weights
 
@@ -673,7 +685,8 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, b
         skipped_files = getattr(data, "skipped", None)
         if skipped_files:
             path0, why0 = skipped_files[0]
-            log.warn(f"skipped {len(skipped_files)} unreadable image file(s) in {tc.data_path} (first: {path0}: {why0})")
+            log.warn(f"skipped {len(skipped_files)} unreadable image file(s) in {tc.data_path} "
+                     f"(first: {path0}: {why0})")
 
         window = ReportWindow(device)
         run_start = time.perf_counter()

@@ -18,8 +18,18 @@ from .config import ModelConfig
 from .ema import list_snapshots, reconstruct
 from .errors import UserError
 from .model import DiT
-from .runio import (CHECKPOINT_RE, DiskFullError, NotWritableError, check_writable, find_resumable_checkpoint,
-                    load_run_config, load_tensors, save_tensors, split_prefix, verify_checkpoint)
+from .runio import (
+    CHECKPOINT_RE,
+    DiskFullError,
+    NotWritableError,
+    check_writable,
+    find_resumable_checkpoint,
+    load_run_config,
+    load_tensors,
+    save_tensors,
+    split_prefix,
+    verify_checkpoint,
+)
 
 
 # ------------------------------------------------------------------------------------------------

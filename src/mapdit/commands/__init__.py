@@ -8,8 +8,17 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..config import (CHOICE_KEYS, CONDITIONINGS, MLP_ACTIVATIONS, MODEL_NAMES, MODULATION_GAINS, MP_OPTIONS,
-                      TIME_EMBEDDINGS, ModelConfig, make_config)
+from ..config import (
+    CHOICE_KEYS,
+    CONDITIONINGS,
+    MLP_ACTIVATIONS,
+    MODEL_NAMES,
+    MODULATION_GAINS,
+    MP_OPTIONS,
+    TIME_EMBEDDINGS,
+    ModelConfig,
+    make_config,
+)
 
 
 # ------------------------------------------------------------------------------------------------

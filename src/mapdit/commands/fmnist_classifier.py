@@ -10,7 +10,9 @@ from ..evaluate.fmnist_classifier import DEFAULT_EPOCHS, train_classifier
 
 def run(args: argparse.Namespace) -> None:
     command = (f"mapdit fmnist-classifier --out {args.out} --epochs {args.epochs} --seed {args.seed} "
-               f"--threads {args.threads}" + ("" if args.data_path == "fashion-mnist" else f" --data-path {args.data_path}"))
+               f"--threads {args.threads}")
+    if args.data_path != "fashion-mnist":
+        command += f" --data-path {args.data_path}"
     result = train_classifier(args.out, epochs=args.epochs, seed=args.seed, threads=args.threads,
                               data_path=args.data_path, command=command,
                               log=lambda m: print(m, file=sys.stderr))

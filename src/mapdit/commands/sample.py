@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_CHOICES
 from ..sample import sample_run
+from ..samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_CHOICES
 
 
 def run(args: argparse.Namespace) -> Path:

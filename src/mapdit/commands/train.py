@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import SNAPSHOT_DTYPES, DEFAULT_SNAPSHOT_DTYPE, TrainConfig, parse_model_name
+from ..config import DEFAULT_SNAPSHOT_DTYPE, SNAPSHOT_DTYPES, TrainConfig, parse_model_name
 from ..train import resolve_run_dir, resume_settings, train
 from . import add_model_args, config_from_args
 
@@ -22,7 +22,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(model=None)  # None: not given (DEFAULT_MODEL for a new run; the run's own on --resume)
     g = p.add_argument_group("training")
     g.add_argument("--data-path", default=None,
-                   help="(default fashion-mnist) 'fashion-mnist', a folder of IDX files, a folder of class subfolders, or prepared latents")
+                   help="(default fashion-mnist) 'fashion-mnist', a folder of IDX files, a folder of class "
+                        "subfolders, or prepared latents")
     g.add_argument("--results-dir", default="results")
     g.add_argument("--num-steps", type=int, default=400_000, help="default 400000 (on --resume: the run's own)")
     g.add_argument("--global-batch-size", "--batch-size", dest="batch_size", type=int, default=256)

@@ -44,8 +44,17 @@ from tqdm import tqdm
 from mapdit import distributed as dist_utils
 from mapdit.data import image_folder, uint8_to_model
 from mapdit.data.latents import (
-    FORMAT, INDEX_NAME, SETTINGS_NAME, json_digest, load_vae, read_marker, shard_name, vae_downsample,
-    vae_reference, write_index, write_shard,
+    FORMAT,
+    INDEX_NAME,
+    SETTINGS_NAME,
+    json_digest,
+    load_vae,
+    read_marker,
+    shard_name,
+    vae_downsample,
+    vae_reference,
+    write_index,
+    write_shard,
 )
 from mapdit.errors import UserError
 from mapdit.runio import read_json, write_json

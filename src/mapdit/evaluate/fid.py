@@ -416,7 +416,7 @@ class InceptionFeatures(FeatureExtractor):
                 model = FeatureExtractorInceptionV3(
                     "inception-v3-compat", ["2048"],
                     feature_extractor_weights_path=None if weights_path is None else str(weights_path))
-        except pickle.UnpicklingError as err:
+        except pickle.UnpicklingError:
             raise UserError(f"Inception weights {weights_path} hold more than tensors; refusing to unpickle "
                             f"them: {how_to_get}") from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
@@ -612,7 +612,8 @@ def reference_stats(
     cache_file = None
     if cache_dir is not None:
         slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(resolved).name)[:40] or "ref"
-        cache_file = Path(cache_dir).expanduser() / f"ref-{kind}-{slug}-{ext.name}-n{num_samples or 'all'}-{key}.safetensors"
+        name = f"ref-{kind}-{slug}-{ext.name}-n{num_samples or 'all'}-{key}.safetensors"
+        cache_file = Path(cache_dir).expanduser() / name
         if cache_file.is_file():
             try:
                 stats = FeatureStats.load(cache_file)
@@ -638,8 +639,8 @@ def _reference_images(kind, resolved, ref, split, num_samples, data_options, ext
     if kind == "adm-npz":
         with np.load(resolved, allow_pickle=False) as npz:
             if "arr_0" not in npz.files:
-                raise UserError(f"{resolved} has no images (arr_0){' and no mu/sigma' if 'mu' not in npz.files else ''}: "
-                                "is it an ADM reference batch?")
+                no_stats = " and no mu/sigma" if "mu" not in npz.files else ""
+                raise UserError(f"{resolved} has no images (arr_0){no_stats}: is it an ADM reference batch?")
             arr = npz["arr_0"]
         if arr.dtype != np.uint8 or arr.ndim != 4:
             raise UserError(f"{resolved}: arr_0 must be uint8 (N, H, W, C), got {arr.dtype} {arr.shape}")

@@ -64,7 +64,10 @@ def heldout_for_run(run_dir: str | Path, weights: str = "ema", ema_std: float | 
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     step, _ = resolve_checkpoint(run_dir, None)
-    tag = "raw" if weights == "raw" else f"ema{(ema_std if ema_std is not None else min(config['train']['ema_stds'])):.3f}"
+    if weights == "raw":
+        tag = "raw"
+    else:
+        tag = f"ema{(ema_std if ema_std is not None else min(config['train']['ema_stds'])):.3f}"
     cache = run_dir / "eval" / f"heldout-{tag}-step{step:07d}-n{num_images}-seed{seed}-{split}.json"
     if cache.is_file():
         return read_json(cache)

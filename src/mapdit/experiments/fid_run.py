@@ -27,8 +27,14 @@ from mapdit import distributed as dist_utils
 from mapdit.distributed import on_main
 from mapdit.errors import UserError
 from mapdit.evaluate.fid import default_cache_dir, evaluate_samples
-from mapdit.evaluate.scoring import (DEFAULT_CACHE, check_sampling, default_features, default_reference, extractor,
-                                     reference_options)
+from mapdit.evaluate.scoring import (
+    DEFAULT_CACHE,
+    check_sampling,
+    default_features,
+    default_reference,
+    extractor,
+    reference_options,
+)
 from mapdit.runio import check_writable, claim_new_path, load_run_config, write_json
 from mapdit.sample import sample_images, sample_labels, save_npz
 from mapdit.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
