@@ -1,11 +1,11 @@
 # Two entry points: `make demo` (train a small MaP-DiT on Fashion-MNIST, sample, write a grid)
-# and `make test` (the test suite). Both set everything up on a fresh machine.
+# and `make test` (the linter, then the test suite). Both set everything up on a fresh machine.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data demo test
+.PHONY: setup data demo lint test
 
 $(BIN)/mapdit: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,5 +24,8 @@ data:
 demo: setup data
 	$(BIN)/mapdit demo
 
-test: setup data
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup data lint
 	$(BIN)/python -m pytest -q
