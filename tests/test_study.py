@@ -1,20 +1,25 @@
-"""`mapdit study` (mapdit.experiments.study, .results): the resumable runner over the five studies and the RESULTS.md writer.
+"""`mapdit study` (mapdit.experiments.study, .results, .budgets): the resumable runner over its six parts and
+the RESULTS.md writer.
 
-The end-to-end test trains tiny variants (DiT-XXS/4, 2 steps, batch 8, 16 samples of 3 DDIM steps, one
-seed); the other tests work on stored (made-up) results or a stubbed `run_ablation`, so they train nothing.
+The end-to-end test trains tiny runs (DiT-XXS/4, 2 steps, batch 8, 16 samples of 3 dpm++2m steps, seeds 0
+and 1); the other tests work on stored (made-up) results or a stubbed `run_ablation`, so they train nothing.
 """
 import csv
+import dataclasses
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 import mapdit.cli
+from mapdit.config import MP_OPTIONS
 from mapdit.data import fashion_mnist
 from mapdit.errors import UserError
-from mapdit.experiments import results, study
-from mapdit.experiments.budgets import ScoreBudget, TrainBudget
+from mapdit.experiments import budgets, results, study
+from mapdit.experiments.ablate import _parameters
 from mapdit.runio import write_json
 
 needs_fmnist = pytest.mark.skipif(not fashion_mnist.has_idx_files(fashion_mnist.default_dir()),
@@ -39,63 +44,240 @@ def _csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _fake_run(out: Path, arm: str, lr: float, seed: int, value: float | None = None, acc: float = 0.5,
+              params: int = 1000, mags: dict | None = None, diverged_at: int | None = None) -> None:
+    """A stored run of `arm` (by name) at `lr`, as `train_arm` leaves it: a result JSON (FD `value`, accuracy
+    `acc`) or, with `diverged_at`, a divergence record. No model: its held-out error is "-"."""
+    a = budgets.arm_by_name(arm)
+    folder = results.run_folder(out, a.name, lr)
+    if diverged_at is not None:
+        write_json(folder / "diverged" / f"{a.name}-seed{seed}.json",
+                   {"arm": a.name, "config": a.config, "seed": seed, "lr": lr, "diverged_at_step": diverged_at})
+        return
+    run = folder / "runs" / f"{a.config}-{a.modulation}-seed{seed}" / "000-DiT-XXS-4"
+    run.mkdir(parents=True)
+    (run / "metrics.csv").write_text("step,images_per_s,elapsed_s\n10,100,1.5\n20,110,3.0\n")
+    mags_csv = None
+    if mags:
+        mags_csv = run / "eval" / "magnitudes.csv"
+        mags_csv.parent.mkdir()
+        mags_csv.write_text("step,quantity,block,value\n" + "".join(
+            f"{step},{q},{b},{v}\n" for step, values in mags.items() for q in ("residual", "weight_qkv")
+            for b, v in enumerate(values)))
+    write_json(folder / "results" / f"{a.config}-{a.modulation}-seed{seed}.json", {
+        "name": f"{a.config}-{a.modulation}-seed{seed}", "variant": f"{a.config}-{a.modulation}",
+        "config": a.config, "modulation": a.modulation, "seed": seed, "run_dir": str(run),
+        "settings": {"lr": lr}, "parameters": params, "metric": "fd_fmnist", "value": value,
+        "conditioning_accuracy": acc, "magnitudes_csv": None if mags_csv is None else str(mags_csv)})
+
+
+def _settings(**kw) -> budgets.StudyBudget:
+    return dataclasses.replace(budgets.FULL, **kw)
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 @needs_fmnist
-def test_study_runs_every_study_then_skips_finished_variants(tmp_path, capsys):
+def test_study_runs_every_part_then_skips_finished_runs(tmp_path, capsys):
     out, md, docs = tmp_path / "study", tmp_path / "RESULTS.md", tmp_path / "docs" / "results"
-    args = ["study", "--configs", "A,E", "--modulations", "adaln,scale+rotate", "--lrs", "1e-2",
-            "--model", "DiT-XXS/4", "--num-steps", 2, "--batch-size", 8, "--seeds", 0, "--fid-samples", 16,
-            "--sampling-steps", 3, "--num-ref", 200, "--sample-batch-size", 8, "--magnitude-batch-size", 8,
-            "--ema-snapshots", 2, "--log-every", 1, "--ema-sweep", "0.05,0.08", "--cache-dir", tmp_path / "cache",
-            "--out", out, "--results-md", md, "--docs-dir", docs]
+    args = ["study", "--configs", "A,E", "--rates", "A=1e-4/1e-2,E=1e-2", "--components", "E-table",
+            "--modulations", "adaln,scale+rotate", "--model", "DiT-XXS/4", "--num-steps", 2, "--checkpoints", "1,2",
+            "--heldout-images", 100,
+            "--batch-size", 8, "--seeds", "0,1", "--fid-samples", 16, "--sampling-steps", 3, "--num-ref", 200,
+            "--sample-batch-size", 8, "--magnitude-batch-size", 8, "--ema-snapshots", 2, "--log-every", 1,
+            "--cache-dir", tmp_path / "cache", "--out", out, "--results-md", md, "--docs-dir", docs]
     assert run_cli(args) == 0
     first = capsys.readouterr()
     assert first.out.strip().splitlines()[-1] == str(md)
-    # one table row per variant, in every study folder
-    assert [r["variant"] for r in _csv(out / "configs" / "ablation.csv")] == ["A-adaln", "E-adaln"]
-    assert [r["variant"] for r in _csv(out / "modulation" / "ablation.csv")] == ["E-adaln", "E-scale+rotate+gate"]
-    assert sorted(p.name for p in (out / "lr" / "lr1e-02" / "results").glob("*.json")) == \
-        ["A-adaln-seed0.json", "E-adaln-seed0.json"]
-    # shared variants are trained once (E-adaln: configs -> modulation; E at its default 1e-2 -> lr)
-    assert first.err.count("training DiT-XXS/4") == 4
-    assert "reused from the configs study" in first.err
-    ema = json.loads((out / "ema" / "ema.json").read_text())
-    assert sorted(ema["points"]) == ["0.050", "0.080"] and all(p["value"] > 0 for p in ema["points"].values())
-    assert "post-hoc" in ema["points"]["0.080"]["weights"] and "tracked" in ema["points"]["0.050"]["weights"]
-    for png in ("residual_A_vs_E.png", "fd_vs_ema_width.png", "A_vs_E.png"):
+    # runs shared between parts are trained once: 3 rates, E-table, the two per-modulator arms (adaln,
+    # scale+rotate), seed 1 of the five arms of the headline comparisons
+    assert "11 runs, 0 already finished, 11 to train" in first.err
+    assert first.err.count("training DiT-XXS/4") == 11
+    assert first.err.count("skipped, already finished") == 5  # seed 0 of the five seed arms
+    settings = budgets.StudyBudget.from_dict(json.loads((out / "study.json").read_text())["settings"])
+    best = results.best_rates(out, settings, ["A", "E"])
+    rates_a = {r["lr"]: r for r in results.rate_records(out, settings, "A", heldout=False)}
+    assert best["E"] == 1e-2
+    assert best["A"] == min(rates_a, key=lambda lr: (rates_a[lr]["value"], -rates_a[lr]["accuracy"]))
+    assert f"best rates: A {best['A']:g}, E 0.01" in first.err
+    records = [results.run_record(out, budgets.arm_by_name(n), best[budgets.arm_by_name(n).config], s, settings)
+               for n in ("A", "E", "E-pm-adaln", "E-pm-scale+rotate", "E-table") for s in (0, 1)]
+    assert all(r["status"] == "finished" and r["heldout"] > 0 for r in records)
+    # every scored run keeps its samples; the variant trained what its arm says (one field off E)
+    for r in records:
+        npz = Path(r["result"]["samples_npz"])
+        assert npz.is_file() and npz.parent == Path(r["run_dir"]) / "eval" and npz.name.startswith("samples-")
+    table = json.loads((Path(records[-1]["run_dir"]) / "config.json").read_text())["model"]
+    expected = budgets.arm_config("DiT-XXS/4", budgets.arm_by_name("E-table")).to_dict()
+    sizes = ("input_size", "in_channels", "num_classes")
+    assert {k: v for k, v in table.items() if k not in sizes} == {k: v for k, v in expected.items() if k not in sizes}
+    assert table["time_embedding"] == "table" and table["mp_residual"] is True
+    pm = json.loads((Path(records[4]["run_dir"]) / "config.json").read_text())["model"]  # E-pm-adaln, seed 0
+    assert pm["modulation_gains"] == "per-modulator" and pm["modulation"] == "adaln"
+    for png in ("residual_per_block.png", "A_vs_E.png"):
         assert (docs / png).is_file() and (docs / png).read_bytes()[:4] == b"\x89PNG"
     text = md.read_text()
-    assert "| A | default | 0 |" in text and "| scale+rotate | 0 |" in text and "| A | 0.01 | 0 | no |" in text
-    assert "](docs/results/A_vs_E.png)" in text and "--num-steps 2" in text
+    for section in ("## 1. Headline verdicts", "## 2. Learning rates", "## 3. Which MP components",
+                    "## 4. Modulation", "## 5. Samples", "## 6. Residual stream", "## Against the paper"):
+        assert section in text
+    assert "| E-table | upstream's learned timestep table |" in text
+    assert "| scale+rotate |" in text and "](docs/results/A_vs_E.png)" in text and "--num-steps 2" in text
+    assert "| full MP vs the baseline (each at its best rate): E (lr 0.01) vs A" in text
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("**/checkpoints/*")}
+    for r in records:  # every kept checkpoint (Figure 5 reads them)
+        assert {p.name for p in (Path(r["run_dir"]) / "checkpoints").glob("*.safetensors")} >= \
+            {"step-0000001.safetensors", "step-0000002.safetensors"}
     first_elapsed = json.loads((out / "study.json").read_text())["elapsed_s"]
-    runs = sorted(out.glob("**/runs/*/*"))
-    assert len(runs) == 4
 
-    # rerun: every variant skipped, nothing trained or sampled again, the same tables
+    # rerun: every run skipped, nothing trained or sampled again, the same document
     assert run_cli(args) == 0
     err = capsys.readouterr().err
+    assert "11 runs, 11 already finished, 0 to train" in err
     assert "training DiT-XXS/4" not in err and "resuming" not in err and "sampling" not in err
-    assert err.count("skipped, already finished") == 6  # configs 2, modulation 2, lr 2
+    assert err.count("skipped, already finished") == 16  # rates 3, E-table, modulation 2, seeds 10
     assert "grid: skipped" in err
     assert {p: p.stat().st_mtime_ns for p in out.glob("**/checkpoints/*")} == stamps
-    assert sorted(out.glob("**/runs/*/*")) == runs
-    import re
 
-    def budget_less_total(t):  # the study's total time grows by the rerun's few seconds
-        return re.sub(r"Whole study \(.*?\): \d+ min", "", t.split("## Budget")[1])
+    def timeless(t):  # the study's total time grows by the rerun's few seconds
+        return re.sub(r"Whole study \(.*?\): \d+ min", "", t)
 
     assert "Whole study (training, scoring, plots" in text
-    assert budget_less_total(md.read_text()) == budget_less_total(text)
-    elapsed = json.loads((out / "study.json").read_text())["elapsed_s"]
-    assert elapsed > first_elapsed > 0  # summed over both invocations
+    assert timeless(md.read_text()) == timeless(text)
+    assert json.loads((out / "study.json").read_text())["elapsed_s"] > first_elapsed > 0
+
+    # the report can be regenerated from a moved copy of the study folder (stored run paths are relocated)
+    moved = tmp_path / "elsewhere" / "study"
+    shutil.copytree(out, moved)
+    shutil.rmtree(out / "runs" / "E-table")  # the original is not read
+    assert run_cli(["study", "--report-only", "--out", moved, "--results-md", tmp_path / "R2.md", "--docs-dir",
+                    tmp_path / "d2", "--components", "E-table", "--modulations", "adaln,scale+rotate"]) == 0
+    moved_text = (tmp_path / "R2.md").read_text()
+    assert moved_text.split("## 1.")[1].split("## 5.")[0] == text.split("## 1.")[1].split("## 5.")[0]
+    assert "not run yet" not in moved_text.split("## 1.")[1].split("## 2.")[0]
+    assert "](d2/residual_per_block.png)" in moved_text and (tmp_path / "d2" / "A_vs_E.png").is_file()
+    shutil.rmtree(moved)
 
     # another budget in the same folder is refused
-    assert run_cli([*args[:-6], "--num-steps", 3, "--out", out, "--results-md", md]) == 2
+    assert run_cli([*args[:-6], "--num-steps", 3, "--checkpoints", "3", "--out", out, "--results-md", md]) == 2
     assert "other settings" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------------------------------------ lr divergence
+# ------------------------------------------------------------------------------------------------ best rates
+def test_runner_picks_each_configs_best_rate_from_finished_runs(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "study"
+    settings = _settings(rates={"A": [1e-4, 3e-3, 1e-2, 3e-2], "E": [1e-2, 3e-2, 1e-1]})
+    _fake_run(out, "A", 1e-4, 0, 100.0)
+    _fake_run(out, "A", 3e-3, 0, 50.0, acc=0.6)
+    _fake_run(out, "A", 1e-2, 0, diverged_at=12)
+    _fake_run(out, "A", 3e-2, 0, 50.0, acc=0.7)  # ties 3e-3 on FD, higher accuracy
+    _fake_run(out, "E", 1e-2, 0, 80.0)
+    _fake_run(out, "E", 3e-2, 0, 60.0)
+    _fake_run(out, "E", 1e-1, 0, diverged_at=3)
+    _fake_run(out, "E-table", 1e-1, 0, 1.0)  # another arm: not a rate of E
+    _fake_run(out, "E", 3e-2, 1, 1.0)  # another seed: not a rate run
+    records = results.rate_records(out, settings, "A")
+    assert [r["status"] for r in records] == ["finished", "finished", "diverged", "finished"]
+    assert results.best_rate("A", records) == 3e-2 and results.best_rate("E", records) is None
+    assert results.best_rates(out, settings, ["A", "E"]) == {"A": 3e-2, "E": 3e-2}
+    assert results.best_rate("E", [{"arm": "E", "lr": 1e-2, "status": "finished", "value": float("nan")},
+                                 {"arm": "E", "lr": 3e-2, "status": "diverged", "value": None}]) is None
+
+    # later parts train at the best rate of their config
+    calls = []
+
+    def fake_ablation(budget, score, *, configs, modulations, seeds, out, overrides, **kw):
+        calls.append((configs[0], modulations[0], seeds[0], budget.lr, overrides))
+        return {"trained": ["x"], "skipped": [], "results": []}
+
+    monkeypatch.setattr("mapdit.experiments.ablate.run_ablation", fake_ablation)
+    common = {"out": out, "rates": settings.rates, "results_md": None, "progress": False}
+    study.run_study(studies=["components", "modulation", "seeds"], **common)
+    assert calls and all(c[3] == 3e-2 for c in calls)
+    assert ("E", "adaln", 0, 3e-2, {"cosine_attention": False}) in calls
+    assert ("E", "adaln", 0, 3e-2, {"time_embedding": "table"}) in calls
+    per_modulator = {"modulation_gains": "per-modulator"}
+    assert ("E", "scale+rotate", 0, 3e-2, per_modulator) in calls
+    assert ("E", "adaln", 0, 3e-2, per_modulator) in calls  # the modulation part's adaln is a run of its own
+    # seed 0 of A and E (the rates part's runs) and E's stored seed 1 are reused, not retrained
+    assert {(c[0], c[2]) for c in calls if c[4] == {} and c[1] == "adaln"} == {("A", 1), ("A", 2), ("E", 2)}
+
+    # a part that needs a best rate refuses, in one line, until `rates` has finished for its config
+    for p in out.glob("runs/E/lr1e-01/diverged/*.json"):
+        p.unlink()
+    capsys.readouterr()
+    assert run_cli(["study", "--studies", "seeds", "--out", out, "--rates", "A=1e-4/3e-3/1e-2/3e-2,E=1e-2/3e-2/1e-1",
+                    "--results-md", tmp_path / "R.md"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].count("\n") == 0 and "needs Config E's best rate" in err[-1] and "0.1" in err[-1]
+
+
+# ------------------------------------------------------------------------------------------------ components
+def test_every_component_variant_differs_from_E_in_exactly_one_field():
+    e = budgets.arm_config("DiT-XXS/4", budgets.BASE_ARMS["E"]).to_dict()
+    assert all(e[o] for o in MP_OPTIONS) and e["time_embedding"] is None and e["mlp_activation"] == "gelu"
+    assert e["modulation_gains"] == "shared"
+    # the modulation part's reference: E with per-modulator gains (one field off E); each other modulation
+    # differs from that reference in the modulation only
+    pm = budgets.arm_config("DiT-XXS/4", budgets.modulation_arms()["adaln"]).to_dict()
+    assert {k: pm[k] for k in e if pm[k] != e[k]} == {"modulation_gains": "per-modulator"}
+    turned_off, others = [], {}
+    arms = {**budgets.component_arms(), **{a.name: a for m, a in budgets.modulation_arms().items() if m != "adaln"}}
+    for name, arm in arms.items():
+        cfg = budgets.arm_config("DiT-XXS/4", arm).to_dict()
+        ref = pm if name.startswith("E-pm-") else e
+        changed = {k for k in ref if cfg[k] != ref[k]}
+        assert len(changed) == 1, (name, changed)
+        field = changed.pop()
+        if field in MP_OPTIONS:
+            assert cfg[field] is False and name == f"E-{field}"
+            turned_off.append(field)
+        else:
+            others[name] = (field, cfg[field])
+        assert _parameters(cfg) > 0  # each variant builds
+    assert _parameters(pm) > _parameters(e)  # a learned gain per modulator
+    assert sorted(turned_off) == sorted(MP_OPTIONS)  # each option left out exactly once
+    assert others == {"E-table": ("time_embedding", "table"), "E-mp-sinusoid": ("time_embedding", "mp-sinusoid"),
+                      "E-silu": ("mlp_activation", "silu"), "E-pm-scale": ("modulation", "scale+gate"),
+                      "E-pm-shift": ("modulation", "shift+gate"), "E-pm-rotate": ("modulation", "rotate+gate"),
+                      "E-pm-scale+rotate": ("modulation", "scale+rotate+gate")}
+
+
+# ------------------------------------------------------------------------------------------------ verdicts
+def test_verdict_needs_agreeing_seeds_and_a_difference_beyond_their_spread():
+    v = results.verdict
+    assert v([-5.0, -6.0, -4.0], "lower", "E", "A") == "E better"
+    assert v([5.0, 6.0, 4.0], "lower", "E", "A") == "A better"
+    assert v([0.10, 0.12, 0.11], "higher", "E", "A") == "E better"
+    assert v([-0.10, -0.12, -0.11], "higher", "E", "A") == "A better"
+    assert v([-5.0, 1.0, -4.0], "lower", "E", "A") == "within noise"  # the seeds disagree in sign
+    assert v([-1.0, -10.0, -0.5], "lower", "E", "A") == "within noise"  # |mean| 3.8 < std 5.3
+    assert v([-5.0], "lower", "E", "A") == "within noise"  # one seed: no spread, no verdict
+    assert v([0.0, 0.0, 0.0], "lower", "E", "A") == "within noise"
+    assert results.paired_differences({0: 3.0, 1: 5.0, 2: 1.0}, {0: 1.0, 1: 1.0, 3: 9.0}) == [2.0, 4.0]
+    with pytest.raises(ValueError):
+        v([1.0, 2.0], "smaller")
+
+
+def test_comparison_pairs_seeds_of_each_arm_at_its_best_rate(tmp_path):
+    out = tmp_path / "study"
+    settings = _settings(rates={"A": [1e-4, 1e-2], "E": [1e-2, 3e-2]})
+    for lr, fd in ((1e-4, 300.0), (1e-2, 40.0)):
+        _fake_run(out, "A", lr, 0, fd, acc=0.8)
+    for lr, fd in ((1e-2, 90.0), (3e-2, 50.0)):
+        _fake_run(out, "E", lr, 0, fd, acc=0.7)
+    _fake_run(out, "A", 1e-2, 1, 44.0, acc=0.82)
+    _fake_run(out, "A", 1e-2, 2, 38.0, acc=0.79)
+    _fake_run(out, "E", 3e-2, 1, 52.0, acc=0.7)
+    _fake_run(out, "E", 3e-2, 2, 57.0, acc=0.71)
+    _fake_run(out, "E", 1e-2, 1, 10.0)  # not the best rate: not paired
+    best = results.best_rates(out, settings, ["A", "E"])
+    c = results.comparison(out, settings, best, "E", "A")
+    assert (c["lr_x"], c["lr_y"], c["seeds"]) == (3e-2, 1e-2, [0, 1, 2])
+    assert c["metrics"]["value"]["diffs"] == [10.0, 8.0, 19.0] and c["metrics"]["value"]["verdict"] == "A better"
+    assert c["metrics"]["accuracy"]["verdict"] == "A better"
+    assert c["metrics"]["heldout"]["verdict"] == "not run yet"  # no models in the fake runs
+
+
+# ------------------------------------------------------------------------------------------------ divergence
 def test_divergence_is_recorded_not_raised(tmp_path, monkeypatch):
     calls = []
 
@@ -109,84 +291,112 @@ def test_divergence_is_recorded_not_raised(tmp_path, monkeypatch):
         return {"trained": [f"{configs[0]}-adaln-seed{seeds[0]}"], "skipped": []}
 
     monkeypatch.setattr("mapdit.experiments.ablate.run_ablation", fake_ablation)
-    common = (TrainBudget(model="DiT-XXS/4", num_steps=1), ScoreBudget())
-    summary = study._lr_study(tmp_path, common, [0], [1e-2], lambda m: None)
-    assert summary["diverged"] == ["lr1e-02/A-adaln-seed0"] and summary["trained"] == ["lr1e-02/E-adaln-seed0"]
-    record = json.loads((tmp_path / "lr" / "lr1e-02" / "diverged" / "A-adaln-seed0.json").read_text())
+    common = _settings(model="DiT-XXS/4")
+    say = lambda m: None  # noqa: E731
+    summary = study.train_arm(tmp_path, budgets.BASE_ARMS["A"], 1e-2, [0], common, say)
+    assert summary["diverged"] == ["lr1e-02/A-seed0"] and summary["trained"] == []
+    assert study.train_arm(tmp_path, budgets.BASE_ARMS["E"], 1e-2, [0], common, say)["trained"] == \
+        ["E/lr1e-02/E-adaln-seed0"]
+    record = json.loads((tmp_path / "runs" / "A" / "lr1e-02" / "diverged" / "A-seed0.json").read_text())
     assert record["diverged_at_step"] == 17 and record["lr"] == 1e-2
-    # a rerun does not retry the diverged variant
+    # a rerun does not retry the diverged run
     calls.clear()
-    assert study._lr_study(tmp_path, common, [0], [1e-2], lambda m: None)["diverged"] == ["lr1e-02/A-adaln-seed0"]
-    assert calls == [("E", 1e-2)]
+    assert study.train_arm(tmp_path, budgets.BASE_ARMS["A"], 1e-2, [0], common, say)["diverged"] == \
+        ["lr1e-02/A-seed0"]
+    assert calls == []
     # other errors are not divergence: they stop the study
     with pytest.raises(UserError, match="some other problem"):
-        study._lr_study(tmp_path, common, [0], [1e-3], lambda m: None)
-    table, summary = results._lr_section(tmp_path)
-    assert "| A | 0.01 | - | seed 0: diverged at step 17 |" in table and summary[("A", 1e-2)]["diverged"] == 1
+        study.train_arm(tmp_path, budgets.BASE_ARMS["E"], 1e-3, [0], common, say)
+    table, detail, summary = results.rates_section(tmp_path, _settings(rates={"A": [1e-2]}))
+    assert "| A | 0.01 | diverged at step 17 |" in detail
+    assert summary["A"]["best"] is None and "every rate diverged" in table
 
 
 # ------------------------------------------------------------------------------------------------ RESULTS.md
-def _fake_result(folder: Path, config: str, modulation: str, seed: int, value: float, params: int,
-                 mags: list[float], lr=None) -> None:
-    run = folder / "runs" / f"{config}-{modulation}-seed{seed}" / "000-DiT-XXS-4"
-    run.mkdir(parents=True)
-    (run / "metrics.csv").write_text("step,images_per_s,elapsed_s\n10,100,1.5\n20,110,3.0\n")
-    write_json(folder / "results" / f"{config}-{modulation}-seed{seed}.json", {
-        "name": f"{config}-{modulation}-seed{seed}", "variant": f"{config}-{modulation}", "config": config,
-        "modulation": modulation, "seed": seed, "run_dir": str(run), "settings": {"lr": lr},
-        "parameters": params, "images_per_s": 100.0, "step_time_ms": 80.0, "metric": "fd_fmnist", "value": value,
-        "conditioning_accuracy": 0.5 + seed / 10, "max_block_magnitude": max(mags),
-        "final_residual_magnitudes": mags, "final_step": 20})
-
-
-def test_results_md_contains_every_study_table(tmp_path):
+def test_results_md_contains_every_table(tmp_path):
     out = tmp_path / "results" / "study"
+    settings = _settings(seeds=[0, 1], rates={"A": [1e-4, 1e-2], "B": [1e-2], "E": [1e-2, 3e-2]})
     write_json(out / "study.json", {"quick": True, "command": "mapdit study --quick --out results/study",
-                                    "settings": {"model": "DiT-XXS/4", "num_steps": 300, "batch_size": 32,
-                                                 "seeds": [0, 1], "fid_samples": 500, "sampler": "ddim",
-                                                 "sampling_steps": 20}})
-    for seed in (0, 1):
-        _fake_result(out / "configs", "A", "adaln", seed, 100.0 + seed, 1000, [1.0, 2.0, 4.0 + seed])
-        _fake_result(out / "configs", "E", "adaln", seed, 80.0 + 2 * seed, 900, [1.0, 1.0, 1.1])
-        _fake_result(out / "modulation", "E", "adaln", seed, 80.0 + 2 * seed, 900, [1.0, 1.0, 1.1])
-        _fake_result(out / "modulation", "E", "scale+rotate+gate", seed, 85.0, 850, [1.0, 1.0, 1.0])
-        _fake_result(out / "lr" / "lr1e-04", "A", "adaln", seed, 100.0, 1000, [1.0, 2.0, 4.0], lr=1e-4)
-        _fake_result(out / "lr" / "lr1e-02", "E", "adaln", seed, 70.0, 900, [1.0, 1.0, 1.0], lr=1e-2)
-    write_json(out / "lr" / "lr1e-02" / "diverged" / "A-adaln-seed0.json",
-               {"config": "A", "seed": 0, "lr": 1e-2, "diverged_at_step": 7})
-    write_json(out / "ema" / "ema.json", {"run_dir": "r", "variant": "E-adaln", "seed": 0, "points": {
-        "0.050": {"sigma_rel": 0.05, "value": 81.0, "conditioning_accuracy": 0.6, "weights": "tracked EMA"},
-        "0.100": {"sigma_rel": 0.1, "value": 79.0, "conditioning_accuracy": 0.6, "weights": "post-hoc EMA"}}})
+                                    "settings": settings.to_dict(), "elapsed_s": 600.0, "machine": "2 CPUs",
+                                    "started": "2026-12-01", "updated": "2026-12-01"})
+    mags_a = {500: [1.0, 2.0, 3.0], 1000: [1.0, 3.0, 6.0], 2000: [1.0, 4.0, 8.0]}
+    mags_e = {500: [1.0, 1.0, 1.0], 1000: [1.0, 1.1, 1.0], 2000: [1.0, 1.0, 1.1]}
+    _fake_run(out, "A", 1e-4, 0, 120.0, acc=0.3, mags=mags_a)
+    _fake_run(out, "A", 1e-2, 0, 100.0, acc=0.8, mags=mags_a)
+    _fake_run(out, "A", 1e-2, 1, 104.0, acc=0.8)
+    _fake_run(out, "B", 1e-2, 0, diverged_at=5)
+    _fake_run(out, "E", 1e-2, 0, 90.0, acc=0.6, params=900)
+    _fake_run(out, "E", 3e-2, 0, 80.0, acc=0.85, params=900, mags=mags_e)
+    _fake_run(out, "E", 3e-2, 1, 82.0, acc=0.86, params=900)
+    _fake_run(out, "E-cosine_attention", 3e-2, 0, 70.0, acc=0.9)
+    _fake_run(out, "E-mp_residual", 3e-2, 0, diverged_at=9)
+    _fake_run(out, "E-pm-adaln", 3e-2, 0, 84.0, params=900)
+    _fake_run(out, "E-pm-scale+rotate", 3e-2, 0, 85.0, params=850)
     doc = results.write_results_md(out, tmp_path / "RESULTS.md", tmp_path / "docs" / "results")
     text = doc.read_text()
-    # the configs table: mean ± sample std over the two seeds, parameters, magnitudes per block
-    # (held-out ε-MSE: "-", the fake runs have no model to score)
-    assert ("| A | default | 0 1 | 1,000 | 80.0 ± 0.0 | 3.0 ± 0.0 | - | 100.50 ± 0.71 | 55.0% ± 7.1% | 4.500 ± 0.707 |"
-            in text)
-    assert "| E | default | 0 1 | 900 |" in text and "1, 1, 1.1 |" in text
-    assert "| scale+rotate | 0 1 | 850 | -5.6% |" in text and "| adaln | 0 1 | 900 | +0.0% |" in text
-    assert "| A | 0.01 | - | seed 0: diverged at step 7 |" in text and "| E | 0.01 | 0 1 | no | - | 70.00 ± 0.00 |" in text
-    assert "| A | 0.0001 | 0 1 | no | - | 100.00 ± 0.00 |" in text
-    assert "| 0.100 | post-hoc EMA | - | 79.00 | 60.0% |" in text
+    # rates: best rate beside the paper default; B: every rate diverged; the detail rows
+    assert "| A | 0.01 | 100.00 | 80.0% | - | 0.0001 | 120.00 | 30.0% | - |" in text
+    assert "| E | 0.03 | 80.00 | 85.0% | - | 0.01 | 90.00 | 60.0% | - |" in text
+    assert "| B | every rate diverged | - | - | - | 0.0001 | not in the bracket | - | - |" in text
+    assert "| B | 0.01 | diverged at step 5 |" in text
+    # components at E's best rate, difference from E
+    assert "| E-cosine_attention | without cosine_attention | 70.00 | 90.0% | - | -10.00 | +5.0% | - |" in text
+    assert "| E-mp_residual | without mp_residual | diverged at step 9 |" in text
+    assert "| E-table | upstream's learned timestep table | not run yet |" in text
+    # modulation: parameters against adaln
+    assert "| scale+rotate | 850 | -5.6% | 85.00 |" in text and "| shift | not run yet |" in text
+    # headline: paired over seeds 0 1, E - A = -20, -22: beyond the spread
+    assert ("| full MP vs the baseline (each at its best rate): E (lr 0.03) vs A (lr 0.01) | FD_fmnist | 0 1 | "
+            "81.00 ± 1.41 | 102.00 ± 2.83 | -21.00 ± 1.41 | E better |") in text
+    assert "| smooth noise-level embedding vs upstream's table | - | - | - | - | - | not run yet |" in text
+    # the paper section, written from the numbers
+    assert "20.6% lower than the baseline" in text and "agrees in direction" in text  # (102 - 81) / 102
+    assert "5.6% fewer parameters than adaln" in text
+    assert "growing without MP, bounded with it: agrees" in text
     assert "mapdit study --quick --out results/study" in text and "not evidence" in text
-    assert "DiT-XXS/4" in text and "300 training steps of batch\n32" in text
-    assert "19.4% lower than Config A" in text  # (100.5 - 81) / 100.5
+    assert "Machine: 2 CPUs. Date: 2026-12-01." in text and "10 min" in text
     # plots copied next to the document and linked relatively; the grid is not made yet
-    assert "![residual magnitude per block, Config A vs E](docs/results/residual_A_vs_E.png)" in text
-    assert "(docs/results/fd_vs_ema_width.png)" in text and "not made yet" in text
-    assert (tmp_path / "docs" / "results" / "residual_A_vs_E.png").is_file()
-    for section in ("## 1. Configs", "## 2. Modulation", "## 3. Learning rate", "## 4. Post-hoc EMA",
-                    "## 5. Samples", "## Against the paper"):
-        assert section in text
+    assert "](docs/results/residual_per_block.png)" in text and "not run yet" in text.split("## 5.")[1].split("## 6")[0]
+    assert (tmp_path / "docs" / "results" / "residual_per_block.png").is_file()
 
 
-def test_comparison_puts_each_config_at_its_own_best_rate():
-    def entry(fd, heldout):
-        return {"fd": results._stats([fd]), "diverged": 0, "finished": 1, "heldout": results._stats([heldout])}
+def test_results_md_without_runs_says_not_run_yet(tmp_path):
+    doc = results.write_results_md(tmp_path / "empty", tmp_path / "RESULTS.md", tmp_path / "docs")
+    text = doc.read_text()
+    for section in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6."):
+        body = text.split(section)[1].split("\n## ")[0]
+        assert "not run yet" in body, section
+    assert "No results stored yet" in text and "nothing to compare yet" in text
 
-    lr = {("A", 1e-4): entry(100.0, 0.10), ("A", 1e-2): entry(90.0, 0.06), ("E", 1e-2): entry(95.0, 0.08),
-          ("E", 1e-4): entry(300.0, 0.99)}
-    text = results._comparison({}, {}, lr, {}, quick=False)
-    assert "A at 0.01 0.0600, E at 0.01 0.0800" in text and "the baseline is ahead" in text
-    lr[("E", 1e-2)] = entry(95.0, 0.05)
-    assert "full MP is ahead even against a tuned baseline" in results._comparison({}, {}, lr, {}, quick=False)
+
+def test_plan_counts_shared_runs_once(tmp_path):
+    settings = _settings()
+    full = study.plan(tmp_path, settings, budgets.PARTS)
+    # rates 16; components 11; modulation 5 (adaln with per-modulator gains is not E); seeds: seeds 1, 2 of
+    # 5 arms (seed 0 reused)
+    assert (full["runs"], full["finished"], full["to_train"]) == (42, 0, 42)
+    assert full["minutes"] == pytest.approx(42 * study.run_seconds(settings) / 60)
+    assert full["minutes"] > 8 * 60  # the full study does not fit the issue's 4 hours on 2 cores
+    _fake_run(tmp_path, "A", 1e-4, 0, 1.0)
+    assert study.plan(tmp_path, settings, ["rates"])["to_train"] == 15
+    assert study.plan(tmp_path / "q", budgets.QUICK, budgets.PARTS)["minutes"] < 15
+
+
+def test_paper_section_is_written_from_the_numbers():
+    def comp(fd_x, fd_y, x="E", y="A"):
+        diffs = [a - b for a, b in zip(fd_x, fd_y)]
+        fd = {"label": "FD_fmnist", "x": results._stats(fd_x), "y": results._stats(fd_y),
+              "diff": results._stats(diffs), "verdict": results.verdict(diffs, "lower", x, y)}
+        none = {"label": "-", "x": None, "y": None, "diff": None, "verdict": "not run yet"}
+        return {"x": x, "y": y, "lr_x": 3e-2, "lr_y": 1e-2, "seeds": [0, 1, 2],
+                "metrics": {"value": fd, "accuracy": none, "heldout": none}}
+
+    text = results._paper_section({"E vs A": comp([60.0, 62.0, 61.0], [40.0, 41.0, 43.0])}, {}, {}, quick=False)
+    assert "47.6% higher than the baseline" in text and "disagrees: the baseline is better" in text
+    text = results._paper_section({"E vs A": comp([40.0, 45.0, 38.0], [41.0, 41.0, 43.0])}, {}, {}, quick=False)
+    assert "not confirmed: the difference is within the seed noise" in text
+    text = results._paper_section({"E vs A": comp([35.0, 36.0, 37.5], [40.0, 41.0, 43.0])}, {}, {}, quick=False)
+    assert "agrees in direction and roughly in size" in text  # 12.5% lower
+    text = results._paper_section({}, {}, {}, quick=False, effects={"E-table": 5.0, "E-cosine_attention": -3.0})
+    assert "hurts E most is E-table (FD +5.00)" in text and "helps most is E-cosine_attention (FD -3.00)" in text
+    assert "costs at this scale" in text

@@ -11,7 +11,9 @@ Out folder (--out):
 Resumable: a variant whose result JSON exists is skipped (if it was made with the same settings; other
 settings are refused, use another --out); a variant with a run folder but no result continues that run
 (`train(..., resume=run_dir)`) and is then evaluated. Every variant gets the same budgets (`TrainBudget`,
-`ScoreBudget`). Under torchrun all ranks train and sample together; rank 0 evaluates and writes.
+`ScoreBudget`); `overrides` (ModelConfig fields set on top of each preset, e.g. an MP option turned off)
+are recorded in each result, with the samples file it scored (RUN/eval/samples-*.npz, kept). Under
+torchrun all ranks train and sample together; rank 0 evaluates and writes.
 
 Table columns: variant, config, modulation, seeds, parameters (all, as model-info counts them), step time
 in ms (batch size / median images/s of metrics.csv, the first report left out when there are several),
@@ -21,6 +23,7 @@ only) and the largest residual-stream magnitude over blocks at the last checkpoi
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import statistics
 import sys
@@ -78,8 +81,12 @@ def _step_rate(run_dir: Path) -> float | None:
 
 
 def _parameters(model_config: dict) -> int:
-    with torch.device("meta"):
-        model = DiT(ModelConfig.from_dict(model_config))
+    config = ModelConfig.from_dict(model_config)
+    try:
+        with torch.device("meta"):  # no memory for the weights
+            model = DiT(config)
+    except RuntimeError:  # a module computes a buffer from data at build time (model.ChunkGains: per-modulator gains)
+        model = DiT(config)
     return parameter_breakdown(model)["total"]
 
 
@@ -90,8 +97,8 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 # ------------------------------------------------------------------------------------------------
 # One variant
 # ------------------------------------------------------------------------------------------------
-def _run_variant(spec: dict, budget: TrainBudget, score: ScoreBudget, out: Path, *, device: str | None, cache_dir,
-                 progress: bool, log: Callable[[str], None]) -> dict | None:
+def _run_variant(spec: dict, budget: TrainBudget, score: ScoreBudget, out: Path, *, overrides: dict, device: str | None,
+                 cache_dir, progress: bool, log: Callable[[str], None]) -> dict | None:
     """Train (or resume), evaluate and record one variant; the result dict on rank 0, None elsewhere."""
     name = spec["name"]
     runs = out / "runs" / name
@@ -116,6 +123,8 @@ def _run_variant(spec: dict, budget: TrainBudget, score: ScoreBudget, out: Path,
         # sizes follow the data (train() replaces them); placeholders until then
         model_cfg = make_config(budget.model, preset=spec["config"], modulation=spec["modulation"],
                                 input_size=make_config(budget.model).patch_size, in_channels=1, num_classes=1)
+        if overrides:  # ModelConfig fields set as given (an option can be turned off too)
+            model_cfg = dataclasses.replace(model_cfg, **overrides).validate()
         run_dir = train(tc, model_cfg)
     fid = fid_for_run(run_dir, score.fid_samples, ref=score.ref, features=score.features, weights=score.weights,
                       ema_std=score.ema_std, cfg_scale=score.cfg_scale, sampler=score.sampler,
@@ -139,6 +148,8 @@ def _run_variant(spec: dict, budget: TrainBudget, score: ScoreBudget, out: Path,
             "conditioning_accuracy": fid.get("conditioning_accuracy"),
             "max_block_magnitude": max(final), "final_residual_magnitudes": final, "final_step": last,
             "fid_json": fid["result_json"], "magnitudes_csv": str(mags["csv"]),
+            "samples_npz": None if fid.get("samples_npz") is None else str(fid["samples_npz"]),
+            "overrides": dict(overrides),
         }
         write_json(out / "results" / f"{name}.json", result)
         log(f"{name}: {fid['metric']} {fid['value']:.4f}, max block magnitude {max(final):.4g}, "
@@ -219,10 +230,13 @@ def write_table(rows: list[dict], out: Path, title: str) -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------------------------
 def run_ablation(budget: TrainBudget, score: ScoreBudget, *, configs: list[str], modulations: list[str],
                  seeds: list[int] = (0,), out: str | Path = "results/ablation", device: str | None = None,
-                 cache_dir=None, progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+                 cache_dir=None, progress: bool = True, log: Callable[[str], None] | None = None,
+                 overrides: dict | None = None) -> dict:
     """Train every variant (config x modulation x seed) with `budget` and score it with `score`; returns
     {"rows", "results", "table_md", "table_csv", "trained", "skipped"} on rank 0 (the lists only
-    elsewhere). See the module doc."""
+    elsewhere). See the module doc. `overrides`: ModelConfig fields set on every variant after its preset
+    and modulation (e.g. {"cosine_attention": False}); recorded in each result, and a stored result with
+    other overrides is refused like one with another budget."""
     d = dist_utils.init(device)
     out = Path(out)
     say = Logger(out / "log.txt", is_main=d.is_main, sink=log or (lambda line: print(line, file=sys.stderr)))
@@ -238,6 +252,9 @@ def run_ablation(budget: TrainBudget, score: ScoreBudget, *, configs: list[str],
         raise UserError("--num-steps must be at least 1")
     check_sampler(score.sampler)  # before any training: an unknown name or a missing diffusers fails now
     wanted = settings(budget, score)
+    overrides = dict(overrides or {})
+    if overrides:
+        dataclasses.replace(make_config(budget.model), **overrides).validate()  # unknown fields fail now
     cache_dir = DEFAULT_CACHE if cache_dir is None else cache_dir
     specs = [{"config": c, "modulation": m, "seed": int(s), "variant": f"{c}-{m}", "name": f"{c}-{m}-seed{s}"}
              for c in configs for m in canonical for s in seeds]
@@ -251,6 +268,8 @@ def run_ablation(budget: TrainBudget, score: ScoreBudget, *, configs: list[str],
             return None
         result = read_json(path)
         mismatch = [k for k in SETTINGS_KEYS if result.get("settings", {}).get(k) != wanted[k]]
+        if result.get("overrides", {}) != overrides:
+            mismatch.append("overrides")
         if mismatch:
             raise UserError(f"{path} was made with other settings ({', '.join(mismatch)} differ): use another "
                             "--out, or delete it to redo that variant")
@@ -266,8 +285,8 @@ def run_ablation(budget: TrainBudget, score: ScoreBudget, *, configs: list[str],
             skipped.append(spec["name"])
             results.append(done)
             continue
-        result = _run_variant(spec, budget, score, out, device=device, cache_dir=cache_dir, progress=progress,
-                              log=say)
+        result = _run_variant(spec, budget, score, out, overrides=overrides, device=device, cache_dir=cache_dir,
+                              progress=progress, log=say)
         trained.append(spec["name"])
         if result is not None:
             results.append(result)

@@ -1,9 +1,14 @@
 """What an experiment gives every variant: a training budget and a scoring budget (frozen: one budget for
-all variants), and the presets of `mapdit study`."""
+all variants), and `mapdit study`'s budget (FULL, QUICK), learning-rate brackets and arms (what it trains)."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+
+from mapdit.config import MP_OPTIONS, ModelConfig, make_config
+from mapdit.errors import UserError
+from mapdit.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 
 
 @dataclass(frozen=True)
@@ -49,20 +54,157 @@ def settings(train: TrainBudget, score: ScoreBudget) -> dict:
     return {key: both[key] for key in SETTINGS_KEYS}
 
 
+
+
 # ------------------------------------------------------------------------------------------------
-# `mapdit study`: its variants and budgets
+# `mapdit study`: its budget
 # ------------------------------------------------------------------------------------------------
-STUDIES = ("configs", "modulation", "lr", "ema", "grid")
+PARTS = ("rates", "components", "modulation", "seeds", "magnitudes", "grid")  # `--studies`, run in this order
 CONFIGS = ("A", "B", "C", "D", "E")
 MODULATIONS = ("adaln", "scale", "shift", "rotate", "scale+rotate")
-LRS = (1e-4, 1e-3, 1e-2)
-LR_CONFIGS = ("A", "E")
-SCORE_EMA = 0.05  # the EMA width every variant is scored with (the smallest tracked one)
 
-# Full: the demo's model and batch for 600 steps (~2 min of training per run on 2 idle cores), 3 seeds, so
-# that all 39 runs fit in about 1.5-2 hours. Quick: about 10 minutes for every study with one seed (9 min
-# measured on 2 cores); its numbers are a smoke test, not evidence.
-FULL = {"model": "DiT-XXS/4", "num_steps": 600, "batch_size": 64, "seeds": [0, 1, 2], "fid_samples": 1000,
-        "sampler": "ddim", "sampling_steps": 25, "ema_sweep": "0.03:0.15:0.02"}
-QUICK = {"model": "DiT-XXS/4", "num_steps": 300, "batch_size": 32, "seeds": [0], "fid_samples": 500,
-         "sampler": "ddim", "sampling_steps": 20, "ema_sweep": "0.03:0.15:0.04"}
+# Scoring of every run (one constant each, so that they change in one place)
+SCORE_SAMPLES = 1000
+SCORE_CFG = 4.0  # classifier-free guidance on every channel
+SCORE_EMA = 0.10  # EMA sigma_rel every run is scored with (a width training tracks: no post-hoc reconstruction)
+HELDOUT_IMAGES = 2000  # test images of the held-out eps-MSE
+
+# Learning-rate brackets (rates part); later parts use each config's best rate from these
+RATES = {"A": (1e-4, 3e-3, 1e-2, 3e-2), "B": (3e-3, 1e-2, 3e-2), "C": (3e-3, 1e-2, 3e-2),
+         "D": (1e-2, 3e-2, 1e-1), "E": (1e-2, 3e-2, 1e-1)}
+
+
+@dataclass(frozen=True)
+class StudyBudget:
+    """What every run of `mapdit study` gets and how it is scored; study.json stores it (`to_dict`) and a
+    rerun with another one is refused. `seeds`: the seeds of the headline comparisons (every other part
+    uses the first); `checkpoints`: kept checkpoints (Figure 5), the last one `num_steps`; `rates`: each
+    config's bracket."""
+
+    model: str
+    num_steps: int
+    batch_size: int
+    seeds: tuple[int, ...]
+    fid_samples: int
+    sampler: str
+    sampling_steps: int
+    cfg_scale: float
+    ema_std: float
+    heldout_images: int
+    checkpoints: tuple[int, ...]
+    rates: dict = field(hash=False)  # config -> tuple of rates
+    num_ref: int | None = None  # a fixed random subset of the test images (None: all 10k)
+
+    def __post_init__(self):  # JSON lists and ints as given become the stored types
+        set_ = object.__setattr__
+        set_(self, "seeds", tuple(int(s) for s in self.seeds))
+        set_(self, "checkpoints", tuple(sorted(int(c) for c in self.checkpoints)))
+        set_(self, "rates", {c: tuple(float(r) for r in v) for c, v in self.rates.items()})
+        set_(self, "cfg_scale", float(self.cfg_scale))
+        set_(self, "ema_std", float(self.ema_std))
+
+    def to_dict(self) -> dict:
+        """As study.json stores it (lists, not tuples)."""
+        d = dataclasses.asdict(self)
+        return dict(d, seeds=list(self.seeds), checkpoints=list(self.checkpoints),
+                    rates={c: list(v) for c, v in self.rates.items()})
+
+    @classmethod
+    def from_dict(cls, data: dict, base: "StudyBudget | None" = None) -> "StudyBudget":
+        """A stored budget; keys it lacks come from `base` (default FULL)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return dataclasses.replace(base or FULL, **{k: v for k, v in data.items() if k in names})
+
+    @property
+    def seed0(self) -> int:
+        return self.seeds[0]
+
+    def train_budget(self, lr: float, *, ema_snapshots: int = 10, log_every: int = 50) -> TrainBudget:
+        """The training budget of a run at `lr`: every kept checkpoint is a multiple of ckpt_every."""
+        return TrainBudget(model=self.model, num_steps=self.num_steps, batch_size=self.batch_size, lr=lr,
+                           data_path="fashion-mnist", ema_snapshots=ema_snapshots,
+                           ckpt_every=math.gcd(*self.checkpoints), log_every=log_every)
+
+    def score_budget(self, *, sample_batch_size: int = 250, magnitude_batch_size: int = 64) -> ScoreBudget:
+        """FD_fmnist and conditioning accuracy against the Fashion-MNIST test images, EMA `ema_std`."""
+        return ScoreBudget(fid_samples=self.fid_samples, features="fmnist", num_ref=self.num_ref,
+                           sampler=self.sampler, sampling_steps=self.sampling_steps, cfg_scale=self.cfg_scale,
+                           weights="ema", ema_std=self.ema_std, sample_batch_size=sample_batch_size,
+                           magnitude_batch_size=magnitude_batch_size)
+
+
+# FULL: the demo's recipe (DiT-XXS/4, 2000 steps of batch 64, about two epochs), seeds 0-2 for the headline
+# comparisons, checkpoints at 500, 1000 and 2000 steps (Figure 5); 42 runs, about 12.5 min each on 2 idle
+# cores (~3 steps/s): 8-9 hours. QUICK: the same parts with everything smaller and one seed (23 runs, about
+# 13 minutes on 2 idle cores by the plan's estimate), a smoke test, not evidence.
+FULL = StudyBudget(model="DiT-XXS/4", num_steps=2000, batch_size=64, seeds=(0, 1, 2), fid_samples=SCORE_SAMPLES,
+                   sampler=DEFAULT_SAMPLER, sampling_steps=DEFAULT_STEPS, cfg_scale=SCORE_CFG, ema_std=SCORE_EMA,
+                   heldout_images=HELDOUT_IMAGES, checkpoints=(500, 1000, 2000), rates=RATES)
+QUICK = StudyBudget(model="DiT-XXS/4", num_steps=80, batch_size=16, seeds=(0,), fid_samples=200,
+                    sampler=DEFAULT_SAMPLER, sampling_steps=10, cfg_scale=SCORE_CFG, ema_std=SCORE_EMA,
+                    heldout_images=500, checkpoints=(40, 80),
+                    rates={"A": (1e-4, 1e-2), "B": (1e-2,), "C": (1e-2,), "D": (3e-2,), "E": (1e-2, 3e-2)})
+
+
+def paper_rate(model: str, config: str) -> float:
+    """The rate `train` picks when none is given (the paper's): 1e-2 with weight normalisation, else 1e-4."""
+    cfg = make_config(model, preset=config)
+    return 1e-2 if (cfg.weight_normalization or cfg.forced_weight_normalization) else 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# `mapdit study`: its arms (what is trained: a base config, a modulation, ModelConfig fields set on top)
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    config: str
+    modulation: str = "adaln"
+    what: str = ""
+    overrides: dict = field(default_factory=dict, hash=False)  # ModelConfig fields set as given
+
+
+BASE_ARMS = {c: Arm(c, c, what=f"Config {c}") for c in CONFIGS}
+TIME_EMBEDDING_ARMS = {
+    "E-table": Arm("E-table", "E", what="upstream's learned timestep table", overrides={"time_embedding": "table"}),
+    "E-mp-sinusoid": Arm("E-mp-sinusoid", "E", what="unit-RMS sinusoid (DiT's x sqrt 2)",
+                         overrides={"time_embedding": "mp-sinusoid"}),
+}
+ACTIVATION_ARMS = {"E-silu": Arm("E-silu", "E", what="upstream's SiLU instead of DiT's GELU",
+                                 overrides={"mlp_activation": "silu"})}
+PER_MODULATOR = {"modulation_gains": "per-modulator"}
+
+
+def component_arms() -> dict[str, Arm]:
+    """The components part: E with each MP option off (leave-one-out), the time-embedding variants and the
+    activation, by name. Each differs from E in exactly one ModelConfig field as built."""
+    arms = {f"E-{o}": Arm(f"E-{o}", "E", what=f"without {o}", overrides={o: False}) for o in MP_OPTIONS}
+    return {**arms, **TIME_EMBEDDING_ARMS, **ACTIVATION_ARMS}
+
+
+def modulation_arms(modulations=MODULATIONS) -> dict[str, Arm]:
+    """The modulation part (paper Table 2) by modulation name: Config E with per-modulator gains and each
+    modulation. adaln is one of them (E-pm-adaln, its own run: E itself has one shared gain per block), and
+    each other arm differs from it in the modulation only."""
+    return {m: Arm(f"E-pm-{m}", "E", m, what=f"modulation {m}, per-modulator gains", overrides=dict(PER_MODULATOR))
+            for m in modulations}
+
+
+# the headline comparisons: (title, x, y); the paired difference is x - y, seed by seed
+COMPARISONS = (("full MP vs the baseline (each at its best rate)", "E", "A"),
+               ("smooth noise-level embedding vs upstream's table", "E", "E-table"),
+               ("scale+rotate vs adaln (per-modulator gains)", "E-pm-scale+rotate", "E-pm-adaln"))
+
+
+def arm_by_name(name: str) -> Arm:
+    arms = {**BASE_ARMS, **component_arms(), **{a.name: a for a in modulation_arms().values()}}
+    if name not in arms:
+        raise UserError(f"unknown arm {name!r}: use one of {', '.join(arms)}")
+    return arms[name]
+
+
+def arm_config(model: str, arm: Arm) -> ModelConfig:
+    """The ModelConfig an arm trains (as built: defaults that depend on other options stay unresolved), the
+    way `run_ablation` builds it: the preset with the modulation, then the overrides set as given."""
+    cfg = make_config(model, preset=arm.config, modulation=arm.modulation)
+    return dataclasses.replace(cfg, **arm.overrides).validate()

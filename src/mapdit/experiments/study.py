@@ -1,173 +1,241 @@
-"""`mapdit study`: the paper's CPU-sized study on Fashion-MNIST in one resumable command, and RESULTS.md.
+"""`mapdit study`: the paper's claims judged on samples, on Fashion-MNIST, in one resumable command; RESULTS.md.
 
-Studies (`--studies`, all by default), each scored with FD_fmnist against the 10k test images and the
-class-conditioning accuracy of the `fmnist` classifier, every variant with the same budget:
+Every run gets the same budget (`StudyBudget` FULL in mapdit.experiments.budgets: DiT-XXS/4, 2000 steps of
+batch 64) and is scored the same way: FD_fmnist and conditioning accuracy of 1000 samples from the EMA of
+width 0.10 (the default sampler, DPM-Solver++(2M) at 20 steps, guidance 4 on every channel), and the
+held-out eps-MSE (`mapdit.evaluate.heldout`, same EMA). Each config is judged at its own best learning rate.
 
-    configs     Configs A-E (adaln): FD, accuracy, parameters, step time, residual magnitude per block
-    modulation  Config E with adaln, scale, shift, rotate, scale+rotate: FD, accuracy, parameters vs adaln
-    lr          Configs A and E at 1e-4, 1e-3, 1e-2; a non-finite loss is recorded as "diverged at step N"
-    ema         FD against the post-hoc EMA width for the best Config E run of `configs` (a curve)
-    grid        samples of Config A next to Config E (seed = the first seed), same budget
+Parts (`--studies`, all by default, run in this order):
+
+    rates       each config A-E at every rate of its bracket (budgets.RATES), seed 0; a non-finite loss is
+                recorded as "diverged at step N". best_rate(): the lowest FD of the finished runs (ties:
+                higher accuracy)
+    components  Config E at E's best rate with one thing changed: each of the eight MP options off
+                (E-<option>), upstream's learned timestep table (E-table), the unit-RMS sinusoid
+                (E-mp-sinusoid), upstream's SiLU (E-silu); each differs from E in exactly one ModelConfig field
+    modulation  Config E at its best rate with per-modulator gains and adaln, scale, shift, rotate,
+                scale+rotate (paper Table 2; E-pm-<modulation>, adaln a run of its own)
+    seeds       every seed of the budget for the arms of the headline comparisons (budgets.COMPARISONS):
+                A-best vs E-best, E vs E-table, E-pm-scale+rotate vs E-pm-adaln; paired differences, verdicts
+    magnitudes  the paper's Figure 5: residual-stream RMS per block of A-best and E-best at the kept checkpoints
+    grid        samples of A-best next to E-best (scoring sampler, guidance and EMA)
+
+A part after `rates` needs best rates: it refuses (one line, exit 2) until `rates` has finished for the
+configs it needs. Runs are shared between parts: a run is (arm, rate, seed) and lives in one folder, so
+E at its best rate, seed 0, is trained once by `rates` and reused by every later part.
 
 Out folder (--out, default results/study):
-    study.json                     the budget and the command; a rerun with another budget is refused
-    configs/, modulation/          `mapdit ablate` folders (runs/, results/, ablation.md, log.txt)
-    lr/lr1e-04/, lr/lr1e-03/, ...  one ablate folder per learning rate; diverged/<variant>.json
-    ema/ema.json, ema/fd_vs_ema_width.png
-    grid/A_vs_E.png, configs/residual_A_vs_E.png
-Resumable: finished variants (result JSON present) are skipped by `run_ablation`; interrupted ones
-continue their run; diverged ones stay recorded; EMA widths already scored are not resampled.
-Variants shared between studies (E-adaln of configs in modulation; A at 1e-4 and E at 1e-2 in lr, which
-are the default rates of those configs) are trained once: their result is copied.
+    study.json                         the budget and the command; a rerun with another budget is refused
+    runs/<arm>/lr<rate>/               one `mapdit ablate` folder per arm and rate: runs/, results/, diverged/
+    magnitudes/residual_per_block.png, grid/A_vs_E.png
+Every scored run keeps its samples (RUN/eval/samples-*.npz) so another metric can re-score the same images.
+Resumable: finished runs (result JSON) are skipped, interrupted ones continue, diverged ones stay recorded.
 
-RESULTS.md is regenerated from the stored results at the end of every run (also `--report-only`) by
-mapdit.experiments.results; its PNGs are copied to --docs-dir (default docs/results) and linked relative
-to the document. Every variant is trained with one `TrainBudget` and scored with one `ScoreBudget`.
+RESULTS.md is regenerated from the stored results at the end of every invocation (also `--report-only`) by
+mapdit.experiments.results; its PNGs are copied to --docs-dir (default docs/results) and linked relative to
+the document.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
+import platform
 import re
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from mapdit.config import make_config
-from mapdit.ema import parse_sweep
+from mapdit.config import TrainConfig
 from mapdit.errors import UserError
-from mapdit.experiments import ablate
-from mapdit.experiments.ablate import read_results
-from mapdit.experiments.budgets import (CONFIGS, FULL, LR_CONFIGS, LRS, MODULATIONS, QUICK, STUDIES, ScoreBudget,
-                                        TrainBudget)
 from mapdit.evaluate.scoring import DEFAULT_CACHE
-from mapdit.experiments.fid_run import fid_for_run
-from mapdit.experiments.results import lr_tag, side_by_side, write_results_md
+from mapdit.experiments import ablate
+from mapdit.experiments.budgets import (
+    BASE_ARMS,
+    COMPARISONS,
+    CONFIGS,
+    FULL,
+    MODULATIONS,
+    PARTS,
+    QUICK,
+    Arm,
+    StudyBudget,
+    arm_by_name,
+    component_arms,
+    modulation_arms,
+)
+from mapdit.experiments.results import (
+    best_rates,
+    heldout_error,
+    lr_tag,
+    magnitude_curves,
+    plot_magnitudes,
+    run_folder,
+    run_record,
+    side_by_side,
+    write_results_md,
+)
 from mapdit.log import Logger
 from mapdit.runio import load_run_config, read_json, write_json
 from mapdit.sample import sample_grid_from_model
 from mapdit.samplers import check_sampler
 from mapdit.weights import load_model
 
+# Cost model of the plan printed at the start (2 cores): the demo model trains at ~3 steps/s of batch 64
+# (measured); sampling costs about one forward image per 1/600 s (the training step's rate of image forwards,
+# forward + backward counted as three), plus ~20 s per run for loading, held-out error and magnitudes.
+STEPS_PER_S_AT_64 = 3.0
+FORWARD_IMAGES_PER_S = 600.0
+SCORING_OVERHEAD_S = 20.0
+
 _NONFINITE = re.compile(r"non-finite.*? at step (\d+)")
 
 
-def _default_lr(model: str, config: str) -> float:
-    """The rate `train` picks when none is given: 1e-2 with weight normalisation, else 1e-4."""
-    cfg = make_config(model, preset=config)
-    return 1e-2 if (cfg.weight_normalization or cfg.forced_weight_normalization) else 1e-4
+@dataclass(frozen=True)
+class RunOptions:
+    """How the runs are executed: nothing here changes a result (not part of the budget)."""
 
-
-def _copy_result(src: Path, dst: Path, **settings) -> bool:
-    """Reuse a finished variant of another study: copy its result JSON (settings patched) unless `dst` exists."""
-    if dst.exists() or not src.is_file():
-        return False
-    result = read_json(src)
-    result["settings"] = dict(result["settings"], **settings)
-    result["reused_from"] = str(src)
-    write_json(dst, result)
-    return True
+    ema_snapshots: int = 10
+    log_every: int = 50
+    sample_batch_size: int = 250
+    magnitude_batch_size: int = 64
+    device: str | None = None
+    cache_dir: str | Path | None = None
+    progress: bool = True
+    log: Callable[[str], None] | None = None
 
 
 # ------------------------------------------------------------------------------------------------
-# The studies
+# Training
 # ------------------------------------------------------------------------------------------------
-def _lr_study(out: Path, budgets: tuple[TrainBudget, ScoreBudget], seeds: list[int], lrs: list[float], say,
-              **run) -> dict:
-    budget, score = budgets
+def train_arm(out: Path, arm: Arm, lr: float, seeds: list[int], budget: StudyBudget, say,
+              opts: RunOptions = RunOptions(), heldout: bool = False) -> dict:
+    """Train and score (arm, lr) for `seeds` with `run_ablation` (finished seeds are skipped); a non-finite
+    loss is recorded as diverged (and not retried), any other error stops the study. With `heldout`, each
+    new run's held-out error is computed (and cached) right away, so that --report-only stays fast."""
+    folder = run_folder(out, arm.name, lr)
+    train = budget.train_budget(lr, ema_snapshots=opts.ema_snapshots, log_every=opts.log_every)
+    score = budget.score_budget(sample_batch_size=opts.sample_batch_size,
+                                magnitude_batch_size=opts.magnitude_batch_size)
     trained, skipped, diverged = [], [], []
-    for lr in lrs:
-        folder = out / "lr" / lr_tag(lr)
-        for config in LR_CONFIGS:
-            if math.isclose(lr, _default_lr(budget.model, config)):
-                for s in seeds:
-                    name = f"{config}-adaln-seed{s}.json"
-                    if _copy_result(out / "configs" / "results" / name, folder / "results" / name, lr=lr):
-                        say(f"lr {lr:g}: {name[:-5]} reused from the configs study (its default rate)")
-            for s in seeds:
-                name = f"{config}-adaln-seed{s}"
-                record = folder / "diverged" / f"{name}.json"
-                if record.is_file():
-                    say(f"lr {lr:g}: {name} skipped, diverged before ({record})")
-                    diverged.append(f"{lr_tag(lr)}/{name}")
-                    continue
-                try:
-                    summary = ablate.run_ablation(dataclasses.replace(budget, lr=lr), score, configs=[config],
-                                                  modulations=["adaln"], seeds=[s], out=folder, **run)
-                except UserError as err:
-                    m = _NONFINITE.search(str(err))
-                    if m is None:
-                        raise
-                    write_json(record, {"name": name, "config": config, "modulation": "adaln", "seed": s, "lr": lr,
-                                        "diverged_at_step": int(m.group(1)), "message": str(err)})
-                    say(f"lr {lr:g}: {name} diverged at step {m.group(1)} (recorded in {record})")
-                    diverged.append(f"{lr_tag(lr)}/{name}")
-                    continue
-                trained += [f"{lr_tag(lr)}/{n}" for n in summary["trained"]]
-                skipped += [f"{lr_tag(lr)}/{n}" for n in summary["skipped"]]
+    for s in seeds:
+        name = f"{arm.name}-seed{s}"
+        record = folder / "diverged" / f"{name}.json"
+        tag = f"{arm.name} at {lr:g}"
+        if record.is_file():
+            say(f"{tag}: seed {s} skipped, diverged before ({record})")
+            diverged.append(f"{lr_tag(lr)}/{name}")
+            continue
+        if run_record(out, arm, lr, s)["status"] == "finished":  # e.g. trained by an earlier part
+            say(f"{tag}: seed {s} skipped, already finished ({folder / 'results'})")
+            skipped.append(f"{arm.name}/{lr_tag(lr)}/{name}")
+            continue
+        try:
+            summary = ablate.run_ablation(train, score, configs=[arm.config], modulations=[arm.modulation],
+                                          seeds=[s], out=folder, overrides=dict(arm.overrides), device=opts.device,
+                                          cache_dir=opts.cache_dir, progress=opts.progress, log=opts.log)
+        except UserError as err:
+            m = _NONFINITE.search(str(err))
+            if m is None:
+                raise
+            write_json(record, {"name": name, "arm": arm.name, "config": arm.config, "modulation": arm.modulation,
+                                "overrides": arm.overrides, "seed": s, "lr": lr,
+                                "diverged_at_step": int(m.group(1)), "message": str(err)})
+            say(f"{tag}: seed {s} diverged at step {m.group(1)} (recorded in {record})")
+            diverged.append(f"{lr_tag(lr)}/{name}")
+            continue
+        trained += [f"{arm.name}/{lr_tag(lr)}/{n}" for n in summary.get("trained", [])]
+        skipped += [f"{arm.name}/{lr_tag(lr)}/{n}" for n in summary.get("skipped", [])]
+        for result in summary.get("results", []) if heldout else []:
+            heldout_error(result.get("run_dir"), budget.ema_std, budget.heldout_images)
     return {"trained": trained, "skipped": skipped, "diverged": diverged}
 
 
-def best_run(results: list[dict], variant: str = "E-adaln") -> dict | None:
-    """The result with the lowest distance among `variant`'s seeds."""
-    group = [r for r in results if r["variant"] == variant and r.get("value") is not None]
-    return min(group, key=lambda r: r["value"]) if group else None
+def part_runs(part: str, budget: StudyBudget, best: dict, configs=CONFIGS, components=None,
+              modulations=MODULATIONS) -> list[tuple[Arm, float | None, list[int]]]:
+    """(arm, rate, seeds) a part trains; rate None where the best rate is not known yet."""
+    seed0 = [budget.seed0]
+    if part == "rates":
+        return [(BASE_ARMS[c], lr, seed0) for c in configs for lr in budget.rates[c]]
+    if part == "components":
+        arms = component_arms()
+        return [(arms[n], best.get("E"), seed0) for n in (components or list(arms))]
+    if part == "modulation":
+        return [(a, best.get("E"), seed0) for a in modulation_arms(modulations).values()]
+    if part == "seeds":
+        names = list(dict.fromkeys(n for _, x, y in COMPARISONS for n in (x, y)))
+        return [(arm_by_name(n), best.get(arm_by_name(n).config), list(budget.seeds)) for n in names]
+    return []
 
 
-def _ema_study(out: Path, score: ScoreBudget, sweep: list[float], say, *, device, cache_dir, progress) -> dict:
-    best = best_run(read_results(out / "configs"))
-    if best is None:
-        raise UserError("the ema study needs a finished Config E run of the configs study: add configs to --studies")
-    path = out / "ema" / "ema.json"
-    stored = read_json(path) if path.is_file() else {}
-    if stored.get("run_dir") != best["run_dir"]:
-        stored = {"run_dir": best["run_dir"], "variant": best["variant"], "seed": best["seed"], "points": {}}
-    tracked = {f"{v:.3f}" for v in load_run_config(best["run_dir"])["train"]["ema_stds"]}
-    trained, skipped = [], []
-    for sigma in sweep:
-        key = f"{sigma:.3f}"
-        if key in stored["points"]:
-            skipped.append(key)
-            continue
-        fid = fid_for_run(best["run_dir"], score.fid_samples, features="fmnist", weights="ema", ema_std=sigma,
-                          sampler=score.sampler, steps=score.sampling_steps, seed=best["seed"],
-                          batch_size=score.sample_batch_size, cache_dir=cache_dir, num_ref=score.num_ref,
-                          device=device, progress=progress, log=say)
-        stored["points"][key] = {"sigma_rel": sigma, "value": fid["value"], "metric": fid["metric"],
-                                 "conditioning_accuracy": fid.get("conditioning_accuracy"),
-                                 "weights": "tracked EMA" if key in tracked else "post-hoc EMA",
-                                 "fid_json": fid["result_json"]}
-        write_json(path, stored)  # after every width: an interrupted sweep resumes here
-        trained.append(key)
-    write_json(path, stored)
-    return {"trained": trained, "skipped": skipped}
+def _needs(part: str) -> tuple[str, ...]:
+    return {"components": ("E",), "modulation": ("E",), "seeds": ("A", "E"), "magnitudes": ("A", "E"),
+            "grid": ("A", "E")}.get(part, ())
 
 
-def _grid_study(out: Path, score: ScoreBudget, seed: int, say, *, device) -> dict:
+def run_seconds(budget: StudyBudget) -> float:
+    """Estimated seconds of one run (training and scoring) on 2 cores, from the cost model above."""
+    steps_per_s = STEPS_PER_S_AT_64 * 64 / budget.batch_size
+    evals = budget.fid_samples * budget.sampling_steps * (2 if budget.cfg_scale != 1 else 1)
+    return budget.num_steps / steps_per_s + evals / FORWARD_IMAGES_PER_S + SCORING_OVERHEAD_S
+
+
+def plan(out: Path, budget: StudyBudget, parts, configs=CONFIGS, components=None, modulations=MODULATIONS) -> dict:
+    """Runs the chosen parts still have to train (shared runs counted once; where a best rate is not known
+    yet, the runs of that arm are all counted, except seed 0 of a base config, which `rates` trains) and
+    the estimated minutes."""
+    best = best_rates(out, budget, [c for c in ("A", "E") if c in budget.rates])
+    keys, finished = set(), set()
+    for part in parts:
+        for arm, lr, seeds in part_runs(part, budget, best, configs, components, modulations):
+            for s in seeds:
+                if lr is None and arm.name == arm.config and s == budget.seed0 and "rates" in parts:
+                    continue  # the best rate's run of the rates part
+                key = (arm.name, lr, s)
+                keys.add(key)
+                if lr is not None and run_record(out, arm, lr, s)["status"] != "missing":
+                    finished.add(key)
+    todo = len(keys) - len(finished)
+    per_run = run_seconds(budget)
+    return {"runs": len(keys), "finished": len(finished), "to_train": todo, "seconds_per_run": per_run,
+            "minutes": todo * per_run / 60.0}
+
+
+# ------------------------------------------------------------------------------------------------
+# The parts that train nothing
+# ------------------------------------------------------------------------------------------------
+def _magnitudes_part(out: Path, budget: StudyBudget, best: dict, say) -> dict:
+    curves = magnitude_curves(out, budget, best)
+    missing = [c for c in ("A", "E") if f"Config {c} at {best[c]:g}" not in curves]
+    if missing:
+        raise UserError(f"the magnitudes part needs the magnitudes of Config {', '.join(missing)} at the best rate "
+                        "(its run has no magnitudes CSV): rerun --studies rates")
+    path = plot_magnitudes(curves, budget.checkpoints, out / "magnitudes" / "residual_per_block.png")
+    say(f"magnitudes -> {path}")
+    return {"trained": ["magnitudes"], "skipped": []}
+
+
+def _grid_part(out: Path, budget: StudyBudget, best: dict, opts: RunOptions, say) -> dict:
     target = out / "grid" / "A_vs_E.png"
     if target.is_file():
         say(f"grid: skipped, {target} exists")
         return {"trained": [], "skipped": ["grid"]}
-    results = {r["variant"]: r for r in read_results(out / "configs") if r["seed"] == seed}
-    missing = [v for v in ("A-adaln", "E-adaln") if v not in results]
-    if missing:
-        raise UserError(f"the grid study needs {', '.join(missing)} (seed {seed}) of the configs study")
     panels = []
     for config in ("A", "E"):
-        run_dir = results[f"{config}-adaln"]["run_dir"]
-        model, _, desc = load_model(run_dir, weights="ema", device=device or "cpu", log=say)
+        run_dir = run_record(out, BASE_ARMS[config], best[config], budget.seed0)["run_dir"]
+        model, _, desc = load_model(run_dir, weights="ema", ema_std=budget.ema_std, device=opts.device or "cpu",
+                                    log=say)
         png = out / "grid" / f"{config}.png"
         if png.exists():
             png.unlink()
-        sample_grid_from_model(model, load_run_config(run_dir)["data"], png, per_class=8,
-                               sampler=score.sampler, steps=score.sampling_steps, cfg_scale=1.0, seed=0,
-                               batch_size=score.sample_batch_size)
-        panels.append((config, png, desc))
+        sample_grid_from_model(model, load_run_config(run_dir)["data"], png, per_class=8, sampler=budget.sampler,
+                               steps=budget.sampling_steps, cfg_scale=budget.cfg_scale, seed=0,
+                               batch_size=opts.sample_batch_size)
+        panels.append((f"Config {config}, lr {best[config]:g}", png, desc))
     side_by_side(panels, target)
     say(f"grid -> {target}")
     return {"trained": ["grid"], "skipped": []}
@@ -176,89 +244,113 @@ def _grid_study(out: Path, score: ScoreBudget, seed: int, say, *, device) -> dic
 # ------------------------------------------------------------------------------------------------
 # The runner
 # ------------------------------------------------------------------------------------------------
-def run_study(*, out: str | Path = "results/study", quick: bool = False, studies: list[str] = STUDIES,
-              model: str | None = None, num_steps: int | None = None, batch_size: int | None = None,
-              seeds: list[int] | None = None, fid_samples: int | None = None, sampler: str | None = None,
-              sampling_steps: int | None = None, ema_sweep: str | None = None, configs: list[str] = CONFIGS,
-              modulations: list[str] = MODULATIONS, lrs: list[float] = LRS, num_ref: int | None = None,
-              ema_snapshots: int = 100, sample_batch_size: int = 64, magnitude_batch_size: int = 64,
-              log_every: int = 10, device: str | None = None, cache_dir=None, progress: bool = True,
-              results_md: str | Path | None = "RESULTS.md", docs_dir: str | Path = "docs/results",
-              command: str | None = None, log: Callable[[str], None] | None = None) -> dict:
-    """Run the chosen studies (skipping what is finished) and regenerate RESULTS.md. Returns
-    {"studies": {name: {"trained", "skipped", ...}}, "results_md": path or None}."""
-    out = Path(out)
+def study_budget(quick: bool = False, **given) -> StudyBudget:
+    """FULL (QUICK with `quick`) with the settings given (None: the preset's); `rates` replaces the brackets
+    of the configs it names."""
     base = QUICK if quick else FULL
-    settings = {"model": model or base["model"], "num_steps": num_steps or base["num_steps"],
-                "batch_size": batch_size or base["batch_size"],
-                "seeds": [int(s) for s in (base["seeds"] if seeds is None else seeds)],
-                "fid_samples": fid_samples or base["fid_samples"], "sampler": sampler or base["sampler"],
-                "sampling_steps": sampling_steps or base["sampling_steps"], "num_ref": num_ref}
-    sweep = parse_sweep(ema_sweep or base["ema_sweep"])
-    check_sampler(settings["sampler"])  # before any training: an unknown name or a missing diffusers fails now
-    unknown = [s for s in studies if s not in STUDIES]
+    given = {k: v for k, v in given.items() if v is not None}
+    if "rates" in given:
+        given["rates"] = {**base.rates, **given["rates"]}
+    return dataclasses.replace(base, **given)
+
+
+def _command(out: Path, quick: bool, parts, b: StudyBudget, configs, components, modulations) -> str:
+    """Every setting spelled out: the exact command that reproduces (and resumes) this study."""
+    return " ".join(["mapdit study", *(["--quick"] if quick else []), f"--out {shlex.quote(str(out))}",
+                     f"--studies {','.join(parts)}", f"--model {b.model}", f"--num-steps {b.num_steps}",
+                     f"--batch-size {b.batch_size}", f"--seeds {','.join(map(str, b.seeds))}",
+                     f"--fid-samples {b.fid_samples}", f"--sampler {b.sampler}",
+                     f"--sampling-steps {b.sampling_steps}", f"--cfg-scale {b.cfg_scale:g}",
+                     f"--checkpoints {','.join(map(str, b.checkpoints))}", f"--heldout-images {b.heldout_images}",
+                     "--rates " + ",".join(f"{c}={'/'.join(f'{r:g}' for r in v)}" for c, v in b.rates.items()),
+                     *([f"--configs {','.join(configs)}"] if tuple(configs) != CONFIGS else []),
+                     *([f"--components {','.join(components)}"] if components is not None else []),
+                     *([f"--modulations {','.join(modulations)}"] if tuple(modulations) != MODULATIONS else []),
+                     *([f"--num-ref {b.num_ref}"] if b.num_ref is not None else [])])
+
+
+def run_study(*, out: str | Path = "results/study", quick: bool = False, studies=PARTS, model: str | None = None,
+              num_steps: int | None = None, batch_size: int | None = None, seeds: list[int] | None = None,
+              fid_samples: int | None = None, sampler: str | None = None, sampling_steps: int | None = None,
+              cfg_scale: float | None = None, checkpoints: list[int] | None = None, heldout_images: int | None = None,
+              rates: dict[str, list[float]] | None = None, configs=CONFIGS, components: list[str] | None = None,
+              modulations=MODULATIONS, num_ref: int | None = None, opts: RunOptions | None = None,
+              progress: bool = True, results_md: str | Path | None = "RESULTS.md",
+              docs_dir: str | Path = "docs/results", command: str | None = None) -> dict:
+    """Run the chosen parts (skipping what is finished) and regenerate RESULTS.md. Returns
+    {"studies": {part: {"trained", "skipped", "diverged"}}, "plan": plan(), "results_md": path or None}."""
+    out = Path(out)
+    opts = opts or RunOptions(progress=progress)
+    b = study_budget(quick, model=model, num_steps=num_steps, batch_size=batch_size, seeds=seeds,
+                     fid_samples=fid_samples, sampler=sampler, sampling_steps=sampling_steps, cfg_scale=cfg_scale,
+                     checkpoints=checkpoints, heldout_images=heldout_images, rates=rates, num_ref=num_ref)
+    check_sampler(b.sampler)  # before any training: an unknown name or a missing diffusers fails now
+    if f"{b.ema_std:.3f}" not in {f"{w:.3f}" for w in TrainConfig().ema_stds}:
+        raise UserError(f"the scoring EMA width {b.ema_std} is not tracked by training "
+                        f"({TrainConfig().ema_stds}): it would be a post-hoc reconstruction")
+    unknown = [s for s in studies if s not in PARTS]
     if unknown or not studies:
-        raise UserError(f"--studies: use some of {', '.join(STUDIES)} (got {', '.join(studies) or 'none'})")
+        raise UserError(f"--studies: use some of {', '.join(PARTS)} (got {', '.join(studies) or 'none'})")
+    if [c for c in configs if c not in CONFIGS] or not configs:
+        raise UserError(f"--configs: use some of {', '.join(CONFIGS)}")
+    all_components = component_arms()
+    if components is not None and [c for c in components if c not in all_components]:
+        raise UserError(f"--components: use some of {', '.join(all_components)}")
+    if [m for m in modulations if m not in MODULATIONS] or "adaln" not in modulations:
+        raise UserError(f"--modulations: use some of {', '.join(MODULATIONS)}, adaln included (the reference)")
+    if b.checkpoints[-1] != b.num_steps or b.checkpoints[0] < 1:
+        raise UserError(f"--checkpoints {list(b.checkpoints)}: positive steps, the last one the run's "
+                        f"{b.num_steps} steps")
+    bad_rates = any(not v or not all(0 < r < 1 for r in v) for v in b.rates.values())
+    if bad_rates or [c for c in b.rates if c not in CONFIGS]:
+        raise UserError(f"--rates {b.to_dict()['rates']}: each of {', '.join(CONFIGS)} needs rates in (0, 1)")
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "study.json"
-    if meta_path.is_file():
-        old = read_json(meta_path)
+    old = read_json(meta_path) if meta_path.is_file() else {}
+    settings = b.to_dict()
+    if old:
         differ = [k for k in settings if old.get("settings", {}).get(k) != settings[k]]
         if differ:
             raise UserError(f"{out} holds a study with other settings ({', '.join(differ)} differ): use another --out")
-    if command is None:  # every setting spelled out: the exact command that reproduces (and resumes) this
-        command = " ".join(["mapdit study", *(["--quick"] if quick else []), f"--out {shlex.quote(str(out))}",
-                            f"--studies {','.join(s for s in STUDIES if s in studies)}",
-                            f"--model {settings['model']}", f"--num-steps {settings['num_steps']}",
-                            f"--batch-size {settings['batch_size']}",
-                            f"--seeds {','.join(map(str, settings['seeds']))}",
-                            f"--fid-samples {settings['fid_samples']}", f"--sampler {settings['sampler']}",
-                            f"--sampling-steps {settings['sampling_steps']}",
-                            f"--ema-sweep {ema_sweep or base['ema_sweep']}",
-                            *([f"--configs {','.join(configs)}"] if tuple(configs) != CONFIGS else []),
-                            *([f"--modulations {','.join(modulations)}"] if tuple(modulations) != MODULATIONS else []),
-                            *([f"--lrs {','.join(f'{lr:g}' for lr in lrs)}"] if tuple(lrs) != LRS else []),
-                            *([f"--num-ref {num_ref}"] if num_ref is not None else [])])
-    elapsed_before = read_json(meta_path).get("elapsed_s", 0.0) if meta_path.is_file() else 0.0
+    parts = [p for p in PARTS if p in studies]
+    command = command or _command(out, quick, parts, b, configs, components, modulations)
+    elapsed_before = old.get("elapsed_s", 0.0)
     started = time.perf_counter()
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    machine = f"{platform.machine() or '?'} {platform.processor() or ''}".strip()
     meta = {"settings": settings, "quick": quick, "command": command, "elapsed_s": elapsed_before,
-            "machine": f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"}
+            "started": old.get("started", today), "updated": today,
+            "machine": f"{machine}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"}
     write_json(meta_path, meta)
+    say = Logger(sink=opts.log or (lambda line: print(line, file=sys.stderr)), prefix="study: ")
+    opts = dataclasses.replace(opts, cache_dir=DEFAULT_CACHE if opts.cache_dir is None else opts.cache_dir)
 
-    say = Logger(sink=log or (lambda line: print(line, file=sys.stderr)), prefix="study: ")
-    budget = TrainBudget(model=settings["model"], num_steps=settings["num_steps"], batch_size=settings["batch_size"],
-                         data_path="fashion-mnist", ema_snapshots=ema_snapshots, log_every=log_every)
-    score = ScoreBudget(fid_samples=settings["fid_samples"], features="fmnist", num_ref=num_ref,
-                        sampler=settings["sampler"], sampling_steps=settings["sampling_steps"], cfg_scale=1.0,
-                        weights="ema", ema_std=None, sample_batch_size=sample_batch_size,
-                        magnitude_batch_size=magnitude_batch_size)
-    run = {"device": device, "cache_dir": cache_dir, "progress": progress, "log": log}
-    scoring = {"device": device, "cache_dir": DEFAULT_CACHE if cache_dir is None else cache_dir, "progress": progress}
-    seeds = settings["seeds"]
+    the_plan = plan(out, b, parts, configs, components, modulations)
+    say(f"plan: parts {', '.join(parts)}; {the_plan['runs']} runs, {the_plan['finished']} already finished, "
+        f"{the_plan['to_train']} to train and score, about {the_plan['minutes']:.0f} min on 2 idle cores "
+        f"(~{the_plan['seconds_per_run'] / 60:.1f} min per run: {STEPS_PER_S_AT_64:g} steps/s at batch 64 and "
+        f"{b.fid_samples} samples of {b.sampling_steps} steps)")
     done: dict[str, dict] = {}
-    for study in [s for s in STUDIES if s in studies]:
-        say(f"{study} ...")
-        if study == "configs":
-            summary = ablate.run_ablation(budget, score, configs=list(configs), modulations=["adaln"], seeds=seeds,
-                                          out=out / "configs", **run)
-        elif study == "modulation":
-            for s in seeds:
-                name = f"E-adaln-seed{s}.json"
-                if "adaln" in modulations and _copy_result(out / "configs" / "results" / name,
-                                                           out / "modulation" / "results" / name):
-                    say(f"modulation: {name[:-5]} reused from the configs study")
-            summary = ablate.run_ablation(budget, score, configs=["E"], modulations=list(modulations), seeds=seeds,
-                                          out=out / "modulation", **run)
-        elif study == "lr":
-            summary = _lr_study(out, (budget, score), seeds, list(lrs), say, **run)
-        elif study == "ema":
-            summary = _ema_study(out, score, sweep, say, **scoring)
-        else:
-            summary = _grid_study(out, score, seeds[0], say, device=device)
-        done[study] = {k: summary.get(k, []) for k in ("trained", "skipped", "diverged")}
+    for part in parts:
+        say(f"{part} ...")
+        best = best_rates(out, b, _needs(part), part) if _needs(part) else {}
+        summary = {"trained": [], "skipped": [], "diverged": []}
+        for arm, lr, part_seeds in part_runs(part, b, best, configs, components, modulations):
+            got = train_arm(out, arm, lr, part_seeds, b, say, opts, heldout=True)
+            for k in summary:
+                summary[k] += got[k]
+        if part == "magnitudes":
+            summary = {**summary, **_magnitudes_part(out, b, best, say)}
+        elif part == "grid":
+            summary = {**summary, **_grid_part(out, b, best, opts, say)}
+        elif part == "rates":
+            found = best_rates(out, b, configs)
+            say("best rates: " + ", ".join(f"{c} {'-' if r is None else f'{r:g}'}" for c, r in found.items()))
+        done[part] = summary
         write_json(meta_path, dict(meta, elapsed_s=elapsed_before + time.perf_counter() - started))
     md = None
     if results_md is not None:
-        md = write_results_md(out, results_md, docs_dir)
+        md = write_results_md(out, results_md, docs_dir, components, modulations)
         say(f"results -> {md}")
-    return {"studies": done, "results_md": md}
+    write_json(meta_path, dict(meta, elapsed_s=elapsed_before + time.perf_counter() - started))
+    return {"studies": done, "plan": the_plan, "results_md": md}
