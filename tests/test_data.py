@@ -10,21 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mapdit.data import ImageDataset, IndexStream, load_dataset, to_uint8_images, uint8_to_model
-from mapdit.data import fashion_mnist
+from helpers import needs_installed_fmnist as needs_fmnist
+from mapdit.data import ImageDataset, IndexStream, fashion_mnist, load_dataset, to_uint8_images, uint8_to_model
 from mapdit.errors import UserError
 
-FMNIST = fashion_mnist.DEFAULT_DIR
-needs_fmnist = pytest.mark.skipif(
-    not os.path.exists(os.path.join(FMNIST, "train-images-idx3-ubyte.gz")),
-    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
-)
-
-
-@pytest.fixture(autouse=True)
-def _no_env_override(monkeypatch):
-    # the alias must resolve to the installed copy regardless of the caller's environment
-    monkeypatch.delenv(fashion_mnist.ENV_VAR, raising=False)
+# "fashion-mnist" must resolve to the installed copy regardless of the caller's environment
+pytestmark = pytest.mark.usefixtures("no_fmnist_override")
 
 
 # ---------------------------------------------------------------- real Fashion-MNIST

@@ -9,7 +9,6 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,20 +19,18 @@ import torch
 import torch.nn as nn
 
 import mapdit.cli
-from mapdit.config import make_config
+from helpers import free_port, needs_fmnist, tiny_model, tiny_train
 from mapdit.data import fashion_mnist
 from mapdit.evaluate import magnitudes, scoring
 from mapdit.evaluate.fid import ModuleFeatures
+from mapdit.experiments.fid_run import fid_for_run
 from mapdit.nn import magnitude
 from mapdit.runio import list_checkpoints, load_run_config
-from mapdit.train import TrainConfig, train
-from mapdit.experiments.fid_run import fid_for_run
 from mapdit.sample import sample_grid_from_model
+from mapdit.train import train
 from mapdit.weights import load_model, model_with_weights
 
-needs_fmnist = pytest.mark.skipif(not fashion_mnist.has_idx_files(fashion_mnist.default_dir()),
-                                  reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-pytestmark = needs_fmnist
+pytestmark = [needs_fmnist, pytest.mark.usefixtures("no_fmnist_override")]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,11 +41,6 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.fixture(autouse=True)
-def _no_fmnist_override(monkeypatch):
-    monkeypatch.delenv(fashion_mnist.ENV_VAR, raising=False)
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fid-cache")
@@ -56,10 +48,8 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    cfg = make_config("DiT-XXS/4", preset="E", input_size=28, in_channels=1, num_classes=10)
-    tc = TrainConfig(data_path="fashion-mnist", results_dir=str(tmp_path_factory.mktemp("runs")), num_steps=4,
-                     batch_size=8, log_every=2, ema_snapshots=2, ckpt_every=2, seed=1)
-    return train(tc, cfg)
+    """conftest's tiny run with two EMA snapshots instead of four."""
+    return train(tiny_train(tmp_path_factory.mktemp("runs"), ema_snapshots=2), tiny_model())
 
 
 def run_cli(argv) -> int:
@@ -152,12 +142,6 @@ def test_default_feature_rule():
     assert scoring.reference_options({"kind": "latents", "image_resolution": 256}) == {"image_size": 256}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_sharded_sampling_matches_one_process(tiny_run, cache, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
@@ -173,7 +157,7 @@ def test_sharded_sampling_matches_one_process(tiny_run, cache, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop(fashion_mnist.ENV_VAR, None)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script),
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script),
                            *map(str, args), "--result-dir", str(two)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -2,7 +2,6 @@
 ADM reference batches, and the shipped Fashion-MNIST classifier."""
 
 import argparse
-import os
 import sys
 import types
 import urllib.error
@@ -13,22 +12,21 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from mapdit.data import fashion_mnist
+from helpers import needs_installed_fmnist as needs_fmnist
 from mapdit.errors import UserError
 from mapdit.evaluate import fid
-from mapdit.evaluate.fid import (FeatureStats, ModuleFeatures, compute_stats, evaluate_samples,
-                                 frechet_distance, get_extractor, reference_stats)
-
-FMNIST = fashion_mnist.DEFAULT_DIR
-needs_fmnist = pytest.mark.skipif(
-    not os.path.exists(os.path.join(FMNIST, "train-images-idx3-ubyte.gz")),
-    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+from mapdit.evaluate.fid import (
+    FeatureStats,
+    ModuleFeatures,
+    compute_stats,
+    evaluate_samples,
+    frechet_distance,
+    get_extractor,
+    reference_stats,
 )
 
-
-@pytest.fixture(autouse=True)
-def _no_env_override(monkeypatch):
-    monkeypatch.delenv(fashion_mnist.ENV_VAR, raising=False)
+# "fashion-mnist" must resolve to the installed copy regardless of the caller's environment
+pytestmark = pytest.mark.usefixtures("no_fmnist_override")
 
 
 def _random_spd(rng, d, cond=10.0):

@@ -22,73 +22,44 @@ from pathlib import Path
 import pytest
 import torch
 
-from mapdit.cli import main as cli_main
-from mapdit.config import make_config
+from helpers import (
+    ENV,
+    RUN,
+    TINY_ARGS,
+    assert_same_tensors,
+    cli,
+    error_line,
+    free_port,
+    needs_fmnist,
+    only_error_line,
+    read_metrics,
+    snapshot_files,
+    tiny_model,
+    tiny_train,
+)
 from mapdit.errors import UserError
-from mapdit.runio import (checkpoint_path, create_run_dir, list_checkpoints, load_tensors, run_lock, sha256_file,
-                          trim_metrics, verify_checkpoint)
-from mapdit.train import METRIC_FIELDS, TrainConfig, train
-
-FMNIST = Path(os.environ.get("MAPDIT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
-needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").exists(),
-                                  reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TINY_ARGS = ["--data-path", "fashion-mnist", "--model", "DiT-XXS/4", "--config", "E", "--global-batch-size", "8",
-             "--global-seed", "1"]
-RUN = "000-DiT-XXS-4"
+from mapdit.runio import (
+    checkpoint_path,
+    create_run_dir,
+    list_checkpoints,
+    load_tensors,
+    run_lock,
+    sha256_file,
+    trim_metrics,
+    verify_checkpoint,
+)
+from mapdit.train import METRIC_FIELDS, train
 
 
 # ------------------------------------------------------------------------------------------------
-# helpers
+# helpers (the shared ones, and the tiny_run / run_copy fixtures, are in helpers.py and conftest.py)
 # ------------------------------------------------------------------------------------------------
-def tiny_model(preset="E", model="DiT-XXS/4"):
-    return make_config(model, preset=preset, input_size=28, in_channels=1, num_classes=10)
-
-
-def tiny_train(results, **kw) -> TrainConfig:
-    base = dict(data_path="fashion-mnist", results_dir=str(results), num_steps=4, batch_size=8, log_every=2,
-                ema_snapshots=4, ckpt_every=2, seed=1)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def cli(*argv) -> int:
-    return cli_main([str(a) for a in argv])
-
-
-def error_line(capsys, command="train") -> str:
-    """The one error line the CLI printed (stderr may also hold progress-bar redraws, never a traceback)."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith(f"mapdit {command}: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def only_error_line(capsys, command="train") -> str:
-    """Like error_line, for mistakes caught before any work: stderr is exactly that one line."""
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"mapdit {command}: error:"), err
-    return err[0]
-
-
 def steps_in_metrics(run: Path) -> list[int]:
-    with open(run / "metrics.csv", newline="") as f:
-        return [int(row["step"]) for row in csv.DictReader(f)]
-
-
-def assert_same_tensors(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    return [int(row["step"]) for row in read_metrics(run)]
 
 
 def all_finite(tensors: dict) -> bool:
     return all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
-
-
-def snapshot_files(run: Path) -> list[Path]:
-    return sorted((run / "ema").glob("sigma-*/step-*.safetensors"))
 
 
 def train_cmd(*argv) -> list[str]:
@@ -104,20 +75,6 @@ def wait_for(condition, timeout=120.0, proc=None, what="condition"):
             return False
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """A finished 4-step run: checkpoints at 2 and 4, EMA snapshots at 1..4."""
-    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip("Fashion-MNIST not installed")
-    return train(tiny_train(tmp_path_factory.mktemp("tiny")), tiny_model())
-
-
-@pytest.fixture
-def run_copy(tiny_run, tmp_path) -> Path:
-    """A private copy of the tiny run, for tests that change it."""
-    return Path(shutil.copytree(tiny_run, tmp_path / "R" / RUN))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -601,21 +558,13 @@ def test_load_dit_checkpoint_refuses_code_in_pickles(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # 8. one rank fails under torchrun: the whole job ends, with that rank's error, in bounded time
 # ------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_fmnist
 @pytest.mark.slow
 def test_a_failing_rank_ends_the_torchrun_job(tmp_path):
     env = {**ENV, "MAPDIT_TEST_FAIL_RANK": "1", "MAPDIT_TEST_FAIL_STEP": "2", "MAPDIT_DIST_TIMEOUT_S": "60"}
     start = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "mapdit.cli", "train",
+                          "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "mapdit.cli", "train",
                           *TINY_ARGS, "--num-steps", "50", "--ema-snapshots", "0", "--results-dir", tmp_path],
                          env=env, capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - start

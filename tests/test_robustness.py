@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -25,12 +24,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import ENV, FMNIST, RUN, TINY_ARGS, cli, needs_fmnist, only_error_line, snapshot_files
 from mapdit import signals
 from mapdit.cli import build_parser
 from mapdit.runio import checkpoint_path, list_checkpoints, load_tensors, verify_checkpoint
 from mapdit.sample import save_png
-from test_reliability import (ENV, FMNIST, RUN, TINY_ARGS, cli, error_line, needs_fmnist, only_error_line,  # noqa: F401
-                              run_copy, snapshot_files, tiny_run)
 
 # Runs `mapdit` commands in one process (one torch import for all), each under its own file-size limit
 # (0: none), and prints [{rc, err, out}, ...] as JSON. SIGXFSZ is ignored, as Python does by default.

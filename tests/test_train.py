@@ -1,5 +1,4 @@
 """Training end to end: loss goes down, exact resume, torchrun equivalence, the seed commands."""
-import csv
 import os
 import subprocess
 import sys
@@ -8,36 +7,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from mapdit.config import make_config
+import helpers
+from helpers import assert_same_tensors, free_port, needs_fmnist, read_metrics, tiny_model
 from mapdit.errors import UserError
 from mapdit.runio import list_checkpoints, load_tensors, split_prefix
 from mapdit.train import TrainConfig, lr_multiplier, train
 
 REPO = Path(__file__).resolve().parents[1]
-FMNIST = Path(os.environ.get("MAPDIT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
-needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").exists(),
-                                  reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-
-
-def tiny_model(preset="E", **kw):
-    return make_config("DiT-XXS/4", preset=preset, input_size=28, in_channels=1, num_classes=10, **kw)
 
 
 def tiny_train(tmp_path, **kw) -> TrainConfig:
-    base = dict(data_path="fashion-mnist", results_dir=str(tmp_path), num_steps=6, batch_size=8, log_every=2,
-                ema_snapshots=3, ckpt_every=3, seed=1)
-    base.update(kw)
-    return TrainConfig(**base)
+    """helpers.tiny_train at six steps: checkpoints at 3 and 6, EMA snapshots at 2, 4, 6."""
+    return helpers.tiny_train(tmp_path, **{"num_steps": 6, "ema_snapshots": 3, "ckpt_every": 3, **kw})
 
 
 def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
     step, path = list_checkpoints(run_dir)[-1]
     return load_tensors(path)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 def test_lr_schedule_warmup_then_inverse_sqrt():
@@ -76,10 +62,7 @@ def test_resume_continues_exactly(tmp_path):
     part = train(tiny_train(tmp_path / "b", num_steps=3), tiny_model())
     resumed = train(tiny_train(tmp_path / "b", num_steps=6), None, resume=str(part))
     assert resumed == part
-    a, b = final_params(full), final_params(resumed)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_tensors(final_params(full), final_params(resumed))
     assert [int(r["step"]) for r in read_metrics(resumed)] == [2, 3, 4, 6]  # stop at 3 logs a row
 
 
@@ -108,14 +91,6 @@ def test_loss_decreases_on_fashion_mnist(tmp_path, preset):
     assert losses[-1] < 0.6 * losses[0]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_fmnist
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(tmp_path):
@@ -125,7 +100,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     subprocess.run([sys.executable, "-m", "mapdit.cli", "train", "--results-dir", str(tmp_path / "one"), *args],
                    check=True, env=env, capture_output=True)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                    f"--master_port={_free_port()}", "-m", "mapdit.cli", "train", "--results-dir",
+                    f"--master_port={free_port()}", "-m", "mapdit.cli", "train", "--results-dir",
                     str(tmp_path / "two"), *args], check=True, env=env, capture_output=True)
     one = final_params(tmp_path / "one" / "000-DiT-XXS-4")
     two = final_params(tmp_path / "two" / "000-DiT-XXS-4")
