@@ -52,9 +52,6 @@ class IndexStream:
         self._epoch: int | None = None
         self._perm: torch.Tensor | None = None
 
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
-
     def permutation(self, epoch: int) -> torch.Tensor:
         """The epoch's permutation of range(num_items), (num_items,) int64."""
         if epoch != self._epoch:

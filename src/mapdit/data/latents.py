@@ -3,7 +3,7 @@
 `mapdit prepare` (mapdit.data.prepare) encodes an image folder once with a diffusers
 `AutoencoderKL` and stores, for every image, the posterior mean mu and std sigma. Training then
 draws a fresh z = mu + sigma * eps each time and normalises it per channel with the stored
-mixture-of-Gaussians statistics (spec 6.1):
+mixture-of-Gaussians statistics:
 
     m_c   = E[mu_c]                                   (over entries and latent pixels)
     var_c = E[sigma_c^2] + E[(mu_c - m_c)^2]          (moments of the mixture of Gaussians)
@@ -59,7 +59,6 @@ __all__ = [
 FORMAT = "mapdit-latents-1"
 INDEX_NAME = "latents.json"
 SETTINGS_NAME = "prepare.json"
-SHARD_TENSORS = ("mean", "std", "label", "index", "flipped")
 
 _ST_DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"),
               "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "BOOL": np.dtype("bool"),
