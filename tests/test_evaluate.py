@@ -85,7 +85,7 @@ def test_distance_to_itself_is_zero_and_grows_with_noise(tiny_run, tmp_path):
     with np.load(npz) as f:
         images, labels = f["arr_0"], f["arr_1"]
     assert images.shape == (64, 28, 28, 1) and images.dtype == np.uint8 and labels.shape == (64,)
-    assert npz.parent == tiny_run / "eval" and npz.name.startswith("samples-step0000004-ema0.050-ddpm3-")
+    assert npz.parent == tiny_run / "eval" and npz.name.startswith("samples-step0000004-ema0.050-dpm++2m3-")
 
     same = fid_for_run(tiny_run, 64, ref=str(npz), **kw)
     assert same["samples_reused"] is True and same["samples_npz"] == str(npz)
@@ -113,7 +113,7 @@ def test_fid_command_end_to_end(tiny_run, cache, capsys, monkeypatch):
     assert 0 <= result["conditioning_accuracy"] <= 1
     s = result["settings"]
     assert (s["weights"], s["ema_std"], s["cfg_scale"], s["sampler"], s["steps"], s["seed"], s["num_samples"],
-            s["features"], s["reference"], s["checkpoint_step"]) == ("ema", 0.05, 1.0, "ddpm", 3, 0, 16, "fmnist",
+            s["features"], s["reference"], s["checkpoint_step"]) == ("ema", 0.05, 1.0, "dpm++2m", 3, 0, 16, "fmnist",
                                                                      "fashion-mnist", 4)
     assert result["num_reference"] == 200 and result["reference"]["split"] == "test"
 

@@ -15,7 +15,7 @@ from mapdit.distributed import on_main
 from mapdit.errors import UserError
 from mapdit.evaluate.fid import FeatureExtractor, ModuleFeatures, default_cache_dir, evaluate_samples, get_extractor
 from mapdit.sample import sample_images, sample_labels
-from mapdit.samplers import check_sampler
+from mapdit.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
 
 DEFAULT_CACHE = object()  # "use fid.default_cache_dir()" (None disables the cache)
 
@@ -64,7 +64,7 @@ def extractor(features, inception_weights, device):
 
 
 def quick_fid(model, data_meta: dict, num_samples: int, *, ref: str | None = None, features=None,
-              sampler: str = "ddpm", steps: int = 50, cfg_scale: float = 1.0, seed: int = 0,
+              sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, cfg_scale: float = 1.0, seed: int = 0,
               batch_size: int = 64, num_ref: int | None = None, cache_dir=DEFAULT_CACHE,
               inception_weights: str | None = None) -> float:
     """The Fréchet distance of `num_samples` samples of `model` (the plain DiT with the weights to score)
