@@ -4,7 +4,6 @@ the RESULTS.md writer.
 The end-to-end test trains tiny runs (DiT-XXS/4, 2 steps, batch 8, 16 samples of 3 dpm++2m steps, seeds 0
 and 1); the other tests work on stored (made-up) results or a stubbed `run_ablation`, so they train nothing.
 """
-import csv
 import dataclasses
 import json
 import re
@@ -12,36 +11,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-import mapdit.cli
+from helpers import cli, needs_installed_fmnist
 from mapdit.config import MP_OPTIONS
-from mapdit.data import fashion_mnist
 from mapdit.errors import UserError
 from mapdit.experiments import budgets, results, study
 from mapdit.experiments.ablate import _parameters
 from mapdit.runio import write_json
 
-needs_fmnist = pytest.mark.skipif(not fashion_mnist.has_idx_files(fashion_mnist.default_dir()),
-                                  reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-
-
-@pytest.fixture(autouse=True)
-def _setup(monkeypatch):
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.delenv(fashion_mnist.ENV_VAR, raising=False)
-    yield
-    torch.set_num_threads(old)
-
-
-def run_cli(argv) -> int:
-    return mapdit.cli.main([str(a) for a in argv])
-
-
-def _csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+pytestmark = pytest.mark.usefixtures("no_fmnist_override")
 
 
 def _fake_run(out: Path, arm: str, lr: float, seed: int, value: float | None = None, acc: float = 0.5,
@@ -76,7 +54,8 @@ def _settings(**kw) -> budgets.StudyBudget:
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-@needs_fmnist
+@pytest.mark.slow
+@needs_installed_fmnist
 def test_study_runs_every_part_then_skips_finished_runs(tmp_path, capsys):
     out, md, docs = tmp_path / "study", tmp_path / "RESULTS.md", tmp_path / "docs" / "results"
     args = ["study", "--configs", "A,E", "--rates", "A=1e-4/1e-2,E=1e-2", "--components", "E-table",
@@ -85,7 +64,7 @@ def test_study_runs_every_part_then_skips_finished_runs(tmp_path, capsys):
             "--batch-size", 8, "--seeds", "0,1", "--fid-samples", 16, "--sampling-steps", 3, "--num-ref", 200,
             "--sample-batch-size", 8, "--magnitude-batch-size", 8, "--ema-snapshots", 2, "--log-every", 1,
             "--cache-dir", tmp_path / "cache", "--out", out, "--results-md", md, "--docs-dir", docs]
-    assert run_cli(args) == 0
+    assert cli(*args) == 0
     first = capsys.readouterr()
     assert first.out.strip().splitlines()[-1] == str(md)
     # runs shared between parts are trained once: 3 rates, E-table, the two per-modulator arms (adaln,
@@ -129,7 +108,7 @@ def test_study_runs_every_part_then_skips_finished_runs(tmp_path, capsys):
     first_elapsed = json.loads((out / "study.json").read_text())["elapsed_s"]
 
     # rerun: every run skipped, nothing trained or sampled again, the same document
-    assert run_cli(args) == 0
+    assert cli(*args) == 0
     err = capsys.readouterr().err
     assert "11 runs, 11 already finished, 0 to train" in err
     assert "training DiT-XXS/4" not in err and "resuming" not in err and "sampling" not in err
@@ -148,8 +127,8 @@ def test_study_runs_every_part_then_skips_finished_runs(tmp_path, capsys):
     moved = tmp_path / "elsewhere" / "study"
     shutil.copytree(out, moved)
     shutil.rmtree(out / "runs" / "E-table")  # the original is not read
-    assert run_cli(["study", "--report-only", "--out", moved, "--results-md", tmp_path / "R2.md", "--docs-dir",
-                    tmp_path / "d2", "--components", "E-table", "--modulations", "adaln,scale+rotate"]) == 0
+    assert cli("study", "--report-only", "--out", moved, "--results-md", tmp_path / "R2.md", "--docs-dir",
+               tmp_path / "d2", "--components", "E-table", "--modulations", "adaln,scale+rotate") == 0
     moved_text = (tmp_path / "R2.md").read_text()
     assert moved_text.split("## 1.")[1].split("## 5.")[0] == text.split("## 1.")[1].split("## 5.")[0]
     assert "not run yet" not in moved_text.split("## 1.")[1].split("## 2.")[0]
@@ -157,7 +136,7 @@ def test_study_runs_every_part_then_skips_finished_runs(tmp_path, capsys):
     shutil.rmtree(moved)
 
     # another budget in the same folder is refused
-    assert run_cli([*args[:-6], "--num-steps", 3, "--checkpoints", "3", "--out", out, "--results-md", md]) == 2
+    assert cli(*args[:-6], "--num-steps", 3, "--checkpoints", "3", "--out", out, "--results-md", md) == 2
     assert "other settings" in capsys.readouterr().err
 
 
@@ -204,8 +183,8 @@ def test_runner_picks_each_configs_best_rate_from_finished_runs(tmp_path, monkey
     for p in out.glob("runs/E/lr1e-01/diverged/*.json"):
         p.unlink()
     capsys.readouterr()
-    assert run_cli(["study", "--studies", "seeds", "--out", out, "--rates", "A=1e-4/3e-3/1e-2/3e-2,E=1e-2/3e-2/1e-1",
-                    "--results-md", tmp_path / "R.md"]) == 2
+    assert cli("study", "--studies", "seeds", "--out", out, "--rates", "A=1e-4/3e-3/1e-2/3e-2,E=1e-2/3e-2/1e-1",
+               "--results-md", tmp_path / "R.md") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].count("\n") == 0 and "needs Config E's best rate" in err[-1] and "0.1" in err[-1]
 
