@@ -157,7 +157,7 @@ class ChunkGains(nn.Module):
     def __init__(self, widths: list[int]):
         super().__init__()
         self.gain = nn.Parameter(torch.zeros(len(widths)))
-        chunk = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
+        chunk = torch.tensor([i for i, w in enumerate(widths) for _ in range(w)])  # sizes known: builds on meta too
         self.register_buffer("chunk", chunk, persistent=False)  # (K,) chunk index of every output
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
