@@ -20,7 +20,7 @@ from .errors import UserError
 from .runio import atomic_write, check_writable, load_run_config
 from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
 from .samplers import sample as run_sampler
-from .weights import load_model
+from .weights import check_weight_choice, load_model
 
 
 def batch_generator(seed: int, batch_index: int, device: torch.device) -> torch.Generator:
@@ -166,8 +166,7 @@ def sample_run(result_dir: str | Path, *, class_label: int | None = None, num_sa
     for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--num-samples", num_samples)):
         if value is not None and value < 1:
             raise UserError(f"{flag} {value} must be at least 1")
-    if weights == "raw" and ema_std is not None:
-        raise UserError("--ema-std chooses an EMA width, which contradicts --weights raw: drop one of them")
+    check_weight_choice(weights, ema_std)
     run_dir = Path(result_dir)
     load_run_config(run_dir)  # a missing or broken run: one line before anything else
     if out:  # where the result goes must take files: fail before the sampling, not after it

@@ -153,6 +153,14 @@ def resolve_checkpoint(run_dir: Path, ckpt: str | None) -> tuple[int, Path]:
     return found
 
 
+def check_weight_choice(weights: str, ema_std: float | None) -> None:
+    """One line (UserError) for a --weights/--ema-std choice that cannot be loaded; call before loading."""
+    if weights not in ("ema", "raw"):
+        raise UserError(f"--weights {weights!r}: use 'ema' or 'raw'")
+    if weights == "raw" and ema_std is not None:
+        raise UserError("--ema-std chooses an EMA width, which contradicts --weights raw: drop one of them")
+
+
 def load_model(run_dir: str | Path, weights: str = "ema", ema_std: float | None = None, ckpt: str | None = None,
                device: str | torch.device = "cpu", log=print) -> tuple[DiT, dict, str]:
     """Build the run's model and load weights. Returns (model in eval mode, run config, description).

@@ -40,7 +40,7 @@ from mapdit.nn import magnitude
 from mapdit.plots import pyplot, save_figure
 from mapdit.runio import list_checkpoints, load_run_config, verify_checkpoint, write_json, write_text
 from mapdit.sample import unused_path
-from mapdit.weights import load_model
+from mapdit.weights import check_weight_choice, load_model
 
 DEFAULT_T = 500
 ACTIVATIONS = ("residual", "attn_in", "attn_out", "mlp_in", "mlp_out")
@@ -156,10 +156,7 @@ def measure_run(run_dir: str | Path, batch_size: int = 64, seed: int = 0, weight
     under run/eval (never overwriting). Returns {"csv", "json", "pngs", "rows", "input", "steps"}."""
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
-    if weights not in ("raw", "ema"):
-        raise UserError(f"--weights {weights!r}: use 'raw' or 'ema'")
-    if weights == "raw" and ema_std is not None:
-        raise UserError("--ema-std chooses an EMA width, which contradicts --weights raw: drop one of them")
+    check_weight_choice(weights, ema_std)
     tracked = list(config["train"]["ema_stds"])
     if weights == "ema" and ema_std is not None and f"{ema_std:.3f}" not in {f"{s:.3f}" for s in tracked}:
         raise UserError(f"--ema-std {ema_std}: per checkpoint only the tracked widths are stored "

@@ -25,7 +25,6 @@ import torch
 
 from mapdit import distributed as dist_utils
 from mapdit.distributed import on_main
-from mapdit.errors import UserError
 from mapdit.evaluate.fid import default_cache_dir, evaluate_samples
 from mapdit.evaluate.scoring import (
     DEFAULT_CACHE,
@@ -38,7 +37,7 @@ from mapdit.evaluate.scoring import (
 from mapdit.runio import check_writable, claim_new_path, load_run_config, write_json
 from mapdit.sample import sample_images, sample_labels, save_npz
 from mapdit.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
-from mapdit.weights import load_model, resolve_checkpoint
+from mapdit.weights import check_weight_choice, load_model, resolve_checkpoint
 
 DEFAULT_NUM_SAMPLES = 10_000
 
@@ -86,10 +85,7 @@ def fid_for_run(run_dir: str | Path, num_samples: int = DEFAULT_NUM_SAMPLES, *, 
     sampler = check_sampling(num_samples, sampler, steps, batch_size)
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
-    if weights not in ("ema", "raw"):
-        raise UserError(f"--weights {weights!r}: use 'ema' or 'raw'")
-    if weights == "raw" and ema_std is not None:
-        raise UserError("--ema-std chooses an EMA width, which contradicts --weights raw: drop one of them")
+    check_weight_choice(weights, ema_std)
     data_meta = config["data"]
     if features is None:
         features = default_features(data_meta, inception_weights)
