@@ -165,6 +165,26 @@ def test_training_losses_shapes_and_stopped_mean_gradient():
     assert torch.all(mse_grad[:, C:] == 0) and torch.all(mse_grad[:, :C].abs().sum(dim=(1, 2, 3)) > 0)
 
 
+def test_min_snr_weights_match_closed_form_and_only_reweight_the_mse():
+    """Min-SNR-gamma (eps-prediction): w_t = min(SNR_t, gamma) / SNR_t with SNR_t = abar_t / (1 - abar_t)."""
+    torch.manual_seed(7)
+    diffusion = make_diffusion()
+    _, abar = reference_alphas_cumprod()
+    t = torch.tensor([0, 40, 200, 999])
+    snr = abar[t.numpy()] / (1 - abar[t.numpy()])
+    expected = np.minimum(snr, 5.0) / snr
+    weights = diffusion.min_snr_weights(t, 5.0)
+    torch.testing.assert_close(weights.double(), torch.from_numpy(expected), rtol=1e-6, atol=0)
+    assert weights[0] < 1e-3 and weights[-1] == 1  # low noise is down-weighted, high noise untouched
+
+    out = torch.randn(N, 2 * C, H, W)
+    x0, noise, y = torch.randn(N, C, H, W), torch.randn(N, C, H, W), torch.zeros(N, dtype=torch.int64)
+    plain = diffusion.training_losses(lambda x, tt, yy: out, x0, t, y, noise=noise)
+    weighted = diffusion.training_losses(lambda x, tt, yy: out, x0, t, y, noise=noise, min_snr_gamma=5.0)
+    assert torch.equal(weighted["mse"], plain["mse"]) and torch.equal(weighted["vb"], plain["vb"])
+    torch.testing.assert_close(weighted["loss"], weights * plain["mse"] + plain["vb"])
+
+
 def test_vb_kl_term_matches_closed_form():
     """With eps = the true noise the model mean is the posterior mean, so KL reduces to a variance mismatch."""
     torch.manual_seed(4)

@@ -296,6 +296,7 @@ def test_trim_metrics_drops_rows_after_the_checkpoint_and_partial_rows(tmp_path)
     (["train", *TINY_ARGS, "--ema-snapshots", "-1"], "--ema-snapshots -1 must be 0"),
     (["train", *TINY_ARGS, "--log-every", "0"], "--log-every 0 must be at least 1"),
     (["train", *TINY_ARGS, "--grad-clip", "0"], "--grad-clip 0.0 must be a positive number"),
+    (["train", *TINY_ARGS, "--min-snr-gamma", "-1"], "--min-snr-gamma -1.0 must be a positive number"),
     (["train", *TINY_ARGS, "--ema-stds", "0.05", "0.0501"], "must differ in the first 3 decimals"),
     (["train", *TINY_ARGS, "--device", "gpu0"], "--device 'gpu0' is not a device"),
     (["train", "--resume"], "no run folder with a config.json"),
@@ -411,6 +412,7 @@ def test_sample_contradictions(tiny_run, capsys, argv, expected):
     (["--modulation", "scale"], "--modulation gives modulation=scale+gate (the run has adaln)"),
     (["--global-batch-size", "16"], "--global-batch-size 16 (the run has 8)"),
     (["--ema-stds", "0.07"], "--ema-stds [0.07] (the run has [0.05, 0.1])"),
+    (["--min-snr-gamma", "5"], "--min-snr-gamma 5.0 (the run has None)"),
 ])
 def test_resume_with_contradicting_options(run_copy, capsys, argv, expected):
     before = sorted(p.name for p in run_copy.rglob("*"))

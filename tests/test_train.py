@@ -128,3 +128,17 @@ def test_seed_commands_run_end_to_end(tmp_path):
     data = np.load(tmp_path / "s.npz")
     assert data["arr_0"].shape == (10, 28, 28, 1) and data["arr_0"].dtype == np.uint8
     assert data["arr_1"].shape == (10,) and data["arr_1"].max() < 10
+
+
+@needs_fmnist
+def test_min_snr_gamma_reaches_the_training_step(tmp_path):
+    """Same data, noise and seed: the min-SNR-weighted run logs the same first unweighted mse but a smaller
+    loss (low-noise samples are down-weighted), and its weights move differently."""
+    plain = train(tiny_train(tmp_path / "plain", num_steps=2, log_every=1, ema_snapshots=0), tiny_model())
+    snr = train(tiny_train(tmp_path / "snr", num_steps=2, log_every=1, ema_snapshots=0, min_snr_gamma=1.0),
+                tiny_model())
+    first_plain, first_snr = read_metrics(plain)[0], read_metrics(snr)[0]
+    assert float(first_snr["mse"]) == pytest.approx(float(first_plain["mse"]), rel=1e-5)
+    assert float(first_snr["loss"]) < float(first_plain["loss"])
+    a, b = final_params(plain), final_params(snr)
+    assert any(not torch.equal(a[k], b[k]) for k in a)

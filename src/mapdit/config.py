@@ -342,6 +342,7 @@ class TrainConfig:
     grad_clip: float | None = None
     seed: int = 0
     label_dropout: float = 0.1
+    min_snr_gamma: float | None = None  # None: uniform eps-MSE (DiT); else weights min(SNR_t, gamma) / SNR_t
     ema_stds: tuple[float, ...] = (0.05, 0.10)
     ema_snapshots: int = 100  # snapshots per tracked width over the run (0: none)
     snapshot_dtype: str = DEFAULT_SNAPSHOT_DTYPE
@@ -389,6 +390,9 @@ class TrainConfig:
             raise UserError(f"--ema-stds {list(self.ema_stds)}: the widths must differ in the first 3 decimals")
         if self.lr is not None and not positive(self.lr):
             raise UserError(f"--lr {self.lr} must be a positive number")
+        if self.min_snr_gamma is not None and not positive(self.min_snr_gamma):
+            raise UserError(f"--min-snr-gamma {self.min_snr_gamma} must be a positive number (e.g. 5; leave it out "
+                            "for DiT's uniform weighting)")
         if self.grad_clip is not None and not positive(self.grad_clip):
             raise UserError(f"--grad-clip {self.grad_clip} must be a positive number (leave it out for no clipping)")
         if self.ema_snapshots < 0:

@@ -267,10 +267,19 @@ class GaussianDiffusion:
         ) / math.log(2.0)
         return torch.where(t.to(kl.device) == 0, decoder_nll, kl)
 
-    def training_losses(self, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                        noise: torch.Tensor | None = None) -> dict:
-        """Hybrid loss per sample: loss = mse(eps) + vb (vb only when learn_sigma).
+    def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma loss weights for eps-prediction (Hang et al. 2023, eq. 8): min(SNR_t, gamma) / SNR_t,
+        SNR_t = abar_t / (1 - abar_t). 1 where SNR_t <= gamma (high noise); gamma / SNR_t below the noise
+        levels where the eps target is nearly free (low t). (N,) float32."""
+        abar = torch.as_tensor(self.alphas_cumprod, device=t.device)[t]  # float64
+        snr = abar / (1.0 - abar)
+        return (snr.clamp(max=gamma) / snr).float()
 
+    def training_losses(self, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                        noise: torch.Tensor | None = None, min_snr_gamma: float | None = None) -> dict:
+        """Hybrid loss per sample: loss = w_t * mse(eps) + vb (vb only when learn_sigma).
+
+        w_t = 1 (DiT), or the min-SNR-gamma weight when `min_snr_gamma` is given; "mse" is reported unweighted.
         The vb term sees the eps half detached ("stopped mean"), so it only trains the variance.
         No IDDPM num_timesteps/1000 rescaling (as in DiT). Returns dict of (N,) tensors.
         """
@@ -280,12 +289,13 @@ class GaussianDiffusion:
         model_out = model_fn(x_t, self.map_timesteps(t), y).float()
         eps, v = self.split_model_output(model_out, x_t)
         mse = mean_over_nonbatch((noise.float() - eps) ** 2)
+        weighted = mse if min_snr_gamma is None else mse * self.min_snr_weights(t, min_snr_gamma)
         if v is None:
             vb = torch.zeros_like(mse)
         else:
             frozen_out = torch.cat([eps.detach(), v], dim=1)
             vb = self.vb_terms_bits(frozen_out, x0.float(), x_t.float(), t)
-        return {"loss": mse + vb, "mse": mse, "vb": vb}
+        return {"loss": weighted + vb, "mse": mse, "vb": vb}
 
 
 def make_diffusion(num_steps: int = 1000, sampling_steps: int | None = None,

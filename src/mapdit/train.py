@@ -164,12 +164,13 @@ def _no_phase(name: str) -> ContextManager:
 def train_step(model: DiT, fwd, diffusion, opt: torch.optim.Optimizer, ema: PowerEMA,
                params: list[torch.Tensor], batch: Batch, step: int, *, grad_clip: float | None = None,
                autocast: ContextManager | None = None, skip_nonfinite: bool = False, d: Dist | None = None,
+               min_snr_gamma: float | None = None,
                phase: Callable[[str], ContextManager] = _no_phase) -> StepResult:
     """One optimisation step, the one the training loop runs (and benchmarks/bench.py times):
 
         project the weights (forced weight normalisation) -> diffusion loss of `fwd` (the model, or its
-        DDP / compiled wrapper) on the batch -> backward -> gradient norm (clipped to `grad_clip`) ->
-        Adam -> the power EMA at `step` (the number of steps done, this one included).
+        DDP / compiled wrapper) on the batch, min-SNR-weighted if `min_snr_gamma` -> backward -> gradient
+        norm (clipped to `grad_clip`) -> Adam -> the power EMA at `step` (the number of steps done, this one included).
 
     skip_nonfinite: the ranks agree (one synchronisation) whether loss and gradient are finite, and a
     non-finite step is skipped (no update, gradients cleared). `phase(name)` wraps the three phases
@@ -178,7 +179,8 @@ def train_step(model: DiT, fwd, diffusion, opt: torch.optim.Optimizer, ema: Powe
         model.project_weights_()  # forced weight normalisation: one batched pass per step
     with phase("forward_backward"):
         with autocast or contextlib.nullcontext():
-            losses = diffusion.training_losses(fwd, batch.x, batch.t, batch.y, noise=batch.noise)
+            losses = diffusion.training_losses(fwd, batch.x, batch.t, batch.y, noise=batch.noise,
+                                               min_snr_gamma=min_snr_gamma)
         loss = losses["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -388,7 +390,7 @@ class RunWriter:
 RESUME_MAY_CHANGE = ("num_steps", "lr", "grad_clip", "skip_nonfinite", "log_every", "ckpt_every", "data_path",
                      "device", "compile", "results_dir")
 RESUME_MUST_MATCH = ("batch_size", "seed", "warmup_steps", "decay_start", "ema_stds", "ema_snapshots",
-                     "snapshot_dtype", "precision", "image_size", "hflip")
+                     "snapshot_dtype", "precision", "image_size", "hflip", "min_snr_gamma")
 MODEL_FLAGS = ("model", "preset", "use_all_mp", *MP_OPTIONS, *CHOICE_KEYS)
 _FLAG_NAMES = {"batch_size": "--global-batch-size", "seed": "--global-seed", "preset": "--config"}
 
@@ -707,7 +709,8 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, b
             # ---- step
             batch = batches(step)
             result = train_step(model, fwd, diffusion, opt, ema, params, batch, done, grad_clip=tc.grad_clip,
-                                autocast=autocast, skip_nonfinite=tc.skip_nonfinite, d=d)
+                                autocast=autocast, skip_nonfinite=tc.skip_nonfinite, d=d,
+                                min_snr_gamma=tc.min_snr_gamma)
             if not result.applied:
                 skipped += 1
                 log(f"step {done}: non-finite loss or gradient, step skipped ({skipped} so far)")

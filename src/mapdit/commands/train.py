@@ -31,6 +31,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int, default=None)
     g.add_argument("--decay-start", type=int, default=None)
     g.add_argument("--grad-clip", type=float, default=None)
+    g.add_argument("--min-snr-gamma", type=float, default=None,
+                   help="weight the eps-MSE by min(SNR_t, gamma)/SNR_t (Min-SNR, e.g. 5); default: uniform, as DiT")
     g.add_argument("--global-seed", "--seed", dest="seed", type=int, default=0)
     g.add_argument("--ema-stds", type=float, nargs="+", default=[0.05, 0.10])
     g.add_argument("--ema-snapshots", type=int, default=100, help="snapshots per EMA width over the run (0: none)")
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> Path:
     tc = TrainConfig(data_path=args.data_path, results_dir=args.results_dir, num_steps=args.num_steps,
                      batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                      decay_start=args.decay_start, grad_clip=args.grad_clip, seed=args.seed,
+                     min_snr_gamma=args.min_snr_gamma,
                      ema_stds=tuple(args.ema_stds), ema_snapshots=args.ema_snapshots,
                      snapshot_dtype=args.snapshot_dtype, ckpt_every=args.ckpt_every, log_every=args.log_every,
                      precision=args.precision, compile=args.compile, device=args.device,
