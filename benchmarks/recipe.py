@@ -1,0 +1,306 @@
+#!/usr/bin/env python
+"""The recipe of a CPU run (issue 15 §3): which levers buy the most sample quality per CPU-minute, each
+measured on the plain DiT (Config A) and on the MP model alike, and sample quality against training minutes.
+
+    python benchmarks/recipe.py --out results/recipe minutes            # FD / accuracy vs minutes, both arms
+    python benchmarks/recipe.py --out results/recipe levers             # every lever, both arms
+    python benchmarks/recipe.py --out results/recipe levers --levers base,minsnr5 --arms MP
+    python benchmarks/recipe.py --out results/recipe speed              # steps/s: threads, torch.compile
+    python benchmarks/recipe.py --out results/recipe report             # recipe.md + minutes.png from the cache
+    python benchmarks/recipe.py --list
+
+Arms, each at its own best measured rate (docs/diagnosis.md): A = Config A at lr 1e-2; MP = Config E with
+its defaults at lr 3e-2 (the demo's model). The base recipe is the demo's: DiT-XXS/4 on Fashion-MNIST, 2000
+steps of batch 64, seed 0. Every cell is scored the way the demo's grid is drawn: EMA sigma_rel 0.10,
+DPM-Solver++(2M) 20 steps, guidance 4, 1,000 samples (same labels and noise for every cell), FD_fmnist and
+conditioning accuracy against the 10k test images, plus the held-out eps-MSE (2,000 test images, fixed
+noise and timesteps). A lever changes one thing of that recipe (`LEVERS`; scoring levers reuse the base
+run). Training minutes are the run's own wall time (metrics.csv elapsed_s) on the cores it had: run this
+with nothing else on the machine.
+
+`minutes`: for each of --minutes (2, 5, 10, 20, 40) a fresh run per arm whose step count is that many
+minutes at the arm's measured rate (the median steps/s of its base run after the first report), so each
+point has its own learning-rate schedule, as a user who trains for that long would.
+
+Resumable: each finished cell is OUT/cells/<arm>-<lever>.json; runs live in OUT/runs/<arm>-<run>/ and an
+interrupted run is resumed. Every invocation rewrites OUT/recipe.md and OUT/minutes.png.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mapdit  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
+
+# isort: split
+
+import torch
+
+from mapdit.config import make_config
+from mapdit.evaluate.heldout import heldout_for_run
+from mapdit.experiments.fid_run import fid_for_run
+from mapdit.runio import latest_run_dir, write_json
+from mapdit.train import TrainConfig, train
+
+ARMS = {"A": ("A", 1e-2), "MP": ("E", 3e-2)}  # arm -> (preset, its best measured rate)
+MODEL, STEPS, BATCH, SEED = "DiT-XXS/4", 2000, 64, 0
+SCORE = {"samples": 1000, "sampler": "dpm++2m", "steps": 20, "cfg": 4.0, "ema": 0.10}
+MINUTES = (2, 5, 10, 20, 40)
+
+
+@dataclass(frozen=True)
+class Lever:
+    name: str
+    what: str
+    train: dict = field(default_factory=dict)  # TrainConfig fields set on the base recipe ("lr_scale": x lr)
+    model: str = MODEL
+    score: dict = field(default_factory=dict)  # SCORE keys set for scoring
+
+    @property
+    def run(self) -> str:
+        """The run folder this lever trains (scoring levers share the base run)."""
+        return "base" if not self.train and self.model == MODEL else self.name
+
+
+LEVERS = {lv.name: lv for lv in (
+    Lever("base", "the demo's recipe"),
+    # length and batch
+    Lever("steps1000", "1000 steps (half the images)", {"num_steps": 1000}),
+    Lever("steps4000", "4000 steps (twice the images)", {"num_steps": 4000}),
+    Lever("batch32", "batch 32 for 4000 steps (same images)", {"batch_size": 32, "num_steps": 4000}),
+    Lever("batch128", "batch 128 for 1000 steps (same images)", {"batch_size": 128, "num_steps": 1000}),
+    # rate schedule and loss
+    Lever("lr-x0.5", "half the arm's rate", {"lr_scale": 0.5}),
+    Lever("lr-x2", "twice the arm's rate", {"lr_scale": 2.0}),
+    Lever("warmup10", "warm-up over the first 10 % of steps (default 1/150)", {"warmup_steps": STEPS // 10}),
+    Lever("nodecay", "no inverse-sqrt decay (constant rate after warm-up)", {"decay_start": STEPS}),
+    Lever("minsnr5", "Min-SNR-5 loss weighting", {"min_snr_gamma": 5.0}),
+    # architecture at this resolution
+    Lever("patch8", "patch 8 (16 tokens instead of 49; images padded to 32x32)", model="DiT-XXS/8"),
+    Lever("patch2", "patch 2 (196 tokens)", model="DiT-XXS/2"),
+    Lever("width-XS", "DiT-XS/4 (6 blocks, width 256)", model="DiT-XS/4"),
+    # scoring only (the base run)
+    Lever("ema0.05", "EMA sigma_rel 0.05", score={"ema": 0.05}),
+    Lever("cfg2", "guidance 2", score={"cfg": 2.0}),
+    Lever("cfg3", "guidance 3", score={"cfg": 3.0}),
+    Lever("cfg6", "guidance 6", score={"cfg": 6.0}),
+    Lever("ddim50", "our DDIM at 50 steps", score={"sampler": "ddim", "steps": 50}),
+)}
+DEFAULT_LEVERS = [n for n in LEVERS if n not in ("patch2", "width-XS")]  # those two cost 3-4x a base run
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def metrics_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def train_seconds(run_dir: Path) -> float:
+    """Training wall time from metrics.csv's elapsed_s; a resumed run restarts the clock, so segments add."""
+    total, last = 0.0, 0.0
+    for row in metrics_rows(run_dir):
+        e = float(row["elapsed_s"])
+        if e < last:  # a new segment (resume)
+            total += last
+        last = e
+    return total + last
+
+
+def steps_per_second(run_dir: Path) -> float:
+    """Median steps/s of a run's reports after the first (which includes start-up)."""
+    rates = [float(r["steps_per_s"]) for r in metrics_rows(run_dir) if r.get("steps_per_s")]
+    return statistics.median(rates[1:] if len(rates) > 1 else rates)
+
+
+def train_run(out: Path, arm: str, name: str, lever_train: dict, model: str) -> Path:
+    """Train (or resume, or find finished) the run `arm`-`name`."""
+    preset, lr = ARMS[arm]
+    over = dict(lever_train)
+    lr *= over.pop("lr_scale", 1.0)
+    folder = out / "runs" / f"{arm}-{name}"
+    tc = TrainConfig(data_path="fashion-mnist", results_dir=str(folder), num_steps=STEPS, batch_size=BATCH,
+                     lr=lr, seed=SEED, log_every=50, ema_snapshots=0, ema_stds=(0.05, 0.10))
+    for key, value in over.items():
+        setattr(tc, key, value)
+    tc.ckpt_every = tc.num_steps
+    existing = latest_run_dir(folder) if folder.is_dir() and any(folder.glob("[0-9]*/config.json")) else None
+    if existing is not None:
+        return Path(train(tc, None, resume=str(existing)))
+    cfg = make_config(model, preset=preset, input_size=28, in_channels=1, num_classes=10)
+    return Path(train(tc, cfg))
+
+
+def score_run(run_dir: Path, score: dict) -> dict:
+    fid = fid_for_run(run_dir, score["samples"], ema_std=score["ema"], cfg_scale=score["cfg"],
+                      sampler=score["sampler"], steps=score["steps"], seed=0, batch_size=250, progress=False,
+                      log=lambda m: None)
+    held = heldout_for_run(run_dir, weights="ema", ema_std=score["ema"])
+    return {"fd": fid["value"], "acc": fid.get("conditioning_accuracy"), "heldout": held["mse"]}
+
+
+def run_cell(out: Path, arm: str, lever: Lever, cell: str | None = None, extra_train: dict | None = None) -> dict:
+    cell = cell or lever.name
+    path = out / "cells" / f"{arm}-{cell}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    train_over = {**lever.train, **(extra_train or {})}
+    run_name = cell if extra_train else lever.run
+    log(f"{arm}-{cell}: training ({run_name}) ...")
+    run_dir = train_run(out, arm, run_name, train_over, lever.model)
+    score = {**SCORE, **lever.score}
+    log(f"{arm}-{cell}: scoring {score} ...")
+    record = {"arm": arm, "cell": cell, "lever": lever.name, "what": lever.what, "model": lever.model,
+              "train": train_over, "score": score, "run_dir": str(run_dir),
+              "num_steps": int(metrics_rows(run_dir)[-1]["step"]),
+              "train_min": train_seconds(run_dir) / 60, "steps_per_s": steps_per_second(run_dir),
+              **score_run(run_dir, score), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                        time.gmtime())}
+    write_json(path, record)
+    log(f"{arm}-{cell}: FD {record['fd']:.2f}, acc {record['acc']:.3f}, held-out {record['heldout']:.4f}, "
+        f"{record['train_min']:.1f} min")
+    return record
+
+
+def minutes_cells(out: Path, arms: list[str], minutes: list[float]) -> None:
+    for arm in arms:
+        rate = steps_per_second(Path(run_cell(out, arm, LEVERS["base"])["run_dir"]))
+        for m in minutes:
+            steps = max(50, int(round(m * 60 * rate / 50)) * 50)
+            run_cell(out, arm, LEVERS["base"], cell=f"min{m:g}", extra_train={"num_steps": steps})
+
+
+# ------------------------------------------------------------------------------------------------ speed
+def speed(out: Path, arms: list[str], steps: int = 200) -> None:
+    """Steps/s of a fresh `mapdit train` per arm: 2 threads eager (the default), 2 threads with
+    --compile, 1 thread eager. Median over the second half of the reports (compilation and warm-up excluded)."""
+    variants = {"2 threads": ([], "2"), "2 threads, --compile": (["--compile"], "2"), "1 thread": ([], "1")}
+    for arm in arms:
+        preset, lr = ARMS[arm]
+        for label, (flags, threads) in variants.items():
+            path = out / "speed" / f"{arm}-{label.replace(' ', '').replace(',', '-')}.json"
+            if path.is_file():
+                continue
+            folder = out / "speed-runs" / path.stem
+            cmd = [sys.executable, "-m", "mapdit.cli", "train", "--model", MODEL, "--config", preset, "--lr", str(lr),
+                   "--num-steps", str(steps), "--batch-size", str(BATCH), "--log-every", "10", "--ema-snapshots",
+                   "0", "--results-dir", str(folder), *flags]
+            log(f"speed {arm} {label} ...")
+            subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": threads},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            rows = metrics_rows(latest_run_dir(folder))
+            rates = [float(r["steps_per_s"]) for r in rows[len(rows) // 2:]]
+            write_json(path, {"arm": arm, "variant": label, "steps_per_s": statistics.median(rates),
+                              "min": min(rates), "max": max(rates), "machine": machine()})
+
+
+# ------------------------------------------------------------------------------------------------ report
+def machine() -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}")
+
+
+def load(out: Path, sub: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / sub).glob("*.json"))]
+
+
+def report(out: Path) -> Path:
+    cells = {(c["arm"], c["cell"]): c for c in load(out, "cells")}
+    lines = ["# The recipe: levers on Config A and on the MP model", "",
+             f"Made by `python benchmarks/recipe.py` (its docstring has the method). Base: {MODEL}, {STEPS} steps "
+             f"of batch {BATCH}, seed {SEED}; A at lr {ARMS['A'][1]:g}, MP (Config E) at lr {ARMS['MP'][1]:g}. "
+             f"Scored: {SCORE['samples']} samples, {SCORE['sampler']} {SCORE['steps']} steps, guidance "
+             f"{SCORE['cfg']:g}, EMA {SCORE['ema']:.2f}, unless the lever changes it. Minutes: training wall "
+             "time on the machine named in each cell's JSON.", "",
+             "| lever | what | arm | steps | train min | FD_fmnist | cond. acc. | held-out ε-MSE |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    names = list(LEVERS) + sorted({c for _, c in cells if c not in LEVERS}, key=lambda c: float(c[3:]))
+    for name in names:
+        for arm in ARMS:
+            c = cells.get((arm, name))
+            if c:
+                what = c["what"] if name in LEVERS else f"{c['num_steps']} steps (≈{name[3:]} min)"
+                lines.append(f"| {name} | {what} | {arm} | {c['num_steps']} | {c['train_min']:.1f} | "
+                             f"{c['fd']:.1f} | {c['acc']:.3f} | {c['heldout']:.4f} |")
+    spd = load(out, "speed")
+    if spd:
+        lines += ["", "Speed (fresh `mapdit train`, steps/s over the second half of 200 steps):", "",
+                  "| arm | variant | steps/s (min–max) |", "|---|---|---:|"]
+        lines += [f"| {s['arm']} | {s['variant']} | {s['steps_per_s']:.2f} ({s['min']:.2f}–{s['max']:.2f}) |"
+                  for s in spd]
+    path = out / "recipe.md"
+    path.write_text("\n".join(lines) + "\n")
+    plot_minutes(cells, out / "minutes.png")
+    return path
+
+
+def plot_minutes(cells: dict, path: Path) -> Path | None:
+    pts = {arm: sorted((c["train_min"], c["fd"], c["acc"]) for (a, name), c in cells.items()
+                       if a == arm and name.startswith("min")) for arm in ARMS}
+    if not any(pts.values()):
+        return None
+    from mapdit.plots import pyplot, save_figure
+    plt = pyplot()
+    fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for arm, p in pts.items():
+        if p:
+            label = f"Config A (lr {ARMS['A'][1]:g})" if arm == "A" else f"MP, Config E (lr {ARMS['MP'][1]:g})"
+            ax_fd.plot([x[0] for x in p], [x[1] for x in p], "o-", label=label)
+            ax_acc.plot([x[0] for x in p], [x[2] for x in p], "o-", label=label)
+    for ax, ylabel in ((ax_fd, "FD_fmnist (lower is better)"), (ax_acc, "conditioning accuracy")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training minutes (2 CPU cores)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{MODEL} on Fashion-MNIST, batch {BATCH}; {SCORE['samples']} samples, {SCORE['sampler']} "
+                 f"{SCORE['steps']}, guidance {SCORE['cfg']:g}")
+    return save_figure(fig, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", nargs="?", choices=("levers", "minutes", "speed", "report"), default="report")
+    p.add_argument("--out", default="results/recipe")
+    p.add_argument("--arms", default="A,MP")
+    p.add_argument("--levers", default=",".join(DEFAULT_LEVERS))
+    p.add_argument("--minutes", default=",".join(f"{m:g}" for m in MINUTES))
+    p.add_argument("--list", action="store_true", help="print the levers and exit")
+    args = p.parse_args(argv)
+    if args.list:
+        print("\n".join(f"{lv.name}: {lv.what}" for lv in LEVERS.values()))
+        return 0
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS] + [lv for lv in args.levers.split(",") if lv not in LEVERS]
+    if unknown:
+        print(f"recipe: unknown arm or lever {', '.join(unknown)}: arms {', '.join(ARMS)}; see --list",
+              file=sys.stderr)
+        return 2
+    torch.set_flush_denormal(True)
+    out = Path(args.out)
+    if args.what == "levers":
+        for name in args.levers.split(","):
+            for arm in arms:
+                run_cell(out, arm, LEVERS[name])
+    elif args.what == "minutes":
+        minutes_cells(out, arms, [float(m) for m in args.minutes.split(",")])
+    elif args.what == "speed":
+        speed(out, arms)
+    print(report(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
