@@ -8,6 +8,7 @@ to OUT/results/NAME.json and the table to OUT/diagnosis.md.
 
     python benchmarks/diagnose.py --out results/diagnose --variants A@1e-2,D@3e-3,...
     python benchmarks/diagnose.py --list          # the named variants
+    python benchmarks/diagnose.py --internals RUN,RUN   # only the internal quantities of finished runs
 
 A variant is `NAME[@LR]`; NAME is a key of VARIANTS (preset plus option overrides).
 """
@@ -27,8 +28,9 @@ import torch
 
 from mapdit.config import MP_OPTIONS, make_config
 from mapdit.evaluate.heldout import heldout_for_run
+from mapdit.evaluate.magnitudes import attention_entropy, fixed_batch
 from mapdit.experiments.fid_run import fid_for_run
-from mapdit.runio import latest_run_dir, write_json
+from mapdit.runio import latest_run_dir, load_run_config, write_json
 from mapdit.train import TrainConfig, train
 from mapdit.weights import load_model
 
@@ -93,6 +95,11 @@ def internals(run_dir: Path) -> dict:
     label_var = m.var(dim=1).mean()  # spread across labels at fixed t
     time_var = m.var(dim=0).mean()  # spread across t at fixed label
     out["label_share_block0"] = float(label_var / (label_var + time_var))
+    # attention entropy per block (1: uniform over the tokens) on real images noised to t = 100, 500, 900
+    config = load_run_config(run_dir)
+    for step in (100, 500, 900):
+        x, tt, yy, _ = fixed_batch(config, batch_size=64, seed=0, t=step)
+        out[f"attn_entropy_t{step}"] = [round(e, 4) for e in attention_entropy(model, x, tt, yy)]
     return out
 
 
@@ -136,12 +143,14 @@ def run_variant(spec: str, args, out: Path) -> dict:
 
 def table(results: list[dict]) -> str:
     cols = ["variant", "lr", "fd", "acc", "heldout", "heldout_low_t", "heldout_high_t", "modulation_gain_mean",
-            "final_gain", "t_emb_rms", "y_emb_rms", "label_share_block0", "train_s"]
+            "final_gain", "t_emb_rms", "y_emb_rms", "label_share_block0", "attn_entropy_t500", "train_s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         cells = []
         for c in cols:
             v = r.get(c)
+            if isinstance(v, list):
+                v = "/".join(f"{e:.2f}" for e in v)
             cells.append("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -160,11 +169,17 @@ def main(argv=None) -> int:
     p.add_argument("--cfg-scale", type=float, default=2.0)
     p.add_argument("--data-path", default="fashion-mnist")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--internals", default=None, metavar="RUN[,RUN...]",
+                   help="only print the internal quantities (gains, label share, attention entropy) of runs")
     args = p.parse_args(argv)
     if args.list:
         print("\n".join(VARIANTS))
         return 0
     torch.set_flush_denormal(True)
+    if args.internals:
+        for run in args.internals.split(","):
+            print(json.dumps({"run": run, **internals(Path(run))}))
+        return 0
     out = Path(args.out)
     results = []
     for spec in args.variants.split(","):

@@ -361,3 +361,44 @@ def test_balanced_conditioning_weighs_label_and_timestep_alike():
             yc = model.condition(model.t_embedder(t), model.y_embedder(y.flip(0)))
         label_part = (c - yc).pow(2).mean() / 2  # both halves have RMS 1/sqrt(2) each
         assert 0.3 < label_part < 0.7
+
+
+@pytest.mark.parametrize("preset", ["A", "E"])
+def test_attention_entropy_matches_the_attention_the_model_computes(preset, monkeypatch):
+    """attention_entropy recomputes q and k itself; here the model's own forward (fast paths included) is
+    intercepted at scaled_dot_product_attention, whose probabilities come out exactly as sdpa(q, k, I)."""
+    import torch.nn.functional as F
+
+    import mapdit.model as model_module
+    from mapdit.evaluate.magnitudes import attention_entropy
+
+    torch.manual_seed(0)
+    model = DiT(make_config("DiT-XXS/4", preset=preset, input_size=28, in_channels=1, num_classes=10)).eval()
+    with torch.no_grad():  # away from the zero init, so attention is not trivially uniform
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([10, 500, 900]), torch.tensor([0, 4, 9])
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kw):
+        eye = torch.eye(q.shape[-2]).expand(*q.shape[:-2], -1, -1)  # values = one-hot: output = probabilities
+        p = sdpa(q, k, eye)
+        seen.append(float((-(p * p.clamp_min(1e-30).log()).sum(-1)).mean() / math.log(q.shape[-2])))
+        return sdpa(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        model(x, t, y)
+    monkeypatch.undo()
+    measured = attention_entropy(model, x, t, y)
+    assert len(measured) == len(model.blocks) and all(0 < e <= 1 for e in measured)
+    assert measured == pytest.approx(seen, abs=1e-5)
+    assert min(measured) < 0.99  # not the uniform case the test could not tell from a wrong scale
+
+    with torch.no_grad():  # q = k = 0 in every block: every query attends uniformly
+        for b in model.blocks:
+            b.attn.qkv.weight.zero_()
+            if getattr(b.attn.qkv, "bias", None) is not None:
+                b.attn.qkv.bias.zero_()
+    assert attention_entropy(model, x, t, y) == pytest.approx([1.0] * len(model.blocks), abs=1e-6)

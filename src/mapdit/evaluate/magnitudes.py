@@ -36,7 +36,7 @@ from mapdit.config import ModelConfig
 from mapdit.data import load_dataset
 from mapdit.diffusion import make_diffusion
 from mapdit.errors import UserError
-from mapdit.nn import magnitude
+from mapdit.nn import magnitude, normalize
 from mapdit.plots import pyplot, save_figure
 from mapdit.runio import list_checkpoints, load_run_config, verify_checkpoint, write_json, write_text
 from mapdit.sample import unused_path
@@ -106,6 +106,31 @@ def measure(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> dict[st
         for q, (part, layer) in WEIGHTS.items():
             out[q] = [float(magnitude(getattr(getattr(b, part), layer).weight)) for b in model.blocks]
     return out
+
+
+def attention_entropy(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """How spread each block's attention is, for one forward of (x, t, y): the entropy of every query's
+    attention distribution softmax(q k^T / sqrt(d_h)), divided by log(T) (1: uniform over the T tokens,
+    0: one token), averaged over queries, heads and the batch; one value per block. q and k are recomputed
+    from the attention's input with its own qkv layer (and per-head normalisation under cosine attention,
+    whose logits are then capped at sqrt(d_h))."""
+    found: list[float | None] = [None] * len(model.blocks)
+
+    def hook(i):
+        def record(module, inputs, output):
+            a = _first_tensor(inputs)  # (N, T, D)
+            n, tokens, d = a.shape
+            q, k, _ = module.qkv(a).reshape(n, tokens, 3, module.heads, d // module.heads).unbind(2)  # (N, T, h, dh)
+            if module.cosine:
+                q, k = normalize(q), normalize(k)
+            logits = torch.einsum("nqhd,nkhd->nhqk", q, k) / (d // module.heads) ** 0.5  # (N, h, T, T)
+            p = logits.softmax(dim=-1)
+            entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)  # (N, h, T)
+            found[i] = float(entropy.mean() / torch.log(torch.tensor(float(tokens))))
+        return record
+
+    _forward_with_hooks(model, x, t, y, [(b.attn, hook(i)) for i, b in enumerate(model.blocks)])
+    return found
 
 
 # ------------------------------------------------------------------------------------------------
