@@ -99,6 +99,8 @@ def test_study_runs_every_part_then_skips_finished_runs(tmp_path, capsys):
                     "## 4. Modulation", "## 5. Samples", "## 6. Residual stream", "## Against the paper"):
         assert section in text
     assert "| E-table | upstream's learned timestep table |" in text
+    e_table_row = next(line for line in text.splitlines() if line.startswith("| E-table |"))
+    assert 0 < float(e_table_row.split("|")[-2]) <= 1  # its attention entropy, measured on the run
     assert "| scale+rotate |" in text and "](docs/results/A_vs_E.png)" in text and "--num-steps 2" in text
     assert "| full MP vs the baseline (each at its best rate): E (lr 0.01) vs A" in text
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("**/checkpoints/*")}
@@ -319,7 +321,7 @@ def test_results_md_contains_every_table(tmp_path):
     assert "| B | every rate diverged | - | - | - | 0.0001 | not in the bracket | - | - |" in text
     assert "| B | 0.01 | diverged at step 5 |" in text
     # components at E's best rate, difference from E
-    assert "| E-cosine_attention | without cosine_attention | 70.00 | 90.0% | - | -10.00 | +5.0% | - |" in text
+    assert "| E-cosine_attention | without cosine_attention | 70.00 | 90.0% | - | -10.00 | +5.0% | - | - |" in text
     assert "| E-mp_residual | without mp_residual | diverged at step 9 |" in text
     assert "| E-table | upstream's learned timestep table | not run yet |" in text
     # modulation: parameters against adaln

@@ -38,7 +38,7 @@ from mapdit.diffusion import make_diffusion
 from mapdit.errors import UserError
 from mapdit.nn import magnitude, normalize
 from mapdit.plots import pyplot, save_figure
-from mapdit.runio import list_checkpoints, load_run_config, verify_checkpoint, write_json, write_text
+from mapdit.runio import list_checkpoints, load_run_config, read_json, verify_checkpoint, write_json, write_text
 from mapdit.sample import unused_path
 from mapdit.weights import check_weight_choice, load_model
 
@@ -131,6 +131,23 @@ def attention_entropy(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) 
 
     _forward_with_hooks(model, x, t, y, [(b.attn, hook(i)) for i, b in enumerate(model.blocks)])
     return found
+
+
+def attention_entropy_for_run(run_dir: str | Path, weights: str = "ema", ema_std: float | None = None,
+                              t: int = DEFAULT_T, batch_size: int = 64, seed: int = 0) -> list[float]:
+    """`attention_entropy` per block of a run's last checkpoint (EMA `ema_std`) on the fixed batch noised to
+    step t, cached in RUN/eval/attention-entropy-*.json."""
+    run_dir = Path(run_dir)
+    step = list_checkpoints(run_dir)[-1][0] if list_checkpoints(run_dir) else 0
+    tag = "raw" if weights == "raw" else f"ema{ema_std if ema_std is not None else 'min'}"
+    cache = run_dir / "eval" / f"attention-entropy-{tag}-step{step:07d}-t{t}-n{batch_size}-seed{seed}.json"
+    if cache.is_file():
+        return read_json(cache)["entropy"]
+    model, _, desc = load_model(run_dir, weights=weights, ema_std=ema_std, log=lambda m: None)
+    x, tt, y, source = fixed_batch(load_run_config(run_dir), batch_size=batch_size, seed=seed, t=t)
+    entropy = attention_entropy(model, x, tt, y)
+    write_json(cache, {"entropy": entropy, "weights": desc, "step": step, "t": t, "input": source})
+    return entropy
 
 
 # ------------------------------------------------------------------------------------------------

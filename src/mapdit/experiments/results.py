@@ -22,6 +22,7 @@ from PIL import Image
 
 from mapdit.errors import UserError
 from mapdit.evaluate.heldout import heldout_for_run
+from mapdit.evaluate.magnitudes import attention_entropy_for_run
 from mapdit.experiments.budgets import (
     BASE_ARMS,
     COMPARISONS,
@@ -390,27 +391,40 @@ def _components_section(out: Path, budget: StudyBudget, best: dict, components=N
              "Δ = variant − E: for FD and held-out error a positive Δ means the variant is worse (the part it "
              "drops or replaces helps), a negative one that it is better (the part costs); for the accuracy the "
              "reverse.", "",
-             "| variant | what changes | FD_fmnist | cond. acc. | held-out ε-MSE | Δ FD | Δ acc. | Δ held-out |",
-             "|---|---|---:|---:|---:|---:|---:|---:|",
+             "Attn. entropy: how spread attention is (1 = uniform over the tokens), the mean over blocks on training "
+             "images noised to t = 500 (`mapdit.evaluate.magnitudes.attention_entropy`).", "",
+             "| variant | what changes | FD_fmnist | cond. acc. | held-out ε-MSE | Δ FD | Δ acc. | Δ held-out | "
+             "attn. entropy |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|",
              f"| E | (full MP as shipped) | {_num(e['value'], 2)} | {_num(e['accuracy'], 1, 100, '%')} | "
-             f"{_num(e['heldout'], 4)} | | | |"]
+             f"{_num(e['heldout'], 4)} | | | | {_entropy(e, budget)} |"]
     shown, effects = 0, {}
     for name in components or list(arms):
         arm = arms[name]
         r = run_record(out, arm, lr, budget.seed0, budget)
         if r["status"] == "missing":
-            lines.append(f"| {name} | {arm.what} | not run yet | | | | | |")
+            lines.append(f"| {name} | {arm.what} | not run yet | | | | | | |")
             continue
         shown += 1
         if r["status"] == "diverged":
-            lines.append(f"| {name} | {arm.what} | diverged at step {r.get('diverged_at_step')} | | | | | |")
+            lines.append(f"| {name} | {arm.what} | diverged at step {r.get('diverged_at_step')} | | | | | | |")
             continue
         if r["value"] is not None and e["value"] is not None:
             effects[name] = r["value"] - e["value"]
         lines.append(f"| {name} | {arm.what} | {_num(r['value'], 2)} | {_num(r['accuracy'], 1, 100, '%')} | "
                      f"{_num(r['heldout'], 4)} | {_diff(r['value'], e['value'], 2)} | "
-                     f"{_diff(r['accuracy'], e['accuracy'], 1, 100, '%')} | {_diff(r['heldout'], e['heldout'], 4)} |")
+                     f"{_diff(r['accuracy'], e['accuracy'], 1, 100, '%')} | {_diff(r['heldout'], e['heldout'], 4)} | "
+                     f"{_entropy(r, budget)} |")
     return ("\n".join(lines) if shown else NOT_RUN), effects
+
+
+def _entropy(record: dict, budget: StudyBudget) -> str:
+    """Mean attention entropy over blocks of a finished run (cached in its eval folder), or "-"."""
+    run_dir = record.get("run_dir")
+    if record.get("status") != "finished" or run_dir is None or not (Path(run_dir) / "config.json").is_file():
+        return "-"
+    values = attention_entropy_for_run(record["run_dir"], weights="ema", ema_std=budget.ema_std)
+    return f"{sum(values) / len(values):.3f}"
 
 
 def _modulation_section(out: Path, budget: StudyBudget, best: dict, modulations=MODULATIONS) -> tuple[str, dict]:
