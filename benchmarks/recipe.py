@@ -18,9 +18,10 @@ noise and timesteps). A lever changes one thing of that recipe (`LEVERS`; scorin
 run). Training minutes are the run's own wall time (metrics.csv elapsed_s) on the cores it had: run this
 with nothing else on the machine.
 
-`minutes`: for each of --minutes (2, 5, 10, 20, 40) a fresh run per arm whose step count is that many
-minutes at the arm's measured rate (the median steps/s of its base run after the first report), so each
-point has its own learning-rate schedule, as a user who trains for that long would.
+`minutes`: a fresh run per arm at each of --curve-steps (350, 850, 1000, 2000, 4000, 7000: about 2, 5, 6,
+12, 24 and 42 minutes here), each with its own learning-rate schedule, as a user who trains that long
+would; plotted against the training minutes each run took. The 1000-, 2000- and 4000-step runs are the
+levers steps1000, base and steps4000.
 
 Resumable: each finished cell is OUT/cells/<arm>-<lever>.json; runs live in OUT/runs/<arm>-<run>/ and an
 interrupted run is resumed. Every invocation rewrites OUT/recipe.md and OUT/minutes.png.
@@ -54,7 +55,7 @@ from mapdit.train import TrainConfig, train
 ARMS = {"A": ("A", 1e-2), "MP": ("E", 3e-2)}  # arm -> (preset, its best measured rate)
 MODEL, STEPS, BATCH, SEED = "DiT-XXS/4", 2000, 64, 0
 SCORE = {"samples": 1000, "sampler": "dpm++2m", "steps": 20, "cfg": 4.0, "ema": 0.10}
-MINUTES = (2, 5, 10, 20, 40)
+CURVE_STEPS = (350, 850, 1000, 2000, 4000, 7000)  # ~2, 5, 6, 12, 24, 42 min at the MP arm's ~2.8 steps/s
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,12 @@ class Lever:
 
     @property
     def run(self) -> str:
-        """The run folder this lever trains (scoring levers share the base run)."""
-        return "base" if not self.train and self.model == MODEL else self.name
+        """The run folder this lever trains: scoring levers share the base run, and a lever that only sets
+        the step count shares "steps<N>" with the minutes curve."""
+        if self.model == MODEL and set(self.train) <= {"num_steps"}:
+            steps = self.train.get("num_steps", STEPS)
+            return "base" if steps == STEPS else f"steps{steps}"
+        return self.name
 
 
 LEVERS = {lv.name: lv for lv in (
@@ -151,15 +156,14 @@ def score_run(run_dir: Path, score: dict) -> dict:
     return {"fd": fid["value"], "acc": fid.get("conditioning_accuracy"), "heldout": held["mse"]}
 
 
-def run_cell(out: Path, arm: str, lever: Lever, cell: str | None = None, extra_train: dict | None = None) -> dict:
-    cell = cell or lever.name
+def run_cell(out: Path, arm: str, lever: Lever) -> dict:
+    cell = lever.name
     path = out / "cells" / f"{arm}-{cell}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    train_over = {**lever.train, **(extra_train or {})}
-    run_name = cell if extra_train else lever.run
-    log(f"{arm}-{cell}: training ({run_name}) ...")
-    run_dir = train_run(out, arm, run_name, train_over, lever.model)
+    train_over = dict(lever.train)
+    log(f"{arm}-{cell}: training ({lever.run}) ...")
+    run_dir = train_run(out, arm, lever.run, train_over, lever.model)
     score = {**SCORE, **lever.score}
     log(f"{arm}-{cell}: scoring {score} ...")
     record = {"arm": arm, "cell": cell, "lever": lever.name, "what": lever.what, "model": lever.model,
@@ -174,12 +178,12 @@ def run_cell(out: Path, arm: str, lever: Lever, cell: str | None = None, extra_t
     return record
 
 
-def minutes_cells(out: Path, arms: list[str], minutes: list[float]) -> None:
-    for arm in arms:
-        rate = steps_per_second(Path(run_cell(out, arm, LEVERS["base"])["run_dir"]))
-        for m in minutes:
-            steps = max(50, int(round(m * 60 * rate / 50)) * 50)
-            run_cell(out, arm, LEVERS["base"], cell=f"min{m:g}", extra_train={"num_steps": steps})
+def curve_cells(out: Path, arms: list[str], steps: list[int]) -> None:
+    """The minutes curve: a run of each step count per arm (shortest first), its own schedule each."""
+    for n in sorted(steps):
+        for arm in arms:
+            lever = LEVERS["base"] if n == STEPS else Lever(f"steps{n}", f"{n} steps", {"num_steps": n})
+            run_cell(out, arm, LEVERS.get(lever.name, lever))
 
 
 # ------------------------------------------------------------------------------------------------ speed
@@ -226,12 +230,12 @@ def report(out: Path) -> Path:
              "time on the machine named in each cell's JSON.", "",
              "| lever | what | arm | steps | train min | FD_fmnist | cond. acc. | held-out ε-MSE |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
-    names = list(LEVERS) + sorted({c for _, c in cells if c not in LEVERS}, key=lambda c: float(c[3:]))
+    names = list(LEVERS) + sorted({c for _, c in cells if c not in LEVERS}, key=lambda c: int(c[5:]))
     for name in names:
         for arm in ARMS:
             c = cells.get((arm, name))
             if c:
-                what = c["what"] if name in LEVERS else f"{c['num_steps']} steps (≈{name[3:]} min)"
+                what = c["what"]
                 lines.append(f"| {name} | {what} | {arm} | {c['num_steps']} | {c['train_min']:.1f} | "
                              f"{c['fd']:.1f} | {c['acc']:.3f} | {c['heldout']:.4f} |")
     spd = load(out, "speed")
@@ -247,8 +251,11 @@ def report(out: Path) -> Path:
 
 
 def plot_minutes(cells: dict, path: Path) -> Path | None:
-    pts = {arm: sorted((c["train_min"], c["fd"], c["acc"]) for (a, name), c in cells.items()
-                       if a == arm and name.startswith("min")) for arm in ARMS}
+    def on_curve(c: dict) -> bool:  # the recipe with only the step count changed, scored the base way
+        return c["model"] == MODEL and set(c["train"]) <= {"num_steps"} and c["score"] == SCORE
+
+    pts = {arm: sorted((c["train_min"], c["fd"], c["acc"]) for (a, _), c in cells.items() if a == arm and on_curve(c))
+           for arm in ARMS}
     if not any(pts.values()):
         return None
     from mapdit.plots import pyplot, save_figure
@@ -276,7 +283,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results/recipe")
     p.add_argument("--arms", default="A,MP")
     p.add_argument("--levers", default=",".join(DEFAULT_LEVERS))
-    p.add_argument("--minutes", default=",".join(f"{m:g}" for m in MINUTES))
+    p.add_argument("--curve-steps", default=",".join(map(str, CURVE_STEPS)))
     p.add_argument("--list", action="store_true", help="print the levers and exit")
     args = p.parse_args(argv)
     if args.list:
@@ -295,7 +302,7 @@ def main(argv=None) -> int:
             for arm in arms:
                 run_cell(out, arm, LEVERS[name])
     elif args.what == "minutes":
-        minutes_cells(out, arms, [float(m) for m in args.minutes.split(",")])
+        curve_cells(out, arms, [int(n) for n in args.curve_steps.split(",")])
     elif args.what == "speed":
         speed(out, arms)
     print(report(out))
