@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import json
 import math
 import os
 import platform
@@ -282,6 +283,17 @@ def _order(c: dict):
     return rank, s["sampler"], s["steps"], s["noise_seed"]
 
 
+def describe_run(run_dir: str) -> str:
+    """'Config A, lr 0.01, 2000 steps (000-DiT-XXS-4)' from the run's config.json (the folder name if unreadable)."""
+    try:
+        config = json.loads((Path(run_dir) / "config.json").read_text())
+        preset, tc = config["model"].get("preset"), config["train"]
+        what = f"Config {preset}" if preset else config["model"]["model"]
+        return f"{what}, lr {tc['lr']:g}, {tc['num_steps']} steps ({Path(run_dir).name})"
+    except (OSError, KeyError, ValueError):
+        return Path(run_dir).name
+
+
 def report(out: Path, run_keys: list[str] | None = None) -> Path:
     from mapdit.runio import write_text
 
@@ -299,7 +311,7 @@ def report(out: Path, run_keys: list[str] | None = None) -> Path:
         s0 = cells[0]["settings"]
         sp = spread(run["cells"])
         through = run["throughput"]
-        lines += [f"## {Path(s0['run_dir']).name}", "",
+        lines += [f"## {describe_run(s0['run_dir'])}", "",
                   f"`{s0['run_dir']}`, checkpoint step {s0['checkpoint_step']}, EMA sigma_rel {s0['ema_std']:.3f}; "
                   f"{s0['num_samples']} samples, guidance {s0['cfg_scale']:g}, batch {s0['batch_size']}; "
                   f"{cells[0]['machine']} ({cells[0]['device']}).", ""]
@@ -365,7 +377,7 @@ def plot(runs: dict, path: Path) -> Path | None:
         ax.minorticks_off()
         ax.set_xlabel("model evaluations per image (NFE; a CFG pair = 1)")
         ax.set_ylabel("FD_fmnist (lower is better)")
-        ax.set_title(Path(cells[0]["settings"]["run_dir"]).name, fontsize=9)
+        ax.set_title(describe_run(cells[0]["settings"]["run_dir"]), fontsize=9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.tight_layout()
