@@ -131,6 +131,7 @@ class GaussianDiffusion:
         # q(x_t | x_0) = N(sqrt(abar) x_0, (1 - abar) I)
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod  # in float64: 1 - abar_0 ~ 1e-4
+        self.snr = self.alphas_cumprod / self.one_minus_alphas_cumprod  # signal-to-noise ratio of step t
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(self.one_minus_alphas_cumprod)
         self.log_one_minus_alphas_cumprod = np.log(self.one_minus_alphas_cumprod)
         # x_0 = sqrt(1/abar) x_t - sqrt(1/abar - 1) eps
@@ -271,9 +272,8 @@ class GaussianDiffusion:
         """Min-SNR-gamma loss weights for eps-prediction (Hang et al. 2023, eq. 8): min(SNR_t, gamma) / SNR_t,
         SNR_t = abar_t / (1 - abar_t). 1 where SNR_t <= gamma (high noise); gamma / SNR_t below the noise
         levels where the eps target is nearly free (low t). (N,) float32."""
-        abar = torch.as_tensor(self.alphas_cumprod, device=t.device)[t]  # float64
-        snr = abar / (1.0 - abar)
-        return (snr.clamp(max=gamma) / snr).float()
+        snr = self._table("snr", t.device)[t]  # computed in float64, cached on the device
+        return snr.clamp(max=gamma) / snr
 
     def training_losses(self, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                         noise: torch.Tensor | None = None, min_snr_gamma: float | None = None) -> dict:

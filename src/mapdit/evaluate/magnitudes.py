@@ -138,7 +138,8 @@ def attention_entropy_for_run(run_dir: str | Path, weights: str = "ema", ema_std
     """`attention_entropy` per block of a run's last checkpoint (EMA `ema_std`) on the fixed batch noised to
     step t, cached in RUN/eval/attention-entropy-*.json."""
     run_dir = Path(run_dir)
-    step = list_checkpoints(run_dir)[-1][0] if list_checkpoints(run_dir) else 0
+    checkpoints = list_checkpoints(run_dir)
+    step = checkpoints[-1][0] if checkpoints else 0
     tag = "raw" if weights == "raw" else f"ema{ema_std if ema_std is not None else 'min'}"
     cache = run_dir / "eval" / f"attention-entropy-{tag}-step{step:07d}-t{t}-n{batch_size}-seed{seed}.json"
     if cache.is_file():
