@@ -62,14 +62,36 @@ CURVE_STEPS = (350, 850, 1000, 2000, 4000, 7000)  # ~2, 5, 6, 12, 24, 42 min at 
 class Lever:
     name: str
     what: str
-    train: dict = field(default_factory=dict)  # TrainConfig fields set on the base recipe ("lr_scale": x lr)
+    # Set on the base recipe. "num_steps" is absolute; the others scale with the base length so a lever
+    # means the same at any --base-steps: "lr_scale" (x the arm's rate), "steps_scale" (x the base steps),
+    # "warmup_frac" / "decay_frac" (warm-up steps / decay start as a fraction of the run's steps).
+    train: dict = field(default_factory=dict)
     model: str = MODEL
     score: dict = field(default_factory=dict)  # SCORE keys set for scoring
 
+    def at(self, base_steps: int) -> "Lever":
+        """This lever on a base recipe of `base_steps` steps, with every relative setting made concrete.
+        Its cell is named "<lever>@<base_steps>" unless the base is the default length (the lever's own
+        name) or the lever is the base itself ("steps<N>", the minutes curve's cell)."""
+        rel = dict(self.train)
+        steps, scale = rel.pop("num_steps", None), rel.pop("steps_scale", 1.0)
+        if steps is None:
+            steps = round(base_steps * scale)
+        train = {"num_steps": steps} if steps != STEPS else {}
+        if "warmup_frac" in rel:
+            train["warmup_steps"] = round(steps * rel.pop("warmup_frac"))
+        if "decay_frac" in rel:
+            train["decay_start"] = round(steps * rel.pop("decay_frac"))
+        train.update(rel)  # lr_scale and absolute TrainConfig fields
+        name = self.name
+        if base_steps != STEPS and "num_steps" not in self.train:
+            name = f"steps{base_steps}" if self.name == "base" else f"{self.name}@{base_steps}"
+        return Lever(name, self.what, train, self.model, self.score)
+
     @property
     def run(self) -> str:
-        """The run folder this lever trains: scoring levers share the base run, and a lever that only sets
-        the step count shares "steps<N>" with the minutes curve."""
+        """The run folder this (concrete) lever trains: a lever that only sets the step count (or only
+        scores differently) shares "base" / "steps<N>" with the minutes curve."""
         if self.model == MODEL and set(self.train) <= {"num_steps"}:
             steps = self.train.get("num_steps", STEPS)
             return "base" if steps == STEPS else f"steps{steps}"
@@ -81,13 +103,14 @@ LEVERS = {lv.name: lv for lv in (
     # length and batch
     Lever("steps1000", "1000 steps (half the images)", {"num_steps": 1000}),
     Lever("steps4000", "4000 steps (twice the images)", {"num_steps": 4000}),
-    Lever("batch32", "batch 32 for 4000 steps (same images)", {"batch_size": 32, "num_steps": 4000}),
-    Lever("batch128", "batch 128 for 1000 steps (same images)", {"batch_size": 128, "num_steps": 1000}),
+    Lever("batch32", "batch 32 for twice the steps (same images)", {"batch_size": 32, "steps_scale": 2.0}),
+    Lever("batch128", "batch 128 for half the steps (same images)", {"batch_size": 128, "steps_scale": 0.5}),
     # rate schedule and loss
     Lever("lr-x0.5", "half the arm's rate", {"lr_scale": 0.5}),
     Lever("lr-x2", "twice the arm's rate", {"lr_scale": 2.0}),
-    Lever("warmup10", "warm-up over the first 10 % of steps (default 1/150)", {"warmup_steps": STEPS // 10}),
-    Lever("nodecay", "no inverse-sqrt decay (constant rate after warm-up)", {"decay_start": STEPS}),
+    Lever("warmup10", "warm-up over the first 10 % of steps (default 1/150)", {"warmup_frac": 0.1}),
+    Lever("nodecay", "no inverse-sqrt decay (constant rate after warm-up; default: decay from 1/10)",
+          {"decay_frac": 1.0}),
     Lever("minsnr5", "Min-SNR-5 loss weighting", {"min_snr_gamma": 5.0}),
     # architecture at this resolution
     Lever("patch8", "patch 8 (16 tokens instead of 49; images padded to 32x32)", model="DiT-XXS/8"),
@@ -220,6 +243,14 @@ def load(out: Path, sub: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / sub).glob("*.json"))]
 
 
+def cell_order(cell: str) -> tuple[int, int]:
+    """Rows grouped by base length: a base ("steps<N>", or "base") first, then the levers in LEVERS order."""
+    lever, _, base = cell.partition("@")
+    if lever.startswith("steps") and lever[5:].isdigit():
+        return int(lever[5:]), -1
+    return int(base or STEPS), list(LEVERS).index(lever) if lever in LEVERS else len(LEVERS)
+
+
 def report(out: Path) -> Path:
     cells = {(c["arm"], c["cell"]): c for c in load(out, "cells")}
     lines = ["# The recipe: levers on Config A and on the MP model", "",
@@ -230,8 +261,7 @@ def report(out: Path) -> Path:
              "time on the machine named in each cell's JSON.", "",
              "| lever | what | arm | steps | train min | FD_fmnist | cond. acc. | held-out ε-MSE |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
-    names = list(LEVERS) + sorted({c for _, c in cells if c not in LEVERS}, key=lambda c: int(c[5:]))
-    for name in names:
+    for name in sorted({c for _, c in cells}, key=cell_order):
         for arm in ARMS:
             c = cells.get((arm, name))
             if c:
@@ -284,6 +314,8 @@ def main(argv=None) -> int:
     p.add_argument("--arms", default="A,MP")
     p.add_argument("--levers", default=",".join(DEFAULT_LEVERS))
     p.add_argument("--curve-steps", default=",".join(map(str, CURVE_STEPS)))
+    p.add_argument("--base-steps", type=int, default=STEPS,
+                   help=f"levers on a base recipe of this many steps (default {STEPS}); cells '<lever>@<N>'")
     p.add_argument("--list", action="store_true", help="print the levers and exit")
     args = p.parse_args(argv)
     if args.list:
@@ -291,6 +323,9 @@ def main(argv=None) -> int:
         return 0
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS] + [lv for lv in args.levers.split(",") if lv not in LEVERS]
+    if args.base_steps < 1:
+        print(f"recipe: --base-steps must be at least 1 (got {args.base_steps})", file=sys.stderr)
+        return 2
     if unknown:
         print(f"recipe: unknown arm or lever {', '.join(unknown)}: arms {', '.join(ARMS)}; see --list",
               file=sys.stderr)
@@ -300,7 +335,7 @@ def main(argv=None) -> int:
     if args.what == "levers":
         for name in args.levers.split(","):
             for arm in arms:
-                run_cell(out, arm, LEVERS[name])
+                run_cell(out, arm, LEVERS[name].at(args.base_steps))
     elif args.what == "minutes":
         curve_cells(out, arms, [int(n) for n in args.curve_steps.split(",")])
     elif args.what == "speed":
