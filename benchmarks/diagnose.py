@@ -30,7 +30,7 @@ from mapdit.config import MP_OPTIONS, make_config
 from mapdit.evaluate.heldout import heldout_for_run
 from mapdit.evaluate.magnitudes import attention_entropy, fixed_batch
 from mapdit.experiments.fid_run import fid_for_run
-from mapdit.runio import latest_run_dir, load_run_config, write_json
+from mapdit.runio import load_run_config, run_to_resume, write_json
 from mapdit.train import TrainConfig, train
 from mapdit.weights import load_model
 
@@ -118,12 +118,7 @@ def run_variant(spec: str, args, out: Path) -> dict:
         key, value = extra.split("=", 1)
         setattr(tc, key, json.loads(value))
     start = time.time()
-    existing = None
-    if runs.is_dir():
-        try:
-            existing = latest_run_dir(runs)
-        except Exception:
-            existing = None
+    existing = run_to_resume(runs)
     run_dir = train(tc, None, resume=str(existing)) if existing else train(tc, cfg)
     train_s = time.time() - start
     fid = fid_for_run(run_dir, args.fid_samples, ema_std=0.10, cfg_scale=args.cfg_scale, sampler="ddim",

@@ -49,7 +49,7 @@ import torch
 from mapdit.config import make_config
 from mapdit.evaluate.heldout import heldout_for_run
 from mapdit.experiments.fid_run import fid_for_run
-from mapdit.runio import latest_run_dir, write_json
+from mapdit.runio import latest_run_dir, run_to_resume, write_json
 from mapdit.train import TrainConfig, train
 
 ARMS = {"A": ("A", 1e-2), "MP": ("E", 3e-2)}  # arm -> (preset, its best measured rate)
@@ -164,7 +164,7 @@ def train_run(out: Path, arm: str, name: str, lever_train: dict, model: str) -> 
     for key, value in over.items():
         setattr(tc, key, value)
     tc.ckpt_every = tc.num_steps
-    existing = latest_run_dir(folder) if folder.is_dir() and any(folder.glob("[0-9]*/config.json")) else None
+    existing = run_to_resume(folder)
     if existing is not None:
         return Path(train(tc, None, resume=str(existing)))
     cfg = make_config(model, preset=preset, input_size=28, in_channels=1, num_classes=10)

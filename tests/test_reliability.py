@@ -44,6 +44,7 @@ from mapdit.runio import (
     list_checkpoints,
     load_tensors,
     run_lock,
+    run_to_resume,
     sha256_file,
     trim_metrics,
     verify_checkpoint,
@@ -82,6 +83,21 @@ def wait_for(condition, timeout=120.0, proc=None, what="condition"):
 # ------------------------------------------------------------------------------------------------
 @needs_fmnist
 @pytest.mark.slow
+def test_run_to_resume_is_the_newest_started_run_or_none(tmp_path):
+    """What the study and the benchmark scripts resume: None until a run has written its config.json,
+    then the newest such run; a later folder stopped before its config does not hide it."""
+    results = tmp_path / "runs"
+    assert run_to_resume(results) is None  # no folder at all
+    results.mkdir()
+    (results / "000-DiT-XXS-4").mkdir()
+    assert run_to_resume(results) is None  # started, stopped before its config
+    for name in ("000-DiT-XXS-4", "001-DiT-XXS-4"):
+        (results / name / "config.json").parent.mkdir(exist_ok=True)
+        (results / name / "config.json").write_text("{}")
+    (results / "002-DiT-XXS-4").mkdir()
+    assert run_to_resume(results) == results / "001-DiT-XXS-4"
+
+
 def test_sigkill_at_random_points_then_resume_equals_uninterrupted_run(tmp_path):
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)

@@ -286,6 +286,13 @@ def latest_run_dir(results_dir: str | Path) -> Path:
     return runs[-1]
 
 
+def run_to_resume(results_dir: str | Path) -> Path | None:
+    """The run a script that trains into `results_dir` should resume: its newest run folder with a
+    config.json, or None when there is none (nothing started, or stopped before its config was written)."""
+    results_dir = Path(results_dir)
+    return latest_run_dir(results_dir) if any(results_dir.glob("[0-9][0-9][0-9]*-*/config.json")) else None
+
+
 def load_run_config(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

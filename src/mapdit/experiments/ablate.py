@@ -42,7 +42,7 @@ from mapdit.experiments.budgets import SETTINGS_KEYS, ScoreBudget, TrainBudget, 
 from mapdit.experiments.fid_run import fid_for_run
 from mapdit.log import Logger
 from mapdit.model import DiT, parameter_breakdown
-from mapdit.runio import latest_run_dir, load_run_config, read_json, write_json, write_text
+from mapdit.runio import load_run_config, read_json, run_to_resume, write_json, write_text
 from mapdit.samplers import check_sampler
 from mapdit.train import TrainConfig, train
 
@@ -100,20 +100,14 @@ def _run_variant(spec: dict, budget: TrainBudget, score: ScoreBudget, out: Path,
     name = spec["name"]
     runs = out / "runs" / name
 
-    def find_run() -> str | None:
-        try:
-            return str(latest_run_dir(runs)) if runs.is_dir() else None
-        except UserError:  # a folder without config.json: training never really started
-            return None
-
-    existing = on_main(find_run)
+    existing = on_main(lambda: run_to_resume(runs))  # rank 0 looks; a Path, or None when nothing started
     tc = TrainConfig(data_path=budget.data_path, results_dir=str(runs), num_steps=budget.num_steps,
                      batch_size=budget.batch_size, lr=budget.lr, seed=spec["seed"],
                      ema_snapshots=budget.ema_snapshots, ckpt_every=budget.ckpt_every,
                      log_every=budget.log_every, precision=budget.precision, device=device)
     if existing:
         log(f"{name}: resuming {existing}")
-        run_dir = train(tc, None, resume=existing)
+        run_dir = train(tc, None, resume=str(existing))
     else:
         log(f"{name}: training {budget.model} config {spec['config']} modulation {spec['modulation']} "
             f"seed {spec['seed']} for {budget.num_steps} steps")
