@@ -108,6 +108,7 @@ LEVERS = {lv.name: lv for lv in (
     # rate schedule and loss
     Lever("lr-x0.5", "half the arm's rate", {"lr_scale": 0.5}),
     Lever("lr-x2", "twice the arm's rate", {"lr_scale": 2.0}),
+    Lever("lr-x4", "four times the arm's rate", {"lr_scale": 4.0}),
     Lever("warmup10", "warm-up over the first 10 % of steps (default 1/150)", {"warmup_frac": 0.1}),
     Lever("nodecay", "no inverse-sqrt decay (constant rate after warm-up; default: decay from 1/10)",
           {"decay_frac": 1.0}),
