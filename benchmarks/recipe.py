@@ -103,6 +103,7 @@ LEVERS = {lv.name: lv for lv in (
     # length and batch
     Lever("steps1000", "1000 steps (half the images)", {"num_steps": 1000}),
     Lever("steps4000", "4000 steps (twice the images)", {"num_steps": 4000}),
+    Lever("batch16", "batch 16 for four times the steps (same images)", {"batch_size": 16, "steps_scale": 4.0}),
     Lever("batch32", "batch 32 for twice the steps (same images)", {"batch_size": 32, "steps_scale": 2.0}),
     Lever("batch128", "batch 128 for half the steps (same images)", {"batch_size": 128, "steps_scale": 0.5}),
     # rate schedule and loss
