@@ -33,6 +33,7 @@ import csv
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,7 @@ import mapdit  # noqa: F401  (first: sets the OpenMP wait policy before torch lo
 import torch
 
 from mapdit.config import make_config
+from mapdit.errors import UserError
 from mapdit.evaluate.heldout import heldout_for_run
 from mapdit.experiments.fid_run import fid_for_run
 from mapdit.runio import latest_run_dir, run_to_resume, write_json
@@ -55,6 +57,7 @@ from mapdit.train import TrainConfig, train
 ARMS = {"A": ("A", 1e-2), "MP": ("E", 3e-2)}  # arm -> (preset, its best measured rate)
 MODEL, STEPS, BATCH, SEED = "DiT-XXS/4", 2000, 64, 0
 SCORE = {"samples": 1000, "sampler": "dpm++2m", "steps": 20, "cfg": 4.0, "ema": 0.10}
+NONFINITE = re.compile(r"non-finite.*? at step (\d+)")  # the UserError train() stops a diverged run with
 CURVE_STEPS = (350, 850, 1000, 2000, 4000, 7000)  # ~2, 5, 6, 12, 24, 42 min at the MP arm's ~2.8 steps/s
 
 
@@ -128,6 +131,10 @@ LEVERS = {lv.name: lv for lv in (
 DEFAULT_LEVERS = [n for n in LEVERS if n not in ("patch2", "width-XS")]  # those two cost 3-4x a base run
 
 
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -169,7 +176,9 @@ def train_run(out: Path, arm: str, name: str, lever_train: dict, model: str) -> 
     existing = run_to_resume(folder)
     if existing is not None:
         return Path(train(tc, None, resume=str(existing)))
-    cfg = make_config(model, preset=preset, input_size=28, in_channels=1, num_classes=10)
+    patch = make_config(model).patch_size
+    size = -(-28 // patch) * patch  # Fashion-MNIST is padded up to a multiple of the patch (28 -> 32 for 8)
+    cfg = make_config(model, preset=preset, input_size=size, in_channels=1, num_classes=10)
     return Path(train(tc, cfg))
 
 
@@ -187,16 +196,24 @@ def run_cell(out: Path, arm: str, lever: Lever) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     train_over = dict(lever.train)
+    record = {"arm": arm, "cell": cell, "lever": lever.name, "what": lever.what, "model": lever.model,
+              "train": train_over}
     log(f"{arm}-{cell}: training ({lever.run}) ...")
-    run_dir = train_run(out, arm, lever.run, train_over, lever.model)
+    try:
+        run_dir = train_run(out, arm, lever.run, train_over, lever.model)
+    except UserError as err:  # a diverged run is a result (recorded, not retried); anything else stops the sweep
+        m = NONFINITE.search(str(err))
+        if m is None:
+            raise
+        record.update(diverged_at_step=int(m.group(1)), machine=machine(), date=now())
+        write_json(path, record)
+        log(f"{arm}-{cell}: diverged at step {m.group(1)}")
+        return record
     score = {**SCORE, **lever.score}
     log(f"{arm}-{cell}: scoring {score} ...")
-    record = {"arm": arm, "cell": cell, "lever": lever.name, "what": lever.what, "model": lever.model,
-              "train": train_over, "score": score, "run_dir": str(run_dir),
-              "num_steps": int(metrics_rows(run_dir)[-1]["step"]),
-              "train_min": train_seconds(run_dir) / 60, "steps_per_s": steps_per_second(run_dir),
-              **score_run(run_dir, score), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                                        time.gmtime())}
+    record.update(score=score, run_dir=str(run_dir), num_steps=int(metrics_rows(run_dir)[-1]["step"]),
+                  train_min=train_seconds(run_dir) / 60, steps_per_s=steps_per_second(run_dir),
+                  **score_run(run_dir, score), machine=machine(), date=now())
     write_json(path, record)
     log(f"{arm}-{cell}: FD {record['fd']:.2f}, acc {record['acc']:.3f}, held-out {record['heldout']:.4f}, "
         f"{record['train_min']:.1f} min")
@@ -266,9 +283,11 @@ def report(out: Path) -> Path:
     for name in sorted({c for _, c in cells}, key=cell_order):
         for arm in ARMS:
             c = cells.get((arm, name))
-            if c:
-                what = c["what"]
-                lines.append(f"| {name} | {what} | {arm} | {c['num_steps']} | {c['train_min']:.1f} | "
+            if c and "diverged_at_step" in c:
+                lines.append(f"| {name} | {c['what']} | {arm} | diverged at step {c['diverged_at_step']} "
+                             "| | | | |")
+            elif c:
+                lines.append(f"| {name} | {c['what']} | {arm} | {c['num_steps']} | {c['train_min']:.1f} | "
                              f"{c['fd']:.1f} | {c['acc']:.3f} | {c['heldout']:.4f} |")
     spd = load(out, "speed")
     if spd:
@@ -284,7 +303,7 @@ def report(out: Path) -> Path:
 
 def plot_minutes(cells: dict, path: Path) -> Path | None:
     def on_curve(c: dict) -> bool:  # the recipe with only the step count changed, scored the base way
-        return c["model"] == MODEL and set(c["train"]) <= {"num_steps"} and c["score"] == SCORE
+        return c["model"] == MODEL and set(c["train"]) <= {"num_steps"} and c.get("score") == SCORE
 
     pts = {arm: sorted((c["train_min"], c["fd"], c["acc"]) for (a, _), c in cells.items() if a == arm and on_curve(c))
            for arm in ARMS}
