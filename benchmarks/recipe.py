@@ -231,25 +231,28 @@ def curve_cells(out: Path, arms: list[str], steps: list[int]) -> None:
 # ------------------------------------------------------------------------------------------------ speed
 def speed(out: Path, arms: list[str], steps: int = 200) -> None:
     """Steps/s of a fresh `mapdit train` per arm: 2 threads eager (the default), 2 threads with
-    --compile, 1 thread eager. Median over the second half of the reports (compilation and warm-up excluded)."""
-    variants = {"2 threads": ([], "2"), "2 threads, --compile": (["--compile"], "2"), "1 thread": ([], "1")}
+    --compile, 1 thread eager, and batches 16, 32 and 128 (images/s is what the batch levers trade).
+    Median over the second half of the reports (compilation and warm-up excluded)."""
+    variants = {"2 threads": ([], "2", BATCH), "2 threads, --compile": (["--compile"], "2", BATCH),
+                "1 thread": ([], "1", BATCH), "batch 16": ([], "2", 16), "batch 32": ([], "2", 32),
+                "batch 128": ([], "2", 128)}
     for arm in arms:
         preset, lr = ARMS[arm]
-        for label, (flags, threads) in variants.items():
+        for label, (flags, threads, batch) in variants.items():
             path = out / "speed" / f"{arm}-{label.replace(' ', '').replace(',', '-')}.json"
             if path.is_file():
                 continue
             folder = out / "speed-runs" / path.stem
             cmd = [sys.executable, "-m", "mapdit.cli", "train", "--model", MODEL, "--config", preset, "--lr", str(lr),
-                   "--num-steps", str(steps), "--batch-size", str(BATCH), "--log-every", "10", "--ema-snapshots",
+                   "--num-steps", str(steps), "--batch-size", str(batch), "--log-every", "10", "--ema-snapshots",
                    "0", "--results-dir", str(folder), *flags]
             log(f"speed {arm} {label} ...")
             subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": threads},
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             rows = metrics_rows(latest_run_dir(folder))
             rates = [float(r["steps_per_s"]) for r in rows[len(rows) // 2:]]
-            write_json(path, {"arm": arm, "variant": label, "steps_per_s": statistics.median(rates),
-                              "min": min(rates), "max": max(rates), "machine": machine()})
+            write_json(path, {"arm": arm, "variant": label, "batch": batch, "steps_per_s": statistics.median(rates),
+                              "min": min(rates), "max": max(rates), "machine": machine(), "date": now()})
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -292,9 +295,9 @@ def report(out: Path) -> Path:
     spd = load(out, "speed")
     if spd:
         lines += ["", "Speed (fresh `mapdit train`, steps/s over the second half of 200 steps):", "",
-                  "| arm | variant | steps/s (min–max) |", "|---|---|---:|"]
-        lines += [f"| {s['arm']} | {s['variant']} | {s['steps_per_s']:.2f} ({s['min']:.2f}–{s['max']:.2f}) |"
-                  for s in spd]
+                  "| arm | variant | steps/s (min–max) | images/s |", "|---|---|---:|---:|"]
+        lines += [f"| {s['arm']} | {s['variant']} | {s['steps_per_s']:.2f} ({s['min']:.2f}–{s['max']:.2f}) | "
+                  f"{s['steps_per_s'] * s.get('batch', BATCH):.0f} |" for s in spd]
     path = out / "recipe.md"
     path.write_text("\n".join(lines) + "\n")
     plot_minutes(cells, out / "minutes.png")
