@@ -500,3 +500,16 @@ def test_skipped_checkpoints_are_reported_on_stderr_in_training_and_sampling(run
     assert "skipping checkpoint step-0000004.safetensors" in err and "skipping checkpoint" not in out
     assert "set aside 1 damaged checkpoint(s)" in err
     assert (latest.parent / (latest.name + ".broken")).exists()
+
+
+@pytest.mark.parametrize("exported, expected", [
+    ({}, "PASSIVE"),  # mapdit's default: idle OpenMP threads sleep
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),  # the user's value wins
+    ({"GOMP_SPINCOUNT": "10000"}, None),  # so does a spin count: the policy stays unset for libgomp to apply it
+])
+def test_import_sets_the_openmp_wait_policy_unless_the_user_chose(exported, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = "import os, mapdit; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **exported}, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == str(expected)
