@@ -133,13 +133,14 @@ class StudyBudget:
                            magnitude_batch_size=magnitude_batch_size)
 
 
-# FULL: the demo's recipe (DiT-XXS/4, 2000 steps of batch 64, about two epochs), seeds 0-2 for the headline
-# comparisons, checkpoints at 500, 1000 and 2000 steps (Figure 5); 42 runs, about 12.5 min each on 2 idle
-# cores (~3 steps/s): 8-9 hours. QUICK: the same parts with everything smaller and one seed (23 runs, about
-# 13 minutes on 2 idle cores by the plan's estimate), a smoke test, not evidence.
-FULL = StudyBudget(model="DiT-XXS/4", num_steps=2000, batch_size=64, seeds=(0, 1, 2), fid_samples=SCORE_SAMPLES,
+# FULL: the demo's recipe (DiT-XXS/4, 4000 steps of batch 32, about two epochs), seeds 0-2 for the headline
+# comparisons, checkpoints at 1000, 2000 and 4000 steps (Figure 5); 42 runs, 8-10 min of training each on 2
+# idle cores (docs/recipe.md) plus ~1.5 min of scoring: 7-8 hours. QUICK: the same parts with everything
+# smaller and one seed (23 runs, about 13 minutes on 2 idle cores by the plan's estimate), a smoke test, not
+# evidence.
+FULL = StudyBudget(model="DiT-XXS/4", num_steps=4000, batch_size=32, seeds=(0, 1, 2), fid_samples=SCORE_SAMPLES,
                    sampler=DEFAULT_SAMPLER, sampling_steps=DEFAULT_STEPS, cfg_scale=SCORE_CFG, ema_std=SCORE_EMA,
-                   heldout_images=HELDOUT_IMAGES, checkpoints=(500, 1000, 2000), rates=RATES)
+                   heldout_images=HELDOUT_IMAGES, checkpoints=(1000, 2000, 4000), rates=RATES)
 QUICK = StudyBudget(model="DiT-XXS/4", num_steps=80, batch_size=16, seeds=(0,), fid_samples=200,
                     sampler=DEFAULT_SAMPLER, sampling_steps=10, cfg_scale=SCORE_CFG, ema_std=SCORE_EMA,
                     heldout_images=500, checkpoints=(40, 80),

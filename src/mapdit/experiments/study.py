@@ -1,7 +1,7 @@
 """`mapdit study`: the paper's claims judged on samples, on Fashion-MNIST, in one resumable command; RESULTS.md.
 
-Every run gets the same budget (`StudyBudget` FULL in mapdit.experiments.budgets: DiT-XXS/4, 2000 steps of
-batch 64) and is scored the same way: FD_fmnist and conditioning accuracy of 1000 samples from the EMA of
+Every run gets the same budget (`StudyBudget` FULL in mapdit.experiments.budgets: the demo's DiT-XXS/4, 4000
+steps of batch 32) and is scored the same way: FD_fmnist and conditioning accuracy of 1000 samples from the EMA of
 width 0.10 (the default sampler, DPM-Solver++(2M) at 20 steps, guidance 4 on every channel), and the
 held-out eps-MSE (`mapdit.evaluate.heldout`, same EMA). Each config is judged at its own best learning rate.
 
