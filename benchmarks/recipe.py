@@ -305,29 +305,44 @@ def report(out: Path) -> Path:
 
 
 def plot_minutes(cells: dict, path: Path) -> Path | None:
+    """FD and accuracy against training minutes: the batch-64 curve per arm (lines) and the batch-32 recipe
+    of the same images as the base (stars), where measured."""
     def on_curve(c: dict) -> bool:  # the recipe with only the step count changed, scored the base way
         return c["model"] == MODEL and set(c["train"]) <= {"num_steps"} and c.get("score") == SCORE
 
-    pts = {arm: sorted((c["train_min"], c["fd"], c["acc"]) for (a, _), c in cells.items() if a == arm and on_curve(c))
-           for arm in ARMS}
+    def point(c: dict) -> tuple[float, float, float]:
+        return c["train_min"], c["fd"], c["acc"]
+
+    pts = {arm: sorted(point(c) for (a, _), c in cells.items() if a == arm and on_curve(c)) for arm in ARMS}
     if not any(pts.values()):
         return None
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     from mapdit.plots import pyplot, save_figure
     plt = pyplot()
     fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for arm, p in pts.items():
+    for i, (arm, p) in enumerate(pts.items()):
+        label = f"Config A (lr {ARMS['A'][1]:g})" if arm == "A" else f"MP, Config E (lr {ARMS['MP'][1]:g})"
+        color = f"C{i}"
         if p:
-            label = f"Config A (lr {ARMS['A'][1]:g})" if arm == "A" else f"MP, Config E (lr {ARMS['MP'][1]:g})"
-            ax_fd.plot([x[0] for x in p], [x[1] for x in p], "o-", label=label)
-            ax_acc.plot([x[0] for x in p], [x[2] for x in p], "o-", label=label)
+            ax_fd.plot([x[0] for x in p], [x[1] for x in p], "o-", color=color, label=f"{label}, N × {BATCH}")
+            ax_acc.plot([x[0] for x in p], [x[2] for x in p], "o-", color=color, label=f"{label}, N × {BATCH}")
+        star = cells.get((arm, "batch32"))
+        if star and "fd" in star:
+            m, fd, acc = point(star)
+            ax_fd.plot([m], [fd], "*", ms=13, color=color, label=f"{label}, {2 * STEPS} × 32 (the demo)")
+            ax_acc.plot([m], [acc], "*", ms=13, color=color, label=f"{label}, {2 * STEPS} × 32 (the demo)")
     for ax, ylabel in ((ax_fd, "FD_fmnist (lower is better)"), (ax_acc, "conditioning accuracy")):
         ax.set_xscale("log")
+        ax.set_xticks([2, 5, 10, 20, 40])
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training minutes (2 CPU cores)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{MODEL} on Fashion-MNIST, batch {BATCH}; {SCORE['samples']} samples, {SCORE['sampler']} "
-                 f"{SCORE['steps']}, guidance {SCORE['cfg']:g}")
+    ax_acc.legend(fontsize=7)
+    fig.suptitle(f"{MODEL} on Fashion-MNIST; {SCORE['samples']} samples, {SCORE['sampler']} {SCORE['steps']}, "
+                 f"guidance {SCORE['cfg']:g}, EMA {SCORE['ema']:.2f}")
     return save_figure(fig, path)
 
 
