@@ -136,7 +136,7 @@ class StudyBudget:
 # FULL: the demo's recipe (DiT-XXS/4, 4000 steps of batch 32, about two epochs), seeds 0-2 for the headline
 # comparisons, checkpoints at 1000, 2000 and 4000 steps (Figure 5); 42 runs, 8-10 min of training each on 2
 # idle cores (docs/recipe.md) plus ~1.5 min of scoring: 7-8 hours. QUICK: the same parts with everything
-# smaller and one seed (23 runs, about 13 minutes on 2 idle cores by the plan's estimate), a smoke test, not
+# smaller and one seed (23 runs, about 12 minutes on 2 idle cores by the plan's estimate), a smoke test, not
 # evidence.
 FULL = StudyBudget(model="DiT-XXS/4", num_steps=4000, batch_size=32, seeds=(0, 1, 2), fid_samples=SCORE_SAMPLES,
                    sampler=DEFAULT_SAMPLER, sampling_steps=DEFAULT_STEPS, cfg_scale=SCORE_CFG, ema_std=SCORE_EMA,

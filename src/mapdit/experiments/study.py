@@ -85,10 +85,11 @@ from mapdit.sample import sample_grid_from_model
 from mapdit.samplers import check_sampler
 from mapdit.weights import load_model
 
-# Cost model of the plan printed at the start (2 cores): the demo model trains at ~3 steps/s of batch 64
-# (measured); sampling costs about one forward image per 1/600 s (the training step's rate of image forwards,
-# forward + backward counted as three), plus ~20 s per run for loading, held-out error and magnitudes.
-STEPS_PER_S_AT_64 = 3.0
+# Cost model of the plan printed at the start (2 cores): the demo model trains ~220 images/s, i.e. ~3.5
+# steps/s of batch 64 (measured 2026-12-01: 4000 steps of batch 32 in 8.4-9.5 min, docs/recipe.md); sampling
+# costs about one forward image per 1/600 s (the training step's rate of image forwards, forward + backward
+# counted as three), plus ~20 s per run for loading, held-out error and magnitudes.
+STEPS_PER_S_AT_64 = 3.5
 FORWARD_IMAGES_PER_S = 600.0
 SCORING_OVERHEAD_S = 20.0
 
