@@ -142,6 +142,32 @@ def test_study_runs_every_part_then_skips_finished_runs(tmp_path, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+@needs_installed_fmnist
+def test_workers_train_every_run_once_and_shared_runs_are_queued_once(tmp_path, capfd):
+    out = tmp_path / "study"
+    args = ["study", "--workers", 2, "--studies", "rates,components,seeds", "--configs", "A,E", "--rates",
+            "A=1e-2,E=1e-2", "--components", "E-table", "--model", "DiT-XXS/4", "--num-steps", 2, "--checkpoints", 2,
+            "--heldout-images", 100, "--batch-size", 8, "--seeds", 0, "--fid-samples", 16, "--sampling-steps", 2,
+            "--num-ref", 200, "--sample-batch-size", 8, "--magnitude-batch-size", 8, "--ema-snapshots", 2,
+            "--cache-dir", tmp_path / "cache", "--out", out, "--results-md", tmp_path / "R.md", "--docs-dir",
+            tmp_path / "docs"]
+    assert cli(*args) == 0
+    err = capfd.readouterr().err
+    # A, E (rates); E-table (components); E-pm-adaln, E-pm-scale+rotate (seeds part, seed 0 only)
+    assert "5 runs, 0 already finished, 5 to train" in err and "2 runs at a time" in err
+    assert err.count("training DiT-XXS/4") == 5  # from the workers' stderr: each run once
+    # the seeds part wants E-table seed 0 while components may still have it queued: never trained twice
+    assert "E-table at 0.01: seed 0 skipped, already queued by part components" in err
+    settings = budgets.StudyBudget.from_dict(json.loads((out / "study.json").read_text())["settings"])
+    for name in ("A", "E", "E-table", "E-pm-adaln", "E-pm-scale+rotate"):
+        record = results.run_record(out, budgets.arm_by_name(name), 1e-2, 0, settings)
+        assert record["status"] == "finished" and record["heldout"] > 0, name
+    assert cli(*args) == 0  # resumed: nothing left
+    assert "5 runs, 5 already finished, 0 to train" in capfd.readouterr().err
+    assert cli(*args[:1], "--workers", 0, *args[3:]) == 2
+
+
 # ------------------------------------------------------------------------------------------------ best rates
 def test_runner_picks_each_configs_best_rate_from_finished_runs(tmp_path, monkeypatch, capsys):
     out = tmp_path / "study"

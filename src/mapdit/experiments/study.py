@@ -30,6 +30,8 @@ Out folder (--out, default results/study):
     magnitudes/residual_per_block.png, grid/A_vs_E.png
 Every scored run keeps its samples (RUN/eval/samples-*.npz) so another metric can re-score the same images.
 Resumable: finished runs (result JSON) are skipped, interrupted ones continue, diverged ones stay recorded.
+`--workers 2` trains two runs at once, one thread each (on 2 cores ~1.25x the runs per hour: the demo model
+is too small to keep two threads busy); the results are those of 1-thread runs.
 
 RESULTS.md is regenerated from the stored results at the end of every invocation (also `--report-only`) by
 mapdit.experiments.results; its PNGs are copied to --docs-dir (default docs/results) and linked relative to
@@ -37,7 +39,9 @@ the document.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import multiprocessing
 import os
 import platform
 import re
@@ -92,6 +96,10 @@ from mapdit.weights import load_model
 STEPS_PER_S_AT_64 = 3.5
 FORWARD_IMAGES_PER_S = 600.0
 SCORING_OVERHEAD_S = 20.0
+# `--workers 2` on 2 cores: two 1-thread runs at once finish 1.25-1.28x the runs per hour of one 2-thread run
+# at a time (measured 2026-12-01, 300 steps of batch 32, Config E and A: the demo model is too small to keep
+# two threads busy, docs/recipe.md "Speed")
+TWO_WORKER_SPEEDUP = 1.25
 
 _NONFINITE = re.compile(r"non-finite.*? at step (\d+)")
 
@@ -154,6 +162,60 @@ def train_arm(out: Path, arm: Arm, lr: float, seeds: list[int], budget: StudyBud
         for result in summary.get("results", []) if heldout else []:
             heldout_error(result.get("run_dir"), budget.ema_std, budget.heldout_images)
     return {"trained": trained, "skipped": skipped, "diverged": diverged}
+
+
+def _worker_init(threads: int) -> None:
+    """A worker process of `--workers`: its share of the cores, denormals flushed like the CLI's."""
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+
+
+def _worker_run(out: Path, arm: Arm, lr: float, seed: int, budget: StudyBudget, opts: RunOptions) -> dict:
+    """One (arm, rate, seed) in a worker process; its lines go to stderr with the worker's pid."""
+    say = Logger(sink=lambda line: print(line, file=sys.stderr, flush=True), prefix=f"study[{os.getpid()}]: ")
+    return train_arm(out, arm, lr, [seed], budget, say, opts, heldout=True)
+
+
+class _Workers:
+    """`--workers N`: runs trained N at a time in spawned processes of cores/N threads each. A run is
+    submitted once per invocation (parts share runs); a failed run stops the study after the running ones."""
+
+    def __init__(self, n: int, out: Path, budget: StudyBudget, opts: RunOptions):
+        threads = max(1, torch.get_num_threads() // n)
+        # spawn, not fork: a forked child of a process whose OpenMP pool is started can hang
+        self.pool = concurrent.futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                                                           initializer=_worker_init, initargs=(threads,))
+        self.out, self.budget = out, budget
+        self.opts = dataclasses.replace(opts, log=None, progress=False)  # N bars on one terminal would garble
+        self.pending: dict[concurrent.futures.Future, str] = {}  # future -> part
+        self.submitted: dict[tuple, str] = {}  # (arm, rate, seed) -> part
+
+    def submit(self, part: str, arm: Arm, lr: float, seed: int) -> str | None:
+        """Queue a run; None, or the part that already queued it."""
+        key = (arm.name, lr, seed)
+        if key in self.submitted:
+            return self.submitted[key]
+        self.submitted[key] = part
+        self.pending[self.pool.submit(_worker_run, self.out, arm, lr, seed, self.budget, self.opts)] = part
+        return None
+
+    def busy_with(self, part: str) -> bool:
+        return part in self.pending.values()
+
+    def wait(self, summaries: dict[str, dict]) -> None:
+        """Wait for every queued run; add what each did to its part's summary."""
+        try:
+            for future in concurrent.futures.as_completed(list(self.pending)):
+                got = future.result()  # a worker's error is raised here
+                for k in ("trained", "skipped", "diverged"):
+                    summaries[self.pending[future]][k] += got[k]
+        except BaseException:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def part_runs(part: str, budget: StudyBudget, best: dict, configs=CONFIGS, components=None,
@@ -276,9 +338,10 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
               cfg_scale: float | None = None, checkpoints: list[int] | None = None, heldout_images: int | None = None,
               rates: dict[str, list[float]] | None = None, configs=CONFIGS, components: list[str] | None = None,
               modulations=MODULATIONS, num_ref: int | None = None, opts: RunOptions | None = None,
-              progress: bool = True, results_md: str | Path | None = "RESULTS.md",
+              workers: int = 1, progress: bool = True, results_md: str | Path | None = "RESULTS.md",
               docs_dir: str | Path = "docs/results", command: str | None = None) -> dict:
-    """Run the chosen parts (skipping what is finished) and regenerate RESULTS.md. Returns
+    """Run the chosen parts (skipping what is finished) and regenerate RESULTS.md; `workers` > 1 trains that
+    many runs at once (a part waits for `rates` only where it needs the best rates). Returns
     {"studies": {part: {"trained", "skipped", "diverged"}}, "plan": plan(), "results_md": path or None}."""
     out = Path(out)
     opts = opts or RunOptions(progress=progress)
@@ -289,6 +352,8 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
     if f"{b.ema_std:.3f}" not in {f"{w:.3f}" for w in TrainConfig().ema_stds}:
         raise UserError(f"the scoring EMA width {b.ema_std} is not tracked by training "
                         f"({TrainConfig().ema_stds}): it would be a post-hoc reconstruction")
+    if workers < 1:
+        raise UserError(f"--workers {workers}: give 1 or more runs at a time")
     unknown = [s for s in studies if s not in PARTS]
     if unknown or not studies:
         raise UserError(f"--studies: use some of {', '.join(PARTS)} (got {', '.join(studies) or 'none'})")
@@ -327,28 +392,48 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
     opts = dataclasses.replace(opts, cache_dir=DEFAULT_CACHE if opts.cache_dir is None else opts.cache_dir)
 
     the_plan = plan(out, b, parts, configs, components, modulations)
+    speedup = TWO_WORKER_SPEEDUP if workers > 1 else 1.0
     say(f"plan: parts {', '.join(parts)}; {the_plan['runs']} runs, {the_plan['finished']} already finished, "
-        f"{the_plan['to_train']} to train and score, about {the_plan['minutes']:.0f} min on 2 idle cores "
+        f"{the_plan['to_train']} to train and score, about {the_plan['minutes'] / speedup:.0f} min on 2 idle cores "
         f"(~{the_plan['seconds_per_run'] / 60:.1f} min per run: {STEPS_PER_S_AT_64:g} steps/s at batch 64 and "
-        f"{b.fid_samples} samples of {b.sampling_steps} steps)")
+        f"{b.fid_samples} samples of {b.sampling_steps} steps"
+        + (f"; {workers} runs at a time, ~{speedup:g}x the runs per hour on 2 cores)" if workers > 1 else ")"))
+    pool = _Workers(workers, out, b, opts) if workers > 1 else None
     done: dict[str, dict] = {}
-    for part in parts:
-        say(f"{part} ...")
-        best = best_rates(out, b, _needs(part), part) if _needs(part) else {}
-        summary = {"trained": [], "skipped": [], "diverged": []}
-        for arm, lr, part_seeds in part_runs(part, b, best, configs, components, modulations):
-            got = train_arm(out, arm, lr, part_seeds, b, say, opts, heldout=True)
-            for k in summary:
-                summary[k] += got[k]
-        if part == "magnitudes":
-            summary = {**summary, **_magnitudes_part(out, b, best, say)}
-        elif part == "grid":
-            summary = {**summary, **_grid_part(out, b, best, opts, say)}
-        elif part == "rates":
-            found = best_rates(out, b, configs)
-            say("best rates: " + ", ".join(f"{c} {'-' if r is None else f'{r:g}'}" for c, r in found.items()))
-        done[part] = summary
-        write_json(meta_path, dict(meta, elapsed_s=elapsed_before + time.perf_counter() - started))
+    try:
+        for part in parts:
+            say(f"{part} ...")
+            if pool is not None and (_needs(part) and pool.busy_with("rates") or part in ("magnitudes", "grid")):
+                say("waiting for the runs under way (this part needs them finished)")
+                pool.wait(done)
+            best = best_rates(out, b, _needs(part), part) if _needs(part) else {}
+            done[part] = summary = {"trained": [], "skipped": [], "diverged": []}
+            for arm, lr, part_seeds in part_runs(part, b, best, configs, components, modulations):
+                if pool is None:
+                    got = train_arm(out, arm, lr, part_seeds, b, say, opts, heldout=True)
+                    for k in summary:
+                        summary[k] += got[k]
+                    continue
+                for s in part_seeds:
+                    queued_by = pool.submit(part, arm, lr, s)
+                    if queued_by is not None:
+                        summary["skipped"].append(f"{arm.name}/{lr_tag(lr)}/{arm.name}-seed{s}")
+                        say(f"{arm.name} at {lr:g}: seed {s} skipped, already queued by part {queued_by}")
+            if part == "magnitudes":
+                done[part] = {**summary, **_magnitudes_part(out, b, best, say)}
+            elif part == "grid":
+                done[part] = {**summary, **_grid_part(out, b, best, opts, say)}
+            elif part == "rates":
+                if pool is not None:
+                    pool.wait(done)
+                found = best_rates(out, b, configs)
+                say("best rates: " + ", ".join(f"{c} {'-' if r is None else f'{r:g}'}" for c, r in found.items()))
+            write_json(meta_path, dict(meta, elapsed_s=elapsed_before + time.perf_counter() - started))
+        if pool is not None:
+            pool.wait(done)
+    finally:
+        if pool is not None:
+            pool.close()
     md = None
     if results_md is not None:
         md = write_results_md(out, results_md, docs_dir, components, modulations)
