@@ -151,7 +151,7 @@ def test_workers_train_every_run_once_and_shared_runs_are_queued_once(tmp_path, 
             "--heldout-images", 100, "--batch-size", 8, "--seeds", 0, "--fid-samples", 16, "--sampling-steps", 2,
             "--num-ref", 200, "--sample-batch-size", 8, "--magnitude-batch-size", 8, "--ema-snapshots", 2,
             "--cache-dir", tmp_path / "cache", "--out", out, "--results-md", tmp_path / "R.md", "--docs-dir",
-            tmp_path / "docs"]
+            tmp_path / "docs", "--min-snr-gamma", 3]
     assert cli(*args) == 0
     err = capfd.readouterr().err
     # A, E (rates); E-table (components); E-pm-adaln, E-pm-scale+rotate (seeds part, seed 0 only)
@@ -163,9 +163,12 @@ def test_workers_train_every_run_once_and_shared_runs_are_queued_once(tmp_path, 
     for name in ("A", "E", "E-table", "E-pm-adaln", "E-pm-scale+rotate"):
         record = results.run_record(out, budgets.arm_by_name(name), 1e-2, 0, settings)
         assert record["status"] == "finished" and record["heldout"] > 0, name
+        assert json.loads((Path(record["run_dir"]) / "config.json").read_text())["train"]["min_snr_gamma"] == 3
+    assert "loss weighted by Min-SNR-3" in (tmp_path / "R.md").read_text()
     assert cli(*args) == 0  # resumed: nothing left
     assert "5 runs, 5 already finished, 0 to train" in capfd.readouterr().err
     assert cli(*args[:1], "--workers", 0, *args[3:]) == 2
+    assert cli(*args[:-1], "-1") == 2 and "--min-snr-gamma -1" in capfd.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ best rates

@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> dict:
         checkpoints=None if args.checkpoints is None else int_list(args.checkpoints, "--checkpoints"),
         heldout_images=args.heldout_images, rates=None if args.rates is None else parse_rates(args.rates),
         configs=[c.upper() for c in parse_list(args.configs, "--configs")], components=components,
-        modulations=modulations, num_ref=args.num_ref, opts=opts, workers=args.workers, results_md=args.results_md,
+        modulations=modulations, num_ref=args.num_ref, min_snr_gamma=args.min_snr_gamma, opts=opts,
+        workers=args.workers, results_md=args.results_md,
         docs_dir=args.docs_dir)
     print(json.dumps({k: {kk: len(vv) for kk, vv in v.items()} for k, v in summary["studies"].items()}))
     if summary["results_md"] is not None:
@@ -88,6 +89,9 @@ def register(sub) -> None:
     p.add_argument("--modulations", default=",".join(MODULATIONS),
                    help="modulations of the modulation part (per-modulator gains; adaln is the reference)")
     p.add_argument("--num-ref", type=int, default=None, help="a fixed random subset of the test images")
+    p.add_argument("--min-snr-gamma", type=float, default=None,
+                   help=f"Min-SNR-gamma loss weighting of every run (default {FULL.min_snr_gamma}; 0: DiT's "
+                        "unweighted eps-MSE)")
     p.add_argument("--ema-snapshots", type=int, default=RunOptions.ema_snapshots)
     p.add_argument("--sample-batch-size", type=int, default=RunOptions.sample_batch_size)
     p.add_argument("--magnitude-batch-size", type=int, default=RunOptions.magnitude_batch_size)

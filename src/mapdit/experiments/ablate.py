@@ -104,7 +104,8 @@ def _run_variant(spec: dict, budget: TrainBudget, score: ScoreBudget, out: Path,
     tc = TrainConfig(data_path=budget.data_path, results_dir=str(runs), num_steps=budget.num_steps,
                      batch_size=budget.batch_size, lr=budget.lr, seed=spec["seed"],
                      ema_snapshots=budget.ema_snapshots, ckpt_every=budget.ckpt_every,
-                     log_every=budget.log_every, precision=budget.precision, device=device)
+                     log_every=budget.log_every, precision=budget.precision, device=device,
+                     min_snr_gamma=budget.min_snr_gamma)
     if existing:
         log(f"{name}: resuming {existing}")
         run_dir = train(tc, None, resume=str(existing))

@@ -24,6 +24,7 @@ class TrainBudget:
     ckpt_every: int | None = None  # None: num_steps // 5 (one magnitude measurement per checkpoint)
     log_every: int = 10
     precision: str = "fp32"
+    min_snr_gamma: float | None = None  # None: DiT's unweighted eps-MSE
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class ScoreBudget:
 
 # the settings a stored result records; a stored result counts for an ablation only when they all match
 SETTINGS_KEYS = ("model", "num_steps", "batch_size", "lr", "data_path", "fid_samples", "features", "ref",
-                 "num_ref", "sampler", "sampling_steps", "cfg_scale", "weights", "ema_std")
+                 "num_ref", "sampler", "sampling_steps", "cfg_scale", "weights", "ema_std", "min_snr_gamma")
 
 
 def settings(train: TrainBudget, score: ScoreBudget) -> dict:
@@ -94,6 +95,7 @@ class StudyBudget:
     checkpoints: tuple[int, ...]
     rates: dict = field(hash=False)  # config -> tuple of rates
     num_ref: int | None = None  # a fixed random subset of the test images (None: all 10k)
+    min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (None: unweighted eps-MSE)
 
     def __post_init__(self):  # JSON lists and ints as given become the stored types
         set_ = object.__setattr__
@@ -123,7 +125,8 @@ class StudyBudget:
         """The training budget of a run at `lr`: every kept checkpoint is a multiple of ckpt_every."""
         return TrainBudget(model=self.model, num_steps=self.num_steps, batch_size=self.batch_size, lr=lr,
                            data_path="fashion-mnist", ema_snapshots=ema_snapshots,
-                           ckpt_every=math.gcd(*self.checkpoints), log_every=log_every)
+                           ckpt_every=math.gcd(*self.checkpoints), log_every=log_every,
+                           min_snr_gamma=self.min_snr_gamma)
 
     def score_budget(self, *, sample_batch_size: int = 250, magnitude_batch_size: int = 64) -> ScoreBudget:
         """FD_fmnist and conditioning accuracy against the Fashion-MNIST test images, EMA `ema_std`."""

@@ -538,7 +538,7 @@ Machine: {machine}. Date: {date}. {total}
 
 ## Budget and scoring
 
-Every run: {model}, {num_steps} training steps of batch {batch_size}, checkpoints kept at steps
+Every run: {model}, {num_steps} training steps of batch {batch_size}, {loss}, checkpoints kept at steps
 {checkpoints}; each config at its own best learning rate (section 2). Scoring: FD_fmnist of {fid_samples}
 samples against the 10k Fashion-MNIST test images, in the feature space of the project's `fmnist`
 classifier, and the conditioning accuracy (the classifier agreeing with the sampled label); samples from the
@@ -620,6 +620,7 @@ def write_results_md(out: str | Path, results_md: str | Path = "RESULTS.md", doc
     text = TEMPLATE.format(
         note=note, out=out, command=meta.get("command", "mapdit study"), machine=meta.get("machine", "-"),
         date=date, total=total, model=b.model, num_steps=b.num_steps, batch_size=b.batch_size,
+        loss="DiT's unweighted ε-MSE" if b.min_snr_gamma is None else f"loss weighted by Min-SNR-{b.min_snr_gamma:g}",
         checkpoints=", ".join(map(str, b.checkpoints)), fid_samples=b.fid_samples, ema_std=b.ema_std,
         heldout_images=b.heldout_images, sampler=b.sampler, sampling_steps=b.sampling_steps, cfg_scale=b.cfg_scale,
         wall="-" if walls is None else f"{walls['mean']:.0f} s mean (min {walls['min']:.0f}, max {walls['max']:.0f}) "

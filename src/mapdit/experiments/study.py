@@ -312,6 +312,8 @@ def study_budget(quick: bool = False, **given) -> StudyBudget:
     of the configs it names."""
     base = QUICK if quick else FULL
     given = {k: v for k, v in given.items() if v is not None}
+    if given.get("min_snr_gamma") == 0:  # 0: DiT's unweighted loss
+        given["min_snr_gamma"] = None
     if "rates" in given:
         given["rates"] = {**base.rates, **given["rates"]}
     return dataclasses.replace(base, **given)
@@ -329,7 +331,8 @@ def _command(out: Path, quick: bool, parts, b: StudyBudget, configs, components,
                      *([f"--configs {','.join(configs)}"] if tuple(configs) != CONFIGS else []),
                      *([f"--components {','.join(components)}"] if components is not None else []),
                      *([f"--modulations {','.join(modulations)}"] if tuple(modulations) != MODULATIONS else []),
-                     *([f"--num-ref {b.num_ref}"] if b.num_ref is not None else [])])
+                     *([f"--num-ref {b.num_ref}"] if b.num_ref is not None else []),
+                     f"--min-snr-gamma {0 if b.min_snr_gamma is None else b.min_snr_gamma:g}"])
 
 
 def run_study(*, out: str | Path = "results/study", quick: bool = False, studies=PARTS, model: str | None = None,
@@ -337,7 +340,8 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
               fid_samples: int | None = None, sampler: str | None = None, sampling_steps: int | None = None,
               cfg_scale: float | None = None, checkpoints: list[int] | None = None, heldout_images: int | None = None,
               rates: dict[str, list[float]] | None = None, configs=CONFIGS, components: list[str] | None = None,
-              modulations=MODULATIONS, num_ref: int | None = None, opts: RunOptions | None = None,
+              modulations=MODULATIONS, num_ref: int | None = None, min_snr_gamma: float | None = None,
+              opts: RunOptions | None = None,
               workers: int = 1, progress: bool = True, results_md: str | Path | None = "RESULTS.md",
               docs_dir: str | Path = "docs/results", command: str | None = None) -> dict:
     """Run the chosen parts (skipping what is finished) and regenerate RESULTS.md; `workers` > 1 trains that
@@ -347,11 +351,15 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
     opts = opts or RunOptions(progress=progress)
     b = study_budget(quick, model=model, num_steps=num_steps, batch_size=batch_size, seeds=seeds,
                      fid_samples=fid_samples, sampler=sampler, sampling_steps=sampling_steps, cfg_scale=cfg_scale,
-                     checkpoints=checkpoints, heldout_images=heldout_images, rates=rates, num_ref=num_ref)
+                     checkpoints=checkpoints, heldout_images=heldout_images, rates=rates, num_ref=num_ref,
+                     min_snr_gamma=min_snr_gamma)
     check_sampler(b.sampler)  # before any training: an unknown name or a missing diffusers fails now
     if f"{b.ema_std:.3f}" not in {f"{w:.3f}" for w in TrainConfig().ema_stds}:
         raise UserError(f"the scoring EMA width {b.ema_std} is not tracked by training "
                         f"({TrainConfig().ema_stds}): it would be a post-hoc reconstruction")
+    if b.min_snr_gamma is not None and not b.min_snr_gamma > 0:
+        raise UserError(f"--min-snr-gamma {b.min_snr_gamma}: give a positive gamma (e.g. 5), or 0 for DiT's "
+                        "unweighted loss")
     if workers < 1:
         raise UserError(f"--workers {workers}: give 1 or more runs at a time")
     unknown = [s for s in studies if s not in PARTS]
