@@ -40,7 +40,8 @@ from mapdit.experiments.budgets import (
     paper_rate,
 )
 from mapdit.plots import pyplot, save_figure
-from mapdit.runio import read_json, write_text
+from mapdit.runio import list_checkpoints, read_json, write_text
+from mapdit.sample import image_grid
 
 # paper numbers (arXiv 2505.19122) the study is compared with
 PAPER_FID_DROP = 12.8  # % lower FID of full MP (Config E) against the baseline (Config A)
@@ -87,7 +88,20 @@ def heldout_error(run_dir: str | Path | None, ema_std: float = SCORE_EMA,
     be computed (e.g. the run folder is gone)."""
     if run_dir is None or not (Path(run_dir) / "config.json").is_file():
         return None
+    kept = _cached_without_checkpoints(run_dir, f"heldout-ema{ema_std:.3f}-step*-n{num_images}-seed0-test.json")
+    if kept is not None:
+        return kept["mse"]
     return heldout_for_run(run_dir, weights="ema", ema_std=ema_std, num_images=num_images)["mse"]
+
+
+def _cached_without_checkpoints(run_dir: str | Path, pattern: str) -> dict | None:
+    """A run's cached measurement (the last step's) when its checkpoints are gone, e.g. a study folder kept
+    in git without its *.safetensors; None while the checkpoints are there (the measurement's own cache
+    lookup then checks the step)."""
+    if list_checkpoints(run_dir):
+        return None
+    found = sorted((Path(run_dir) / "eval").glob(pattern))
+    return read_json(found[-1]) if found else None
 
 
 def read_budget(out: str | Path) -> tuple[dict, StudyBudget]:
@@ -224,6 +238,24 @@ def comparison(out: str | Path, budget: StudyBudget, best: dict, x_name: str, y_
 # ------------------------------------------------------------------------------------------------
 # Plots
 # ------------------------------------------------------------------------------------------------
+def scored_samples(record: dict) -> Path | None:
+    """The samples a finished run was scored with (RUN/eval/samples-*.npz, also in a moved study folder)."""
+    npz = (record.get("result") or {}).get("samples_npz")
+    if not npz or not record.get("run_dir"):
+        return None
+    path = Path(record["run_dir"]) / "eval" / Path(npz).name
+    return path if path.is_file() else None
+
+
+def class_rows(npz: str | Path, per_class: int = 8) -> np.ndarray:
+    """One grid row per class: the first `per_class` samples of each label, in label order."""
+    with np.load(npz) as d:
+        images, labels = d["arr_0"], d["arr_1"]
+    rows = [images[labels == c][:per_class] for c in np.unique(labels)]
+    rows = [np.concatenate([r, np.full((per_class - len(r), *images.shape[1:]), 255, images.dtype)]) for r in rows]
+    return image_grid(np.concatenate(rows), nrow=per_class)
+
+
 def side_by_side(panels: list[tuple[str, Path, str]], path: Path) -> Path:
     """PNG grids next to each other, each with its title and description."""
     plt = pyplot()
@@ -423,7 +455,10 @@ def _entropy(record: dict, budget: StudyBudget) -> str:
     run_dir = record.get("run_dir")
     if record.get("status") != "finished" or run_dir is None or not (Path(run_dir) / "config.json").is_file():
         return "-"
-    values = attention_entropy_for_run(record["run_dir"], weights="ema", ema_std=budget.ema_std)
+    kept = _cached_without_checkpoints(run_dir, f"attention-entropy-ema{budget.ema_std}-step*.json")
+    if kept is None and not list_checkpoints(run_dir):
+        return "-"
+    values = kept["entropy"] if kept else attention_entropy_for_run(run_dir, weights="ema", ema_std=budget.ema_std)
     return f"{sum(values) / len(values):.3f}"
 
 

@@ -56,6 +56,7 @@ import torch
 
 from mapdit.config import TrainConfig
 from mapdit.errors import UserError
+from mapdit.evaluate.magnitudes import attention_entropy_for_run
 from mapdit.evaluate.scoring import DEFAULT_CACHE
 from mapdit.experiments import ablate
 from mapdit.experiments.budgets import (
@@ -74,20 +75,21 @@ from mapdit.experiments.budgets import (
 )
 from mapdit.experiments.results import (
     best_rates,
+    class_rows,
     heldout_error,
     lr_tag,
     magnitude_curves,
     plot_magnitudes,
     run_folder,
     run_record,
+    scored_samples,
     side_by_side,
     write_results_md,
 )
 from mapdit.log import Logger
-from mapdit.runio import load_run_config, read_json, write_json
-from mapdit.sample import sample_grid_from_model
+from mapdit.runio import read_json, write_json
+from mapdit.sample import save_png
 from mapdit.samplers import check_sampler
-from mapdit.weights import load_model
 
 # Cost model of the plan printed at the start (2 cores): the demo model trains ~220 images/s, i.e. ~3.5
 # steps/s of batch 64 (measured 2026-12-01: 4000 steps of batch 32 in 8.4-9.5 min, docs/recipe.md); sampling
@@ -125,7 +127,8 @@ def train_arm(out: Path, arm: Arm, lr: float, seeds: list[int], budget: StudyBud
               opts: RunOptions = RunOptions(), heldout: bool = False) -> dict:
     """Train and score (arm, lr) for `seeds` with `run_ablation` (finished seeds are skipped); a non-finite
     loss is recorded as diverged (and not retried), any other error stops the study. With `heldout`, each
-    new run's held-out error is computed (and cached) right away, so that --report-only stays fast."""
+    new run's held-out error and attention entropy are computed (and cached) right away, so that
+    --report-only stays fast and needs no checkpoint."""
     folder = run_folder(out, arm.name, lr)
     train = budget.train_budget(lr, ema_snapshots=opts.ema_snapshots, log_every=opts.log_every)
     score = budget.score_budget(sample_batch_size=opts.sample_batch_size,
@@ -159,8 +162,9 @@ def train_arm(out: Path, arm: Arm, lr: float, seeds: list[int], budget: StudyBud
             continue
         trained += [f"{arm.name}/{lr_tag(lr)}/{n}" for n in summary.get("trained", [])]
         skipped += [f"{arm.name}/{lr_tag(lr)}/{n}" for n in summary.get("skipped", [])]
-        for result in summary.get("results", []) if heldout else []:
+        for result in summary.get("results", []) if heldout else []:  # cached now: RESULTS.md needs no checkpoint
             heldout_error(result.get("run_dir"), budget.ema_std, budget.heldout_images)
+            attention_entropy_for_run(result["run_dir"], weights="ema", ema_std=budget.ema_std)
     return {"trained": trained, "skipped": skipped, "diverged": diverged}
 
 
@@ -282,23 +286,20 @@ def _magnitudes_part(out: Path, budget: StudyBudget, best: dict, say) -> dict:
     return {"trained": ["magnitudes"], "skipped": []}
 
 
-def _grid_part(out: Path, budget: StudyBudget, best: dict, opts: RunOptions, say) -> dict:
+def _grid_part(out: Path, budget: StudyBudget, best: dict, say) -> dict:
+    """A-best next to E-best (seed 0): the first 8 of each class of the samples each run was scored with, so
+    the grid shows the images behind the FD and accuracy (and needs no checkpoint)."""
     target = out / "grid" / "A_vs_E.png"
-    if target.is_file():
-        say(f"grid: skipped, {target} exists")
-        return {"trained": [], "skipped": ["grid"]}
     panels = []
     for config in ("A", "E"):
-        run_dir = run_record(out, BASE_ARMS[config], best[config], budget.seed0)["run_dir"]
-        model, _, desc = load_model(run_dir, weights="ema", ema_std=budget.ema_std, device=opts.device or "cpu",
-                                    log=say)
-        png = out / "grid" / f"{config}.png"
-        if png.exists():
-            png.unlink()
-        sample_grid_from_model(model, load_run_config(run_dir)["data"], png, per_class=8, sampler=budget.sampler,
-                               steps=budget.sampling_steps, cfg_scale=budget.cfg_scale, seed=0,
-                               batch_size=opts.sample_batch_size)
-        panels.append((f"Config {config}, lr {best[config]:g}", png, desc))
+        record = run_record(out, BASE_ARMS[config], best[config], budget.seed0)
+        npz = scored_samples(record)
+        if npz is None:
+            raise UserError(f"the grid part needs the scored samples of Config {config} at {best[config]:g} "
+                            f"(RUN/eval/samples-*.npz): rerun --studies rates")
+        png = save_png(out / "grid" / f"{config}.png", class_rows(npz, per_class=8), upscale=2)
+        panels.append((f"Config {config}, lr {best[config]:g}", png,
+                       f"FD {record['value']:.1f}, accuracy {record['accuracy']:.3f}"))
     side_by_side(panels, target)
     say(f"grid -> {target}")
     return {"trained": ["grid"], "skipped": []}
@@ -430,7 +431,7 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
             if part == "magnitudes":
                 done[part] = {**summary, **_magnitudes_part(out, b, best, say)}
             elif part == "grid":
-                done[part] = {**summary, **_grid_part(out, b, best, opts, say)}
+                done[part] = {**summary, **_grid_part(out, b, best, say)}
             elif part == "rates":
                 if pool is not None:
                     pool.wait(done)
