@@ -388,7 +388,8 @@ def test_plan_counts_shared_runs_once(tmp_path):
     # 5 arms (seed 0 reused)
     assert (full["runs"], full["finished"], full["to_train"]) == (42, 0, 42)
     assert full["minutes"] == pytest.approx(42 * study.run_seconds(settings) / 60)
-    assert full["minutes"] > 4 * 60  # the full study does not fit the 4 hours on 2 cores
+    # one run at a time the full study misses the 4 hours on 2 cores; two at a time it fits
+    assert full["minutes"] > 4 * 60 > full["minutes"] / study.TWO_WORKER_SPEEDUP
     _fake_run(tmp_path, "A", 1e-4, 0, 1.0)
     assert study.plan(tmp_path, settings, ["rates"])["to_train"] == 15
     assert study.plan(tmp_path / "q", budgets.QUICK, budgets.PARTS)["minutes"] < 15

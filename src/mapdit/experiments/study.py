@@ -1,9 +1,10 @@
 """`mapdit study`: the paper's claims judged on samples, on Fashion-MNIST, in one resumable command; RESULTS.md.
 
-Every run gets the same budget (`StudyBudget` FULL in mapdit.experiments.budgets: the demo's DiT-XXS/4, 4000
-steps of batch 32) and is scored the same way: FD_fmnist and conditioning accuracy of 1000 samples from the EMA of
-width 0.10 (the default sampler, DPM-Solver++(2M) at 20 steps, guidance 4 on every channel), and the
-held-out eps-MSE (`mapdit.evaluate.heldout`, same EMA). Each config is judged at its own best learning rate.
+Every run gets the same budget (`StudyBudget` FULL in mapdit.experiments.budgets: the demo's DiT-XXS/4, batch
+32 and Min-SNR-5 loss weighting, for 2000 steps) and is scored the same way: FD_fmnist and conditioning
+accuracy of 1000 samples from the EMA of width 0.10 (the default sampler, DPM-Solver++(2M) at 20 steps,
+guidance 4 on every channel), and the held-out eps-MSE (`mapdit.evaluate.heldout`, same EMA). Each config is
+judged at its own best learning rate.
 
 Parts (`--studies`, all by default, run in this order):
 
