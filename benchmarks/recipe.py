@@ -33,7 +33,6 @@ import csv
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ import mapdit  # noqa: F401  (first: sets the OpenMP wait policy before torch lo
 import torch
 
 from mapdit.config import make_config
-from mapdit.errors import UserError
+from mapdit.errors import Diverged
 from mapdit.evaluate.heldout import heldout_for_run
 from mapdit.experiments.fid_run import fid_for_run
 from mapdit.runio import latest_run_dir, run_to_resume, write_json
@@ -57,7 +56,6 @@ from mapdit.train import TrainConfig, train
 ARMS = {"A": ("A", 1e-2), "MP": ("E", 3e-2)}  # arm -> (preset, its best measured rate)
 MODEL, STEPS, BATCH, SEED = "DiT-XXS/4", 2000, 64, 0
 SCORE = {"samples": 1000, "sampler": "dpm++2m", "steps": 20, "cfg": 4.0, "ema": 0.10}
-NONFINITE = re.compile(r"non-finite.*? at step (\d+)")  # the UserError train() stops a diverged run with
 CURVE_STEPS = (350, 850, 1000, 2000, 4000, 7000)  # ~2, 5, 6, 12, 24, 42 min at the MP arm's ~2.8 steps/s
 
 
@@ -203,13 +201,10 @@ def run_cell(out: Path, arm: str, lever: Lever) -> dict:
     log(f"{arm}-{cell}: training ({lever.run}) ...")
     try:
         run_dir = train_run(out, arm, lever.run, train_over, lever.model)
-    except UserError as err:  # a diverged run is a result (recorded, not retried); anything else stops the sweep
-        m = NONFINITE.search(str(err))
-        if m is None:
-            raise
-        record.update(diverged_at_step=int(m.group(1)), machine=machine(), date=now())
+    except Diverged as err:  # a diverged run is a result (recorded, not retried); anything else stops the sweep
+        record.update(diverged_at_step=err.step, machine=machine(), date=now())
         write_json(path, record)
-        log(f"{arm}-{cell}: diverged at step {m.group(1)}")
+        log(f"{arm}-{cell}: diverged at step {err.step}")
         return record
     score = {**SCORE, **lever.score}
     log(f"{arm}-{cell}: scoring {score} ...")

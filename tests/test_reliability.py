@@ -37,7 +37,7 @@ from helpers import (
     tiny_model,
     tiny_train,
 )
-from mapdit.errors import UserError
+from mapdit.errors import Diverged, UserError
 from mapdit.runio import (
     checkpoint_path,
     create_run_dir,
@@ -230,9 +230,11 @@ def poison(at_steps):
 @pytest.mark.parametrize("snapshots", [8, 0], ids=["caught-at-snapshot", "caught-at-checkpoint"])
 def test_nan_stops_training_naming_the_step_and_the_last_good_checkpoint(tmp_path, snapshots):
     tc = tiny_train(tmp_path, num_steps=8, ckpt_every=3, log_every=100, ema_snapshots=snapshots)
-    with pytest.raises(UserError) as info:
+    with pytest.raises(Diverged) as info:  # a UserError (one line, exit 2) that experiments record as a result
         train(tc, tiny_model(), batch_hook=poison({3}))  # the 4th step (step 4) sees NaN
     message = str(info.value)
+    assert isinstance(info.value, UserError) and info.value.step == 4
+    assert pickle.loads(pickle.dumps(info.value)).step == 4  # as a study worker would hand it back
     assert "\n" not in message
     assert "non-finite loss or gradient at step 4" in message
     assert "last good checkpoint is step 3" in message

@@ -14,7 +14,7 @@ import pytest
 
 from helpers import cli, needs_installed_fmnist
 from mapdit.config import MP_OPTIONS
-from mapdit.errors import UserError
+from mapdit.errors import Diverged, UserError
 from mapdit.experiments import budgets, results, study
 from mapdit.experiments.ablate import _parameters
 from mapdit.runio import write_json
@@ -297,7 +297,7 @@ def test_divergence_is_recorded_not_raised(tmp_path, monkeypatch):
         lr = budget.lr
         calls.append((configs[0], lr))
         if configs[0] == "A" and lr == 1e-2:
-            raise UserError("non-finite loss or gradient at step 17: training stopped; no checkpoint yet")
+            raise Diverged("non-finite loss or gradient at step 17: training stopped; no checkpoint yet", step=17)
         if lr == 1e-3:
             raise UserError("some other problem")
         return {"trained": [f"{configs[0]}-adaln-seed{seeds[0]}"], "skipped": []}

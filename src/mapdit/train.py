@@ -52,7 +52,7 @@ from .data import IndexStream, load_dataset
 from .diffusion import make_diffusion
 from .distributed import Dist
 from .ema import PowerEMA, save_snapshot
-from .errors import Stopped, UserError
+from .errors import Diverged, Stopped, UserError
 from .evaluate.magnitudes import residual_magnitudes
 from .evaluate.scoring import quick_fid
 from .log import Logger
@@ -339,9 +339,9 @@ class RunWriter:
         """Every rank, before anything is written: stop at the first non-finite loss or gradient."""
         bad = int(dist_utils.all_reduce_min_(self.d, self.first_bad.clone()).item())
         if bad != _NO_BAD:
-            raise UserError(f"non-finite loss or gradient at step {bad}: training stopped; {self.where_good()} "
-                            f"(continue from it with --resume {self.run_dir} and a lower --lr, a --grad-clip or "
-                            "--skip-nonfinite)")
+            raise Diverged(f"non-finite loss or gradient at step {bad}: training stopped; {self.where_good()} "
+                           f"(continue from it with --resume {self.run_dir} and a lower --lr, a --grad-clip or "
+                           "--skip-nonfinite)", step=bad)
 
     # ---- writing --------------------------------------------------------------------------------
     def checkpoint(self, step: int, model: DiT, ema: PowerEMA, opt: torch.optim.Optimizer, skipped: int) -> None:
@@ -351,8 +351,8 @@ class RunWriter:
             tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
                        **{f"ema.{k}": v for k, v in ema.state_dict().items()}, **opt_t}
             if not _all_finite(tensors.values()):
-                raise UserError(f"non-finite weights at step {step}: refusing to write a checkpoint; "
-                                f"{self.where_good()}")
+                raise Diverged(f"non-finite weights at step {step}: refusing to write a checkpoint; "
+                               f"{self.where_good()}", step=step)
             path = save_checkpoint(self.run_dir, step, tensors, {**opt_meta, "train_step": step, "skipped": skipped})
             self.log(f"checkpoint {path}")
         self.last_ckpt = step

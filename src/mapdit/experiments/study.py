@@ -45,7 +45,6 @@ import dataclasses
 import multiprocessing
 import os
 import platform
-import re
 import shlex
 import sys
 import time
@@ -56,7 +55,7 @@ from typing import Callable
 import torch
 
 from mapdit.config import TrainConfig
-from mapdit.errors import UserError
+from mapdit.errors import Diverged, UserError
 from mapdit.evaluate.magnitudes import attention_entropy_for_run
 from mapdit.evaluate.scoring import DEFAULT_CACHE
 from mapdit.experiments import ablate
@@ -104,8 +103,6 @@ SCORING_OVERHEAD_S = 20.0
 # two threads busy, docs/recipe.md "Speed")
 TWO_WORKER_SPEEDUP = 1.25
 
-_NONFINITE = re.compile(r"non-finite.*? at step (\d+)")
-
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -151,14 +148,11 @@ def train_arm(out: Path, arm: Arm, lr: float, seeds: list[int], budget: StudyBud
             summary = ablate.run_ablation(train, score, configs=[arm.config], modulations=[arm.modulation],
                                           seeds=[s], out=folder, overrides=dict(arm.overrides), device=opts.device,
                                           cache_dir=opts.cache_dir, progress=opts.progress, log=opts.log)
-        except UserError as err:
-            m = _NONFINITE.search(str(err))
-            if m is None:
-                raise
+        except Diverged as err:
             write_json(record, {"name": name, "arm": arm.name, "config": arm.config, "modulation": arm.modulation,
                                 "overrides": arm.overrides, "seed": s, "lr": lr,
-                                "diverged_at_step": int(m.group(1)), "message": str(err)})
-            say(f"{tag}: seed {s} diverged at step {m.group(1)} (recorded in {record})")
+                                "diverged_at_step": err.step, "message": str(err)})
+            say(f"{tag}: seed {s} diverged at step {err.step} (recorded in {record})")
             diverged.append(f"{lr_tag(lr)}/{name}")
             continue
         trained += [f"{arm.name}/{lr_tag(lr)}/{n}" for n in summary.get("trained", [])]
