@@ -302,8 +302,8 @@ def report(out: Path) -> Path:
 
 
 def plot_minutes(cells: dict, path: Path) -> Path | None:
-    """FD and accuracy against training minutes: the batch-64 curve per arm (lines) and the batch-32 recipe
-    of the same images as the base (stars), where measured."""
+    """FD and accuracy against training minutes: the batch-64 curve per arm (lines) and the batch-32 recipes
+    of the same images as the base (star: batch 32; plus: batch 32 with Min-SNR-5), where measured."""
     def on_curve(c: dict) -> bool:  # the recipe with only the step count changed, scored the base way
         return c["model"] == MODEL and set(c["train"]) <= {"num_steps"} and c.get("score") == SCORE
 
@@ -318,17 +318,16 @@ def plot_minutes(cells: dict, path: Path) -> Path | None:
     from mapdit.plots import pyplot, save_figure
     plt = pyplot()
     fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    stars = {"batch32": ("*", f"{2 * STEPS} × 32"), "batch32+minsnr5": ("P", f"{2 * STEPS} × 32, Min-SNR-5")}
     for i, (arm, p) in enumerate(pts.items()):
         label = f"Config A (lr {ARMS['A'][1]:g})" if arm == "A" else f"MP, Config E (lr {ARMS['MP'][1]:g})"
-        color = f"C{i}"
-        if p:
-            ax_fd.plot([x[0] for x in p], [x[1] for x in p], "o-", color=color, label=f"{label}, N × {BATCH}")
-            ax_acc.plot([x[0] for x in p], [x[2] for x in p], "o-", color=color, label=f"{label}, N × {BATCH}")
-        star = cells.get((arm, "batch32"))
-        if star and "fd" in star:
-            m, fd, acc = point(star)
-            ax_fd.plot([m], [fd], "*", ms=13, color=color, label=f"{label}, {2 * STEPS} × 32 (the demo)")
-            ax_acc.plot([m], [acc], "*", ms=13, color=color, label=f"{label}, {2 * STEPS} × 32 (the demo)")
+        for ax, col in ((ax_fd, 1), (ax_acc, 2)):  # the same points on both panels: FD, accuracy
+            if p:
+                ax.plot([x[0] for x in p], [x[col] for x in p], "o-", color=f"C{i}", label=f"{label}, N × {BATCH}")
+            for cell, (marker, recipe) in stars.items():
+                c = cells.get((arm, cell))
+                if c and "fd" in c:
+                    ax.plot([point(c)[0]], [point(c)[col]], marker, ms=11, color=f"C{i}", label=f"{label}, {recipe}")
     for ax, ylabel in ((ax_fd, "FD_fmnist (lower is better)"), (ax_acc, "conditioning accuracy")):
         ax.set_xscale("log")
         ax.set_xticks([2, 5, 10, 20, 40])
