@@ -5,8 +5,9 @@ that draws 1,000 samples with them and scores them.
 The recipe (docs/diagnosis.md and docs/recipe.md have the measurements behind every number): DiT-XXS/4
 (1.5M parameters), 4000 steps of batch 32 (about two epochs; on the same images, twice the updates of batch
 64 beat it on FD, accuracy and held-out error, in fewer CPU minutes) at learning rate 3e-2 -- MP's unit-norm
-weights want a larger rotation per step than the paper's 1e-2 -- with every default of Config E (smooth
-noise-level embedding, DiT's GELU, balanced conditioning). Grid: DPM-Solver++(2M) 20 steps (the default sampler),
+weights want a larger rotation per step than the paper's 1e-2 -- with the loss weighted by Min-SNR-5 (FD
+34.6 -> 28.0, accuracy 0.889 -> 0.936 at no cost per step) and every default of Config E (smooth noise-level
+embedding, DiT's GELU, balanced conditioning). Grid: DPM-Solver++(2M) 20 steps (the default sampler),
 guidance 4 (DiT's default; at 500 samples 3 -> 4 raised the conditioning accuracy 0.86 -> 0.89 at equal FD),
 EMA width sigma_rel 0.10.
 """
@@ -25,6 +26,7 @@ DEMO_MODEL = "DiT-XXS/4"
 DEMO_STEPS = 4000
 DEMO_BATCH = 32
 DEMO_LR = 3e-2
+DEMO_MIN_SNR_GAMMA = 5.0
 DEMO_EMA = 0.10
 DEMO_CFG = 4.0
 DEMO_SAMPLER, DEMO_SAMPLING_STEPS = DEFAULT_SAMPLER, DEFAULT_STEPS
@@ -37,7 +39,8 @@ def run_demo(*, data_path: str = "fashion-mnist", results_dir: str = "results", 
     start = time.perf_counter()
     model_cfg = make_config(model, preset="E", input_size=28, in_channels=1, num_classes=10)
     tc = TrainConfig(data_path=data_path, results_dir=results_dir, num_steps=num_steps, batch_size=batch_size,
-                     lr=lr, seed=seed, log_every=50, ema_snapshots=50, ckpt_every=max(1, num_steps // 2))
+                     lr=lr, seed=seed, log_every=50, ema_snapshots=50, ckpt_every=max(1, num_steps // 2),
+                     min_snr_gamma=DEMO_MIN_SNR_GAMMA)
     run_dir = train(tc, model_cfg)
     trained = time.perf_counter() - start
     grid = sample_run(run_dir, num_samples=10, sampler=DEMO_SAMPLER, steps=sampling_steps, cfg_scale=cfg_scale,
