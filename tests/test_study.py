@@ -6,6 +6,7 @@ and 1); the other tests work on stored (made-up) results or a stubbed `run_ablat
 """
 import dataclasses
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -15,6 +16,8 @@ import pytest
 from helpers import cli, needs_installed_fmnist
 from mapdit.config import MP_OPTIONS
 from mapdit.errors import Diverged, UserError
+from mapdit.evaluate.fid import default_cache_dir
+from mapdit.evaluate.scoring import DEFAULT_CACHE
 from mapdit.experiments import budgets, results, study
 from mapdit.experiments.ablate import _parameters
 from mapdit.runio import write_json
@@ -171,6 +174,17 @@ def test_workers_train_every_run_once_and_shared_runs_are_queued_once(tmp_path, 
     assert "5 runs, 5 already finished, 0 to train" in capfd.readouterr().err
     assert cli(*args[:1], "--workers", 0, *args[3:]) == 2
     assert cli(*args[:-1], "-1") == 2 and "--min-snr-gamma -1" in capfd.readouterr().err
+
+
+def test_workers_receive_a_real_cache_folder_not_the_default_sentinel(tmp_path):
+    # the DEFAULT_CACHE sentinel is an object(): pickled into a worker it would be another object, and the
+    # worker's scoring would take it for a path (every run failed at its FD this way)
+    pool = study._Workers(1, tmp_path, budgets.QUICK, study.RunOptions(cache_dir=DEFAULT_CACHE), lambda m: None)
+    try:
+        sent = pickle.loads(pickle.dumps(pool.opts))
+        assert sent.cache_dir == default_cache_dir() and sent.log is None and sent.progress is False
+    finally:
+        pool.close()
 
 
 # ------------------------------------------------------------------------------------------------ best rates

@@ -56,6 +56,7 @@ import torch
 
 from mapdit.config import TrainConfig
 from mapdit.errors import Diverged, UserError
+from mapdit.evaluate.fid import default_cache_dir
 from mapdit.evaluate.magnitudes import attention_entropy_for_run
 from mapdit.evaluate.scoring import DEFAULT_CACHE
 from mapdit.experiments import ablate
@@ -179,13 +180,17 @@ class _Workers:
     """`--workers N`: runs trained N at a time in spawned processes of cores/N threads each. A run is
     submitted once per invocation (parts share runs); a failed run stops the study after the running ones."""
 
-    def __init__(self, n: int, out: Path, budget: StudyBudget, opts: RunOptions):
+    def __init__(self, n: int, out: Path, budget: StudyBudget, opts: RunOptions, say):
         threads = max(1, torch.get_num_threads() // n)
         # spawn, not fork: a forked child of a process whose OpenMP pool is started can hang
         self.pool = concurrent.futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
                                                            initializer=_worker_init, initargs=(threads,))
         self.out, self.budget = out, budget
-        self.opts = dataclasses.replace(opts, log=None, progress=False)  # N bars on one terminal would garble
+        # what a worker receives is pickled: the DEFAULT_CACHE sentinel would arrive as another object
+        cache = default_cache_dir() if opts.cache_dir is DEFAULT_CACHE else opts.cache_dir
+        self.opts = dataclasses.replace(opts, log=None, progress=False,  # N bars on one terminal would garble
+                                        cache_dir=cache)
+        self.say = say
         self.pending: dict[concurrent.futures.Future, str] = {}  # future -> part
         self.submitted: dict[tuple, str] = {}  # (arm, rate, seed) -> part
 
@@ -195,8 +200,19 @@ class _Workers:
         if key in self.submitted:
             return self.submitted[key]
         self.submitted[key] = part
-        self.pending[self.pool.submit(_worker_run, self.out, arm, lr, seed, self.budget, self.opts)] = part
+        future = self.pool.submit(_worker_run, self.out, arm, lr, seed, self.budget, self.opts)
+        future.add_done_callback(lambda f: self._failed(f, f"{arm.name} at {lr:g}, seed {seed}"))
+        self.pending[future] = part
         return None
+
+    def _failed(self, future: concurrent.futures.Future, what: str) -> None:
+        """A run failed: say so now and start no other run (the study stops once the running ones end)."""
+        if future.cancelled() or future.exception() is None:
+            return
+        self.say(f"{what} failed ({type(future.exception()).__name__}: {future.exception()}); no further run "
+                 "starts, the study stops when the runs under way end")
+        for other in list(self.pending):
+            other.cancel()
 
     def busy_with(self, part: str) -> bool:
         return part in self.pending.values()
@@ -205,6 +221,8 @@ class _Workers:
         """Wait for every queued run; add what each did to its part's summary."""
         try:
             for future in concurrent.futures.as_completed(list(self.pending)):
+                if future.cancelled():  # after another run failed: its error is raised below
+                    continue
                 got = future.result()  # a worker's error is raised here
                 for k in ("trained", "skipped", "diverged"):
                     summaries[self.pending[future]][k] += got[k]
@@ -402,7 +420,7 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
         f"(~{the_plan['seconds_per_run'] / 60:.1f} min per run: {STEPS_PER_S_AT_64:g} steps/s at batch 64 and "
         f"{b.fid_samples} samples of {b.sampling_steps} steps"
         + (f"; {workers} runs at a time, ~{speedup:g}x the runs per hour on 2 cores)" if workers > 1 else ")"))
-    pool = _Workers(workers, out, b, opts) if workers > 1 else None
+    pool = _Workers(workers, out, b, opts, say) if workers > 1 else None
     done: dict[str, dict] = {}
     try:
         for part in parts:
