@@ -341,7 +341,7 @@ def test_divergence_is_recorded_not_raised(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------ RESULTS.md
 def test_results_md_contains_every_table(tmp_path):
     out = tmp_path / "results" / "study"
-    settings = _settings(seeds=[0, 1], rates={"A": [1e-4, 1e-2], "B": [1e-2], "E": [1e-2, 3e-2]})
+    settings = _settings(seeds=[0, 1], rates={"A": [1e-4, 1e-2, 3e-2], "B": [1e-2], "E": [1e-2, 3e-2]})
     write_json(out / "study.json", {"quick": True, "command": "mapdit study --quick --out results/study",
                                     "settings": settings.to_dict(), "elapsed_s": 600.0, "machine": "2 CPUs",
                                     "started": "2026-12-01", "updated": "2026-12-01"})
@@ -350,6 +350,7 @@ def test_results_md_contains_every_table(tmp_path):
     _fake_run(out, "A", 1e-4, 0, 120.0, acc=0.3, mags=mags_a)
     _fake_run(out, "A", 1e-2, 0, 100.0, acc=0.8, mags=mags_a)
     _fake_run(out, "A", 1e-2, 1, 104.0, acc=0.8)
+    _fake_run(out, "A", 3e-2, 0, 150.0, acc=0.1)
     _fake_run(out, "B", 1e-2, 0, diverged_at=5)
     _fake_run(out, "E", 1e-2, 0, 90.0, acc=0.6, params=900)
     _fake_run(out, "E", 3e-2, 0, 80.0, acc=0.85, params=900, mags=mags_e)
@@ -360,9 +361,9 @@ def test_results_md_contains_every_table(tmp_path):
     _fake_run(out, "E-pm-scale+rotate", 3e-2, 0, 85.0, params=850)
     doc = results.write_results_md(out, tmp_path / "RESULTS.md", tmp_path / "docs" / "results")
     text = doc.read_text()
-    # rates: best rate beside the paper default; B: every rate diverged; the detail rows
+    # rates: best rate beside the paper default (E's at the edge of its bracket); B: every rate diverged
     assert "| A | 0.01 | 100.00 | 80.0% | - | 0.0001 | 120.00 | 30.0% | - |" in text
-    assert "| E | 0.03 | 80.00 | 85.0% | - | 0.01 | 90.00 | 60.0% | - |" in text
+    assert "| E | 0.03 (edge of its bracket: widen it) | 80.00 | 85.0% | - | 0.01 | 90.00 | 60.0% | - |" in text
     assert "| B | every rate diverged | - | - | - | 0.0001 | not in the bracket | - | - |" in text
     assert "| B | 0.01 | diverged at step 5 |" in text
     # components at E's best rate, difference from E
@@ -395,17 +396,26 @@ def test_results_md_without_runs_says_not_run_yet(tmp_path):
     assert "No results stored yet" in text and "nothing to compare yet" in text
 
 
+def test_a_bracket_may_only_be_widened_in_a_finished_study():
+    stored = {"A": [1e-4, 1e-2], "E": [1e-2, 0.1]}
+    assert study._extends(stored, {"A": (1e-4, 1e-2), "E": (1e-2, 0.1, 0.3)})  # E widened
+    assert study._extends(stored, {"A": (1e-2, 1e-4), "E": (0.1, 1e-2)})  # same rates, other order
+    assert not study._extends(stored, {"A": (1e-4, 1e-2), "E": (1e-2, 0.3)})  # 0.1 dropped
+    assert not study._extends(stored, {"A": (1e-4, 1e-2)})  # a config dropped
+    assert not study._extends(None, {"A": (1e-4,)})
+
+
 def test_plan_counts_shared_runs_once(tmp_path):
     settings = _settings()
     full = study.plan(tmp_path, settings, budgets.PARTS)
-    # rates 16; components 11; modulation 5 (adaln with per-modulator gains is not E); seeds: seeds 1, 2 of
+    # rates 18; components 11; modulation 5 (adaln with per-modulator gains is not E); seeds: seeds 1, 2 of
     # 5 arms (seed 0 reused)
-    assert (full["runs"], full["finished"], full["to_train"]) == (42, 0, 42)
-    assert full["minutes"] == pytest.approx(42 * study.run_seconds(settings) / 60)
+    assert (full["runs"], full["finished"], full["to_train"]) == (44, 0, 44)
+    assert full["minutes"] == pytest.approx(44 * study.run_seconds(settings) / 60)
     # one run at a time the full study misses the 4 hours on 2 cores; two at a time it fits
     assert full["minutes"] > 4 * 60 > full["minutes"] / study.TWO_WORKER_SPEEDUP
     _fake_run(tmp_path, "A", 1e-4, 0, 1.0)
-    assert study.plan(tmp_path, settings, ["rates"])["to_train"] == 15
+    assert study.plan(tmp_path, settings, ["rates"])["to_train"] == 17
     assert study.plan(tmp_path / "q", budgets.QUICK, budgets.PARTS)["minutes"] < 15
 
 

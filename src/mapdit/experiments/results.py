@@ -393,8 +393,11 @@ def rates_section(out: str | Path, budget: StudyBudget) -> tuple[str, str, dict]
             best_cells = (f"not run yet ({len(missing)} of {len(records)} rates missing)" if missing
                           else "every rate diverged") + " | - | - | -"
         else:
-            best_cells = (f"{best:g} | {_num(best_rec['value'], 2)} | {_num(best_rec['accuracy'], 1, 100, '%')} | "
-                          f"{_num(best_rec['heldout'], 4)}")
+            bracket = budget.rates[config]
+            edge = (" (edge of its bracket: widen it)" if len(bracket) > 1 and
+                    (math.isclose(best, max(bracket)) or math.isclose(best, min(bracket))) else "")
+            best_cells = (f"{best:g}{edge} | {_num(best_rec['value'], 2)} | "
+                          f"{_num(best_rec['accuracy'], 1, 100, '%')} | {_num(best_rec['heldout'], 4)}")
         if at_default is None:
             default_cells = f"{default:g} | not in the bracket | - | -"
         elif at_default["status"] == "diverged":

@@ -26,7 +26,9 @@ configs it needs. Runs are shared between parts: a run is (arm, rate, seed) and 
 E at its best rate, seed 0, is trained once by `rates` and reused by every later part.
 
 Out folder (--out, default results/study):
-    study.json                         the budget and the command; a rerun with another budget is refused
+    study.json                         the budget and the command; a rerun with another budget is refused,
+                                       except one that only adds rates to brackets (widening one whose best
+                                       rate sat at its edge)
     runs/<arm>/lr<rate>/               one `mapdit ablate` folder per arm and rate: runs/, results/, diverged/
     magnitudes/residual_per_block.png, grid/A_vs_E.png
 Every scored run keeps its samples (RUN/eval/samples-*.npz) so another metric can re-score the same images.
@@ -333,6 +335,14 @@ def study_budget(quick: bool = False, **given) -> StudyBudget:
     return dataclasses.replace(base, **given)
 
 
+def _extends(stored: dict | None, rates: dict) -> bool:
+    """Whether `rates` keeps every config's stored bracket and only adds rates to it: a finished study may
+    widen a bracket whose best rate sat at its edge, and its runs stay valid."""
+    if not isinstance(stored, dict) or set(stored) != set(rates):
+        return False
+    return all({f"{r:.6g}" for r in stored[c]} <= {f"{r:.6g}" for r in rates[c]} for c in rates)
+
+
 def _command(out: Path, quick: bool, parts, b: StudyBudget, configs, components, modulations) -> str:
     """Every setting spelled out: the exact command that reproduces (and resumes) this study."""
     return " ".join(["mapdit study", *(["--quick"] if quick else []), f"--out {shlex.quote(str(out))}",
@@ -397,7 +407,9 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
     old = read_json(meta_path) if meta_path.is_file() else {}
     settings = b.to_dict()
     if old:
-        differ = [k for k in settings if old.get("settings", {}).get(k) != settings[k]]
+        stored = old.get("settings", {})
+        differ = [k for k in settings if stored.get(k) != settings[k]
+                  and not (k == "rates" and _extends(stored.get(k), settings[k]))]
         if differ:
             raise UserError(f"{out} holds a study with other settings ({', '.join(differ)} differ): use another --out")
     parts = [p for p in PARTS if p in studies]
