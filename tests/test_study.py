@@ -6,9 +6,14 @@ and 1); the other tests work on stored (made-up) results or a stubbed `run_ablat
 """
 import dataclasses
 import json
+import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -185,6 +190,45 @@ def test_workers_receive_a_real_cache_folder_not_the_default_sentinel(tmp_path):
         assert sent.cache_dir == default_cache_dir() and sent.log is None and sent.progress is False
     finally:
         pool.close()
+
+
+_PARENT = """
+import concurrent.futures, multiprocessing, os, time
+from mapdit.experiments.study import _worker_init
+
+if __name__ == "__main__":
+    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=_worker_init, initargs=(1, os.getpid()))
+    print(pool.submit(os.getpid).result(), flush=True)
+    pool.submit(time.sleep, 300)  # a run under way
+    time.sleep(300)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in "ZX"  # a zombie is gone too
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's prctl")
+def test_a_worker_stops_when_the_study_process_is_killed(tmp_path):
+    # `kill` of the study (not its process group) used to leave its workers training on, orphaned
+    (tmp_path / "parent.py").write_text(textwrap.dedent(_PARENT))
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+        assert not _gone(worker)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while not _gone(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not _gone(worker):
+        os.kill(worker, 9)
+        pytest.fail("the worker outlived the study process")
 
 
 # ------------------------------------------------------------------------------------------------ best rates

@@ -621,17 +621,18 @@ def _evaluate(step: int, tc: TrainConfig, model: DiT, ema: PowerEMA, batch: Batc
 # The loop
 # ------------------------------------------------------------------------------------------------
 def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = None,
-          batch_hook=None) -> Path:
+          batch_hook=None, progress: bool = True) -> Path:
     """Train; returns the run folder. `resume`: a run folder to continue ("latest": newest in results_dir).
 
     On resume the run's own model and training settings are used, except those `resume_config` takes
-    from `tc`. `batch_hook(step, x) -> x` lets tests poison a batch; it is not a user option.
+    from `tc`. `batch_hook(step, x) -> x` lets tests poison a batch; it is not a user option. `progress`:
+    the step bar on stderr (off where several runs share a terminal; log.txt is written either way).
     SIGTERM/SIGINT during set-up: nothing is kept (a new run folder is removed) and `Stopped` is raised.
     """
     setup = _SetUp()
     with StopRequest() as stop:
         try:
-            return _train(tc, model_cfg, resume, batch_hook, stop, setup)
+            return _train(tc, model_cfg, resume, batch_hook, stop, setup, progress)
         except BaseException:
             if setup.new_run_dir is not None and not setup.done:
                 shutil.rmtree(setup.new_run_dir, ignore_errors=True)
@@ -639,7 +640,7 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = N
 
 
 def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, batch_hook, stop: StopRequest,
-           setup: _SetUp) -> Path:
+           setup: _SetUp, progress: bool = True) -> Path:
     # ---- settings, process group, data, run folder --------------------------------------------------
     tc, model_cfg, run_dir, saved = _settings(tc, model_cfg, resume)
     fail_rank, fail_step = _env_int("MAPDIT_TEST_FAIL_RANK"), _env_int("MAPDIT_TEST_FAIL_STEP", 1)
@@ -676,7 +677,7 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, b
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
         snap_every = max(1, tc.num_steps // tc.ema_snapshots) if tc.ema_snapshots else 0
 
-        bar = tqdm(total=tc.num_steps, initial=start_step, disable=not d.is_main, dynamic_ncols=True,
+        bar = tqdm(total=tc.num_steps, initial=start_step, disable=not (d.is_main and progress), dynamic_ncols=True,
                    mininterval=1.0, unit="step")
         stack.callback(bar.close)  # also on an error, so that its one line starts on a line of its own
         log = writer.log = Logger(run_dir / "log.txt", is_main=d.is_main, bar=bar)

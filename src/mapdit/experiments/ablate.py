@@ -108,7 +108,7 @@ def _run_variant(spec: dict, budget: TrainBudget, score: ScoreBudget, out: Path,
                      min_snr_gamma=budget.min_snr_gamma)
     if existing:
         log(f"{name}: resuming {existing}")
-        run_dir = train(tc, None, resume=str(existing))
+        run_dir = train(tc, None, resume=str(existing), progress=progress)
     else:
         log(f"{name}: training {budget.model} config {spec['config']} modulation {spec['modulation']} "
             f"seed {spec['seed']} for {budget.num_steps} steps")
@@ -117,7 +117,7 @@ def _run_variant(spec: dict, budget: TrainBudget, score: ScoreBudget, out: Path,
                                 input_size=make_config(budget.model).patch_size, in_channels=1, num_classes=1)
         if overrides:  # ModelConfig fields set as given (an option can be turned off too)
             model_cfg = dataclasses.replace(model_cfg, **overrides).validate()
-        run_dir = train(tc, model_cfg)
+        run_dir = train(tc, model_cfg, progress=progress)
     fid = fid_for_run(run_dir, score.fid_samples, ref=score.ref, features=score.features, weights=score.weights,
                       ema_std=score.ema_std, cfg_scale=score.cfg_scale, sampler=score.sampler,
                       steps=score.sampling_steps, seed=spec["seed"], batch_size=score.sample_batch_size,
