@@ -71,8 +71,9 @@ SCORE_EMA = 0.10  # EMA sigma_rel every run is scored with (a width training tra
 HELDOUT_IMAGES = 2000  # test images of the held-out eps-MSE
 
 # Learning-rate brackets (rates part); later parts use each config's best rate from these
-RATES = {"A": (1e-4, 3e-3, 1e-2, 3e-2), "B": (3e-3, 1e-2, 3e-2), "C": (3e-3, 1e-2, 3e-2),
-         "D": (1e-2, 3e-2, 1e-1, 3e-1), "E": (1e-2, 3e-2, 1e-1, 3e-1)}  # 0.3: D's and E's best was 0.1, the edge
+# (C's 0.1, D's and E's 0.3 were added when the best rate of the first bracket sat at its edge)
+RATES = {"A": (1e-4, 3e-3, 1e-2, 3e-2), "B": (3e-3, 1e-2, 3e-2), "C": (3e-3, 1e-2, 3e-2, 1e-1),
+         "D": (1e-2, 3e-2, 1e-1, 3e-1), "E": (1e-2, 3e-2, 1e-1, 3e-1)}
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,8 @@ class StudyBudget:
 # FULL: the demo's recipe (DiT-XXS/4, batch 32, Min-SNR-5) at half its length: 2000 steps, about one epoch, where
 # Config A at 1e-2 already reaches conditioning accuracy 0.883 (FD 33.5; docs/recipe.md, lever
 # batch32+minsnr5@1000); seeds 0-2 for the headline comparisons, checkpoints at 500, 1000 and 2000 steps
-# (Figure 5). 44 runs of ~5 min training plus ~1.5 min scoring on 2 idle cores: ~4.5 hours one run at a
-# time, ~3.6 with --workers 2. QUICK: the same parts with everything smaller and one seed (23 runs, about 12
+# (Figure 5). 45 runs of ~5 min training plus ~1.5 min scoring on 2 idle cores: ~4.6 hours one run at a
+# time, ~3.7 with --workers 2. QUICK: the same parts with everything smaller and one seed (23 runs, about 12
 # minutes on 2 idle cores by the plan's estimate), a smoke test, not evidence.
 FULL = StudyBudget(model="DiT-XXS/4", num_steps=2000, batch_size=32, seeds=(0, 1, 2), fid_samples=SCORE_SAMPLES,
                    sampler=DEFAULT_SAMPLER, sampling_steps=DEFAULT_STEPS, cfg_scale=SCORE_CFG, ema_std=SCORE_EMA,
