@@ -252,16 +252,20 @@ def test_runner_picks_each_configs_best_rate_from_finished_runs(tmp_path, monkey
                                  {"arm": "E", "lr": 3e-2, "status": "diverged", "value": None}]) is None
 
     # later parts train at the best rate of their config
-    calls = []
+    calls, stored_time = [], []
 
     def fake_ablation(budget, score, *, configs, modulations, seeds, out, overrides, **kw):
         calls.append((configs[0], modulations[0], seeds[0], budget.lr, overrides))
+        stored_time.append(json.loads((out.parent.parent.parent / "study.json").read_text())["elapsed_s"])
+        time.sleep(0.002)
         return {"trained": ["x"], "skipped": [], "results": []}
 
     monkeypatch.setattr("mapdit.experiments.ablate.run_ablation", fake_ablation)
     common = {"out": out, "rates": settings.rates, "results_md": None, "progress": False}
     study.run_study(studies=["components", "modulation", "seeds"], **common)
     assert calls and all(c[3] == 3e-2 for c in calls)
+    # the study's time is stored after every run (a killed invocation loses at most one run's time)
+    assert all(later > earlier for earlier, later in zip(stored_time, stored_time[1:]))
     assert ("E", "adaln", 0, 3e-2, {"cosine_attention": False}) in calls
     assert ("E", "adaln", 0, 3e-2, {"time_embedding": "table"}) in calls
     per_modulator = {"modulation_gains": "per-modulator"}

@@ -230,8 +230,8 @@ class _Workers:
     def busy_with(self, part: str) -> bool:
         return part in self.pending.values()
 
-    def wait(self, summaries: dict[str, dict]) -> None:
-        """Wait for every queued run; add what each did to its part's summary."""
+    def wait(self, summaries: dict[str, dict], after_each: Callable[[], None] = lambda: None) -> None:
+        """Wait for every queued run; add what each did to its part's summary, then call `after_each`."""
         try:
             for future in concurrent.futures.as_completed(list(self.pending)):
                 if future.cancelled():  # after another run failed: its error is raised below
@@ -239,6 +239,7 @@ class _Workers:
                 got = future.result()  # a worker's error is raised here
                 for k in ("trained", "skipped", "diverged"):
                     summaries[self.pending[future]][k] += got[k]
+                after_each()
         except BaseException:
             self.pool.shutdown(wait=True, cancel_futures=True)
             raise
@@ -445,19 +446,25 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
         + (f"; {workers} runs at a time, ~{speedup:g}x the runs per hour on 2 cores)" if workers > 1 else ")"))
     pool = _Workers(workers, out, b, opts, say) if workers > 1 else None
     done: dict[str, dict] = {}
+
+    def save_time() -> None:  # after every run, so that a killed invocation loses at most one run's time
+        write_json(meta_path, dict(meta, elapsed_s=elapsed_before + time.perf_counter() - started))
+
     try:
         for part in parts:
             say(f"{part} ...")
             if pool is not None and (_needs(part) and pool.busy_with("rates") or part in ("magnitudes", "grid")):
                 say("waiting for the runs under way (this part needs them finished)")
-                pool.wait(done)
+                pool.wait(done, save_time)
             best = best_rates(out, b, _needs(part), part) if _needs(part) else {}
             done[part] = summary = {"trained": [], "skipped": [], "diverged": []}
             for arm, lr, part_seeds in part_runs(part, b, best, configs, components, modulations):
                 if pool is None:
-                    got = train_arm(out, arm, lr, part_seeds, b, say, opts, heldout=True)
-                    for k in summary:
-                        summary[k] += got[k]
+                    for s in part_seeds:
+                        got = train_arm(out, arm, lr, [s], b, say, opts, heldout=True)
+                        for k in summary:
+                            summary[k] += got[k]
+                        save_time()
                     continue
                 for s in part_seeds:
                     queued_by = pool.submit(part, arm, lr, s)
@@ -470,12 +477,12 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
                 done[part] = {**summary, **_grid_part(out, b, best, say)}
             elif part == "rates":
                 if pool is not None:
-                    pool.wait(done)
+                    pool.wait(done, save_time)
                 found = best_rates(out, b, configs)
                 say("best rates: " + ", ".join(f"{c} {'-' if r is None else f'{r:g}'}" for c, r in found.items()))
-            write_json(meta_path, dict(meta, elapsed_s=elapsed_before + time.perf_counter() - started))
+            save_time()
         if pool is not None:
-            pool.wait(done)
+            pool.wait(done, save_time)
     finally:
         if pool is not None:
             pool.close()
@@ -483,5 +490,5 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
     if results_md is not None:
         md = write_results_md(out, results_md, docs_dir, components, modulations)
         say(f"results -> {md}")
-    write_json(meta_path, dict(meta, elapsed_s=elapsed_before + time.perf_counter() - started))
+    save_time()
     return {"studies": done, "plan": the_plan, "results_md": md}
