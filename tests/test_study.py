@@ -404,6 +404,7 @@ def test_results_md_contains_every_table(tmp_path):
     _fake_run(out, "E", 3e-2, 0, 80.0, acc=0.85, params=900, mags=mags_e)
     _fake_run(out, "E", 3e-2, 1, 82.0, acc=0.86, params=900)
     _fake_run(out, "E-cosine_attention", 3e-2, 0, 70.0, acc=0.9)
+    _fake_run(out, "E-mp_embedding", 3e-2, 0, 82.5, acc=0.85)
     _fake_run(out, "E-mp_residual", 3e-2, 0, diverged_at=9)
     _fake_run(out, "E-pm-adaln", 3e-2, 0, 84.0, params=900)
     _fake_run(out, "E-pm-scale+rotate", 3e-2, 0, 85.0, params=850)
@@ -415,7 +416,12 @@ def test_results_md_contains_every_table(tmp_path):
     assert "| B | every rate diverged | - | - | - | 0.0001 | not in the bracket | - | - |" in text
     assert "| B | 0.01 | diverged at step 5 |" in text
     # components at E's best rate, difference from E
-    assert "| E-cosine_attention | without cosine_attention | 70.00 | 90.0% | - | -10.00 | +5.0% | - | - |" in text
+    # one seed each, judged against twice the headline's paired FD spread (std of -20, -22: 1.41)
+    assert "moves by ±1.41 by chance" in text
+    assert ("| E-cosine_attention | without cosine_attention | 70.00 | 90.0% | - | -10.00 | better | +5.0% | - | - |"
+            in text)
+    assert ("| E-mp_embedding | without mp_embedding | 82.50 | 85.0% | - | +2.50 | within noise | +0.0% | - | - |"
+            in text)
     assert "| E-mp_residual | without mp_residual | diverged at step 9 |" in text
     assert "| E-table | upstream's learned timestep table | not run yet |" in text
     # modulation: parameters against adaln
@@ -485,3 +491,7 @@ def test_paper_section_is_written_from_the_numbers():
     text = results._paper_section({}, {}, {}, quick=False, effects={"E-table": 5.0, "E-cosine_attention": -3.0})
     assert "hurts E most is E-table (FD +5.00)" in text and "helps most is E-cosine_attention (FD -3.00)" in text
     assert "costs at this scale" in text
+    effects = {"E-table": 5.0, "E-cosine_attention": -3.0, "E-mp_silu": 0.5}
+    text = results._paper_section({}, {}, {}, quick=False, effects=effects, noise=2.0)  # beyond: |Δ| > 4
+    assert "1 of 3 changes make E worse (E-table), 0 make it better (none)" in text
+    assert "no single change improves E" in text

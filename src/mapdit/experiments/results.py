@@ -415,8 +415,17 @@ def _diff(a: float | None, b: float | None, digits: int, scale: float = 1.0, suf
     return "-" if a is None or b is None else f"{(a - b) * scale:+.{digits}f}{suffix}"
 
 
-def _components_section(out: Path, budget: StudyBudget, best: dict, components=None) -> tuple[str, dict]:
-    """The table and {variant: ΔFD against E} of the finished variants."""
+def seed_noise(comparisons: dict) -> float | None:
+    """The largest std over seeds of a headline comparison's paired FD differences: how much a one-seed
+    paired difference moves by chance (None until a comparison has two seeds)."""
+    spreads = [c["metrics"]["value"]["diff"]["std"] for c in comparisons.values()
+               if c and len(c["metrics"]["value"]["diffs"]) >= 2]
+    return max(spreads) if spreads else None
+
+
+def _components_section(out: Path, budget: StudyBudget, best: dict, components=None,
+                        noise: float | None = None) -> tuple[str, dict]:
+    """The table and {variant: ΔFD against E} of the finished variants, ΔFD against twice `noise` (seed_noise)."""
     if best.get("E") is None:
         return NOT_RUN, {}
     lr = best["E"]
@@ -428,26 +437,34 @@ def _components_section(out: Path, budget: StudyBudget, best: dict, components=N
              "reverse.", "",
              "Attn. entropy: how spread attention is (1 = uniform over the tokens), the mean over blocks on training "
              "images noised to t = 500 (`mapdit.evaluate.magnitudes.attention_entropy`).", "",
-             "| variant | what changes | FD_fmnist | cond. acc. | held-out ε-MSE | Δ FD | Δ acc. | Δ held-out | "
-             "attn. entropy |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+             "One seed per row: " + (f"a one-seed paired FD difference moves by ±{noise:.2f} by chance (the largest "
+                                     "seed std of section 1's paired FD differences), so a |Δ FD| within twice that "
+                                     f"({2 * noise:.2f}) is marked \"within noise\"." if noise is not None else
+                                     "how much that moves by chance is known once section 1 has two seeds."), "",
+             "| variant | what changes | FD_fmnist | cond. acc. | held-out ε-MSE | Δ FD | Δ FD vs noise | Δ acc. | "
+             "Δ held-out | attn. entropy |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
              f"| E | (full MP as shipped) | {_num(e['value'], 2)} | {_num(e['accuracy'], 1, 100, '%')} | "
-             f"{_num(e['heldout'], 4)} | | | | {_entropy(e, budget)} |"]
+             f"{_num(e['heldout'], 4)} | | | | | {_entropy(e, budget)} |"]
     shown, effects = 0, {}
     for name in components or list(arms):
         arm = arms[name]
         r = run_record(out, arm, lr, budget.seed0, budget)
         if r["status"] == "missing":
-            lines.append(f"| {name} | {arm.what} | not run yet | | | | | | |")
+            lines.append(f"| {name} | {arm.what} | not run yet | | | | | | | |")
             continue
         shown += 1
         if r["status"] == "diverged":
-            lines.append(f"| {name} | {arm.what} | diverged at step {r.get('diverged_at_step')} | | | | | | |")
+            lines.append(f"| {name} | {arm.what} | diverged at step {r.get('diverged_at_step')} | | | | | | | |")
             continue
+        judged = "-"
         if r["value"] is not None and e["value"] is not None:
             effects[name] = r["value"] - e["value"]
+            if noise is not None:
+                judged = "within noise" if abs(effects[name]) <= 2 * noise else (
+                    "worse" if effects[name] > 0 else "better")
         lines.append(f"| {name} | {arm.what} | {_num(r['value'], 2)} | {_num(r['accuracy'], 1, 100, '%')} | "
-                     f"{_num(r['heldout'], 4)} | {_diff(r['value'], e['value'], 2)} | "
+                     f"{_num(r['heldout'], 4)} | {_diff(r['value'], e['value'], 2)} | {judged} | "
                      f"{_diff(r['accuracy'], e['accuracy'], 1, 100, '%')} | {_diff(r['heldout'], e['heldout'], 4)} | "
                      f"{_entropy(r, budget)} |")
     return ("\n".join(lines) if shown else NOT_RUN), effects
@@ -496,9 +513,9 @@ def _key(x: str, y: str) -> str:
 
 
 def _paper_section(comparisons: dict, modulation: dict, curves: dict, quick: bool,
-                   effects: dict[str, float] | None = None) -> str:
+                   effects: dict[str, float] | None = None, noise: float | None = None) -> str:
     """'Against the paper', from the numbers. comparisons: {"<x> vs <y>": comparison()} of COMPARISONS;
-    effects: ΔFD (variant − E) of each finished component."""
+    effects: ΔFD (variant − E) of each finished component; noise: seed_noise(comparisons)."""
     effects = effects or {}
     out = []
     c = comparisons.get(_key("E", "A"))
@@ -525,10 +542,21 @@ def _paper_section(comparisons: dict, modulation: dict, curves: dict, quick: boo
     if len(effects) >= 2:
         worst, dw = max(effects.items(), key=lambda kv: kv[1])
         most, db = min(effects.items(), key=lambda kv: kv[1])
-        out.append(f"- Components (seed 0, section 3): the change that hurts E most is {worst} (FD {dw:+.2f}), the "
-                   f"one that helps most is {most} (FD {db:+.2f})"
-                   + ("; no single change improves E, as the paper's design would have it." if round(db, 2) >= 0 else
-                      "; a change that improves E is a part of the design that costs at this scale."))
+        line = (f"- Components (seed 0, section 3): the change that hurts E most is {worst} (FD {dw:+.2f}), the "
+                f"one that helps most is {most} (FD {db:+.2f})")
+        if noise is None:
+            line += ("; no single change improves E, as the paper's design would have it." if round(db, 2) >= 0 else
+                     "; a change that improves E is a part of the design that costs at this scale.")
+        else:
+            worse = [n for n, d in effects.items() if d > 2 * noise]
+            better = [n for n, d in effects.items() if d < -2 * noise]
+            line += (f". Beyond twice the seed noise (|Δ FD| > {2 * noise:.2f}): {len(worse)} of {len(effects)} "
+                     f"changes make E worse ({', '.join(worse) or 'none'}), {len(better)} make it better "
+                     f"({', '.join(better) or 'none'})"
+                     + ("; a change that improves E is a part of the design that costs at this scale (one seed: "
+                        "a lead, not a verdict)." if better else
+                        "; no single change improves E, as the paper's design would have it."))
+        out.append(line)
     if "scale+rotate" in modulation and modulation.get("adaln"):
         fewer = -modulation["scale+rotate"]["delta"]
         out.append(f"- Parameters: scale+rotate has {fewer:.1f}% fewer parameters than adaln at this size (paper: "
@@ -633,7 +661,7 @@ def write_results_md(out: str | Path, results_md: str | Path = "RESULTS.md", doc
     best = best_rates(out, b, [c for c in CONFIGS if c in b.rates])
     comparisons = {_key(x, y): comparison(out, b, best, x, y) for _, x, y in COMPARISONS}
     rates, rates_detail, _ = rates_section(out, b)
-    components_table, effects = _components_section(out, b, best, components)
+    components_table, effects = _components_section(out, b, best, components, seed_noise(comparisons))
     modulation_table, modulation = _modulation_section(out, b, best, modulations)
     curves = magnitude_curves(out, b, best)
     magnitudes_png = out / "magnitudes" / "residual_per_block.png"
@@ -669,5 +697,5 @@ def write_results_md(out: str | Path, results_md: str | Path = "RESULTS.md", doc
         grid=_publish(out / "grid" / "A_vs_E.png", docs_dir, doc, "samples, Config A (left) vs Config E (right)"),
         magnitudes=_publish(magnitudes_png if curves else None, docs_dir, doc,
                             "residual-stream RMS per block, Config A vs E, at the kept checkpoints"),
-        paper=_paper_section(comparisons, modulation, curves, quick, effects))
+        paper=_paper_section(comparisons, modulation, curves, quick, effects, seed_noise(comparisons)))
     return write_text(doc, text)
