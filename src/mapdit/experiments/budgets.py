@@ -71,8 +71,8 @@ SCORE_EMA = 0.10  # EMA sigma_rel every run is scored with (a width training tra
 HELDOUT_IMAGES = 2000  # test images of the held-out eps-MSE
 
 # Learning-rate brackets (rates part); later parts use each config's best rate from these
-# (C's 0.1, D's and E's 0.3 were added when the best rate of the first bracket sat at its edge)
-RATES = {"A": (1e-4, 3e-3, 1e-2, 3e-2), "B": (3e-3, 1e-2, 3e-2), "C": (3e-3, 1e-2, 3e-2, 1e-1),
+# (C's 0.1 and 0.3, D's and E's 0.3 were added when the best rate of the bracket sat at its edge)
+RATES = {"A": (1e-4, 3e-3, 1e-2, 3e-2), "B": (3e-3, 1e-2, 3e-2), "C": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
          "D": (1e-2, 3e-2, 1e-1, 3e-1), "E": (1e-2, 3e-2, 1e-1, 3e-1)}
 
 
@@ -140,9 +140,10 @@ class StudyBudget:
 # FULL: the demo's recipe (DiT-XXS/4, batch 32, Min-SNR-5) at half its length: 2000 steps, about one epoch, where
 # Config A at 1e-2 already reaches conditioning accuracy 0.883 (FD 33.5; docs/recipe.md, lever
 # batch32+minsnr5@1000); seeds 0-2 for the headline comparisons, checkpoints at 500, 1000 and 2000 steps
-# (Figure 5). 45 runs of ~5 min training plus ~1.5 min scoring on 2 idle cores: ~4.6 hours one run at a
-# time, ~3.7 with --workers 2. QUICK: the same parts with everything smaller and one seed (23 runs, about 12
-# minutes on 2 idle cores by the plan's estimate), a smoke test, not evidence.
+# (Figure 5). 46 runs: the plan estimates ~6.2 min per run on 2 idle cores (~4.7 hours one at a time, ~3.8
+# with --workers 2); measured 2026-12-02 on idle cores, 5.2 min per 2-thread run and 7.2-7.6 min per pair of
+# 1-thread runs (--workers 2), i.e. ~2.9 hours for all 46. QUICK: the same parts with everything smaller and
+# one seed (23 runs, about 12 minutes on 2 idle cores by the plan's estimate), a smoke test, not evidence.
 FULL = StudyBudget(model="DiT-XXS/4", num_steps=2000, batch_size=32, seeds=(0, 1, 2), fid_samples=SCORE_SAMPLES,
                    sampler=DEFAULT_SAMPLER, sampling_steps=DEFAULT_STEPS, cfg_scale=SCORE_CFG, ema_std=SCORE_EMA,
                    heldout_images=HELDOUT_IMAGES, checkpoints=(500, 1000, 2000), rates=RATES, min_snr_gamma=5.0)

@@ -103,7 +103,8 @@ FORWARD_IMAGES_PER_S = 600.0
 SCORING_OVERHEAD_S = 20.0
 # `--workers 2` on 2 cores: two 1-thread runs at once finish 1.25-1.28x the runs per hour of one 2-thread run
 # at a time (measured 2026-12-01, 300 steps of batch 32, Config E and A: the demo model is too small to keep
-# two threads busy, docs/recipe.md "Speed")
+# two threads busy, docs/recipe.md "Speed"; the full study on idle cores 2026-12-02: 1.4x, 5.2 min per 2-thread
+# run against 7.2-7.6 min per pair of 1-thread runs, training and scoring)
 TWO_WORKER_SPEEDUP = 1.25
 
 
