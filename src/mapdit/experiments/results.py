@@ -649,6 +649,9 @@ Best rate: the finished, non-diverged run with the lowest FD_fmnist (ties: highe
 ## Against the paper
 
 {paper}
+
+Why the numbers come out this way, where the data say why: [docs/diagnosis.md](docs/diagnosis.md), "What the
+study says".
 """
 
 
