@@ -143,7 +143,7 @@ class StudyBudget:
 # (Figure 5). 46 runs: the plan estimates ~6.2 min per run on 2 idle cores (~4.7 hours one at a time, ~3.8
 # with --workers 2); measured 2026-12-02 on idle cores, 5.2 min per 2-thread run and 7.2-7.6 min per pair of
 # 1-thread runs (--workers 2), i.e. ~2.9 hours for all 46. QUICK: the same parts with everything smaller and
-# one seed (23 runs, about 12 minutes on 2 idle cores by the plan's estimate), a smoke test, not evidence.
+# one seed (23 runs; the plan estimates 12 minutes, measured 6.1 on idle cores), a smoke test, not evidence.
 FULL = StudyBudget(model="DiT-XXS/4", num_steps=2000, batch_size=32, seeds=(0, 1, 2), fid_samples=SCORE_SAMPLES,
                    sampler=DEFAULT_SAMPLER, sampling_steps=DEFAULT_STEPS, cfg_scale=SCORE_CFG, ema_std=SCORE_EMA,
                    heldout_images=HELDOUT_IMAGES, checkpoints=(500, 1000, 2000), rates=RATES, min_snr_gamma=5.0)
