@@ -462,14 +462,14 @@ def test_a_bracket_may_only_be_widened_in_a_finished_study():
 def test_plan_counts_shared_runs_once(tmp_path):
     settings = _settings()
     full = study.plan(tmp_path, settings, budgets.PARTS)
-    # rates 20; components 11; modulation 5 (adaln with per-modulator gains is not E); seeds: seeds 1, 2 of
+    # rates 21; components 11; modulation 5 (adaln with per-modulator gains is not E); seeds: seeds 1, 2 of
     # 5 arms (seed 0 reused)
-    assert (full["runs"], full["finished"], full["to_train"]) == (46, 0, 46)
-    assert full["minutes"] == pytest.approx(46 * study.run_seconds(settings) / 60)
+    assert (full["runs"], full["finished"], full["to_train"]) == (47, 0, 47)
+    assert full["minutes"] == pytest.approx(47 * study.run_seconds(settings) / 60)
     # one run at a time the full study misses the 4 hours on 2 cores; two at a time it fits
     assert full["minutes"] > 4 * 60 > full["minutes"] / study.TWO_WORKER_SPEEDUP
     _fake_run(tmp_path, "A", 1e-4, 0, 1.0)
-    assert study.plan(tmp_path, settings, ["rates"])["to_train"] == 19
+    assert study.plan(tmp_path, settings, ["rates"])["to_train"] == 20
     assert study.plan(tmp_path / "q", budgets.QUICK, budgets.PARTS)["minutes"] < 15
 
 

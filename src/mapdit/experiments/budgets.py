@@ -71,8 +71,9 @@ SCORE_EMA = 0.10  # EMA sigma_rel every run is scored with (a width training tra
 HELDOUT_IMAGES = 2000  # test images of the held-out eps-MSE
 
 # Learning-rate brackets (rates part); later parts use each config's best rate from these
-# (C's 0.1 and 0.3, D's and E's 0.3 were added when the best rate of the bracket sat at its edge)
-RATES = {"A": (1e-4, 3e-3, 1e-2, 3e-2), "B": (3e-3, 1e-2, 3e-2), "C": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+# (C's 0.1 and 0.3, D's and E's 0.3 were added when the best rate of the bracket sat at its edge; B's 1e-4
+# is the paper's default without weight normalisation, reported beside the best like A's)
+RATES = {"A": (1e-4, 3e-3, 1e-2, 3e-2), "B": (1e-4, 3e-3, 1e-2, 3e-2), "C": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
          "D": (1e-2, 3e-2, 1e-1, 3e-1), "E": (1e-2, 3e-2, 1e-1, 3e-1)}
 
 
@@ -140,9 +141,9 @@ class StudyBudget:
 # FULL: the demo's recipe (DiT-XXS/4, batch 32, Min-SNR-5) at half its length: 2000 steps, about one epoch, where
 # Config A at 1e-2 already reaches conditioning accuracy 0.883 (FD 33.5; docs/recipe.md, lever
 # batch32+minsnr5@1000); seeds 0-2 for the headline comparisons, checkpoints at 500, 1000 and 2000 steps
-# (Figure 5). 46 runs: the plan estimates ~6.2 min per run on 2 idle cores (~4.7 hours one at a time, ~3.8
+# (Figure 5). 47 runs: the plan estimates ~6.2 min per run on 2 idle cores (~4.7 hours one at a time, ~3.8
 # with --workers 2); measured 2026-12-02 on idle cores, 5.2 min per 2-thread run and 7.2-7.6 min per pair of
-# 1-thread runs (--workers 2), i.e. ~2.9 hours for all 46. QUICK: the same parts with everything smaller and
+# 1-thread runs (--workers 2), i.e. ~2.9 hours for all 47. QUICK: the same parts with everything smaller and
 # one seed (23 runs; the plan estimates 12 minutes, measured 6.1 on idle cores), a smoke test, not evidence.
 FULL = StudyBudget(model="DiT-XXS/4", num_steps=2000, batch_size=32, seeds=(0, 1, 2), fid_samples=SCORE_SAMPLES,
                    sampler=DEFAULT_SAMPLER, sampling_steps=DEFAULT_STEPS, cfg_scale=SCORE_CFG, ema_std=SCORE_EMA,
