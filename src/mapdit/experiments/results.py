@@ -663,8 +663,9 @@ def write_results_md(out: str | Path, results_md: str | Path = "RESULTS.md", doc
     quick = bool(meta.get("quick"))
     best = best_rates(out, b, [c for c in CONFIGS if c in b.rates])
     comparisons = {_key(x, y): comparison(out, b, best, x, y) for _, x, y in COMPARISONS}
+    noise = seed_noise(comparisons)
     rates, rates_detail, _ = rates_section(out, b)
-    components_table, effects = _components_section(out, b, best, components, seed_noise(comparisons))
+    components_table, effects = _components_section(out, b, best, components, noise)
     modulation_table, modulation = _modulation_section(out, b, best, modulations)
     curves = magnitude_curves(out, b, best)
     magnitudes_png = out / "magnitudes" / "residual_per_block.png"
@@ -700,5 +701,5 @@ def write_results_md(out: str | Path, results_md: str | Path = "RESULTS.md", doc
         grid=_publish(out / "grid" / "A_vs_E.png", docs_dir, doc, "samples, Config A (left) vs Config E (right)"),
         magnitudes=_publish(magnitudes_png if curves else None, docs_dir, doc,
                             "residual-stream RMS per block, Config A vs E, at the kept checkpoints"),
-        paper=_paper_section(comparisons, modulation, curves, quick, effects, seed_noise(comparisons)))
+        paper=_paper_section(comparisons, modulation, curves, quick, effects, noise))
     return write_text(doc, text)
