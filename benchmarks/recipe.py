@@ -119,6 +119,8 @@ LEVERS = {lv.name: lv for lv in (
           {"batch_size": 32, "steps_scale": 2.0, "min_snr_gamma": 5.0}),
     Lever("batch32+minsnr5+lr-x3.3", "the winner at 10/3 of the arm's rate (MP: 0.1, E's best rate in the study)",
           {"batch_size": 32, "steps_scale": 2.0, "min_snr_gamma": 5.0, "lr_scale": 10 / 3}),
+    Lever("batch32+minsnr5+nodecay", "the winner with no decay (constant rate after warm-up)",
+          {"batch_size": 32, "steps_scale": 2.0, "min_snr_gamma": 5.0, "decay_frac": 1.0}),
     # architecture at this resolution
     Lever("patch8", "patch 8 (16 tokens instead of 49; images padded to 32x32)", model="DiT-XXS/8"),
     Lever("patch2", "patch 2 (196 tokens)", model="DiT-XXS/2"),
