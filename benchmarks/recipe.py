@@ -19,7 +19,7 @@ run). Training minutes are the run's own wall time (metrics.csv elapsed_s) on th
 with nothing else on the machine.
 
 `minutes`: a fresh run per arm at each of --curve-steps (350, 850, 1000, 2000, 4000, 7000: about 2, 5, 6,
-12, 24 and 42 minutes here), each with its own learning-rate schedule, as a user who trains that long
+12, 15 and 30-35 minutes here, on 2 cores), each with its own learning-rate schedule, as a user who trains that long
 would; plotted against the training minutes each run took. The 1000-, 2000- and 4000-step runs are the
 levers steps1000, base and steps4000.
 
@@ -56,7 +56,7 @@ from mapdit.train import TrainConfig, train
 ARMS = {"A": ("A", 1e-2), "MP": ("E", 3e-2)}  # arm -> (preset, its best measured rate)
 MODEL, STEPS, BATCH, SEED = "DiT-XXS/4", 2000, 64, 0
 SCORE = {"samples": 1000, "sampler": "dpm++2m", "steps": 20, "cfg": 4.0, "ema": 0.10}
-CURVE_STEPS = (350, 850, 1000, 2000, 4000, 7000)  # ~2, 5, 6, 12, 24, 42 min at the MP arm's ~2.8 steps/s
+CURVE_STEPS = (350, 850, 1000, 2000, 4000, 7000)  # measured ~2, 5, 6, 12, 15, 30-35 min (docs/recipe.md)
 
 
 @dataclass(frozen=True)
