@@ -121,6 +121,8 @@ LEVERS = {lv.name: lv for lv in (
           {"batch_size": 32, "steps_scale": 2.0, "min_snr_gamma": 5.0, "lr_scale": 10 / 3}),
     Lever("batch32+minsnr5+nodecay", "the winner with no decay (constant rate after warm-up)",
           {"batch_size": 32, "steps_scale": 2.0, "min_snr_gamma": 5.0, "decay_frac": 1.0}),
+    Lever("batch32+minsnr5+cfg3", "the winner scored at guidance 3 (its own run of the same recipe)",
+          {"batch_size": 32, "steps_scale": 2.0, "min_snr_gamma": 5.0}, score={"cfg": 3.0}),
     # architecture at this resolution
     Lever("patch8", "patch 8 (16 tokens instead of 49; images padded to 32x32)", model="DiT-XXS/8"),
     Lever("patch2", "patch 2 (196 tokens)", model="DiT-XXS/2"),
