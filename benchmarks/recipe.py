@@ -99,6 +99,8 @@ class Lever:
         return self.name
 
 
+WINNER = {"batch_size": 32, "steps_scale": 2.0, "min_snr_gamma": 5.0}  # batch32+minsnr5, the demo's recipe
+
 LEVERS = {lv.name: lv for lv in (
     Lever("base", "the demo's recipe"),
     # length and batch
@@ -116,13 +118,13 @@ LEVERS = {lv.name: lv for lv in (
           {"decay_frac": 1.0}),
     Lever("minsnr5", "Min-SNR-5 loss weighting", {"min_snr_gamma": 5.0}),
     Lever("batch32+minsnr5", "batch 32 for twice the steps, Min-SNR-5 (the two single winners together)",
-          {"batch_size": 32, "steps_scale": 2.0, "min_snr_gamma": 5.0}),
+          WINNER),
     Lever("batch32+minsnr5+lr-x3.3", "the winner at 10/3 of the arm's rate (MP: 0.1, E's best rate in the study)",
-          {"batch_size": 32, "steps_scale": 2.0, "min_snr_gamma": 5.0, "lr_scale": 10 / 3}),
+          {**WINNER, "lr_scale": 10 / 3}),
     Lever("batch32+minsnr5+nodecay", "the winner with no decay (constant rate after warm-up)",
-          {"batch_size": 32, "steps_scale": 2.0, "min_snr_gamma": 5.0, "decay_frac": 1.0}),
+          {**WINNER, "decay_frac": 1.0}),
     Lever("batch32+minsnr5+cfg3", "the winner scored at guidance 3 (its own run of the same recipe)",
-          {"batch_size": 32, "steps_scale": 2.0, "min_snr_gamma": 5.0}, score={"cfg": 3.0}),
+          WINNER, score={"cfg": 3.0}),
     # architecture at this resolution
     Lever("patch8", "patch 8 (16 tokens instead of 49; images padded to 32x32)", model="DiT-XXS/8"),
     Lever("patch2", "patch 2 (196 tokens)", model="DiT-XXS/2"),
