@@ -1,7 +1,7 @@
 """`mapdit train` (also the seed paper's `python train.py`): parse the options, then `mapdit.train.train`.
 
 On `--resume` the options the user gave (those whose value differs from the parser's default) go to
-`mapdit.train.resume_settings`, which holds the policy of what may change.
+`mapdit.resume.resume_settings`, which holds the policy of what may change.
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ..config import DEFAULT_SNAPSHOT_DTYPE, SNAPSHOT_DTYPES, TrainConfig, parse_model_name
-from ..train import resolve_run_dir, resume_settings, train
+from ..resume import resolve_run_dir, resume_settings
+from ..train import train
 from . import add_model_args, config_from_args
 
 DEFAULT_MODEL = "DiT-S/2"
