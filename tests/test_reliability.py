@@ -220,18 +220,30 @@ def test_damaged_latest_checkpoint_is_reported_and_resume_falls_back(run_copy, c
 # ------------------------------------------------------------------------------------------------
 # 4. non-finite values
 # ------------------------------------------------------------------------------------------------
-def poison(at_steps):
-    def hook(step, x):
-        return x * float("nan") if step in at_steps else x
-    return hook
+@pytest.fixture
+def poison(monkeypatch):
+    """poison(steps): the batches of those (0-based) steps become NaN, patched into the batch source."""
+    import mapdit.step
+
+    draw = mapdit.step.BatchSource.__call__
+
+    def at(steps):
+        def poisoned(self, step):
+            batch = draw(self, step)
+            if step in steps:
+                batch.x = batch.x * float("nan")
+            return batch
+        monkeypatch.setattr(mapdit.step.BatchSource, "__call__", poisoned)
+    return at
 
 
 @needs_fmnist
 @pytest.mark.parametrize("snapshots", [8, 0], ids=["caught-at-snapshot", "caught-at-checkpoint"])
-def test_nan_stops_training_naming_the_step_and_the_last_good_checkpoint(tmp_path, snapshots):
+def test_nan_stops_training_naming_the_step_and_the_last_good_checkpoint(tmp_path, poison, snapshots):
     tc = tiny_train(tmp_path, num_steps=8, ckpt_every=3, log_every=100, ema_snapshots=snapshots)
+    poison({3})  # the 4th step (step 4) sees NaN
     with pytest.raises(Diverged) as info:  # a UserError (one line, exit 2) that experiments record as a result
-        train(tc, tiny_model(), batch_hook=poison({3}))  # the 4th step (step 4) sees NaN
+        train(tc, tiny_model())
     message = str(info.value)
     assert isinstance(info.value, UserError) and info.value.step == 4
     assert pickle.loads(pickle.dumps(info.value)).step == 4  # as a study worker would hand it back
@@ -248,9 +260,9 @@ def test_nan_stops_training_naming_the_step_and_the_last_good_checkpoint(tmp_pat
 
 
 @needs_fmnist
-def test_skip_nonfinite_completes_and_counts_the_skips(tmp_path):
-    run = train(tiny_train(tmp_path, num_steps=6, ckpt_every=3, skip_nonfinite=True), tiny_model(),
-                batch_hook=poison({1, 4}))
+def test_skip_nonfinite_completes_and_counts_the_skips(tmp_path, poison):
+    poison({1, 4})
+    run = train(tiny_train(tmp_path, num_steps=6, ckpt_every=3, skip_nonfinite=True), tiny_model())
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [2, 4, 6]
@@ -581,10 +593,11 @@ def test_load_dit_checkpoint_refuses_code_in_pickles(tmp_path):
 @needs_fmnist
 @pytest.mark.slow
 def test_a_failing_rank_ends_the_torchrun_job(tmp_path):
-    env = {**ENV, "MAPDIT_TEST_FAIL_RANK": "1", "MAPDIT_TEST_FAIL_STEP": "2", "MAPDIT_DIST_TIMEOUT_S": "60"}
+    env = {**ENV, "MAPDIT_DIST_TIMEOUT_S": "60"}
     start = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "mapdit.cli", "train",
+                          "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                          str(Path(__file__).with_name("failing_rank.py")), "1", "2", "train",
                           *TINY_ARGS, "--num-steps", "50", "--ema-snapshots", "0", "--results-dir", tmp_path],
                          env=env, capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - start

@@ -404,7 +404,7 @@ def test_dataset_smaller_than_one_batch_leaves_no_run_folder(tmp_path, capsys):
 def test_failure_or_signal_after_the_run_folder_exists_removes_it(tmp_path, capsys, monkeypatch):
     from PIL import Image
 
-    import mapdit.train
+    import mapdit.setup
 
     for name in ("a", "b"):
         (tmp_path / "img" / name).mkdir(parents=True)
@@ -412,11 +412,11 @@ def test_failure_or_signal_after_the_run_folder_exists_removes_it(tmp_path, caps
             Image.new("RGB", (8, 8), (50 * i, 0, 0)).save(tmp_path / "img" / name / f"{i}.png")
     args = ["train", "--data-path", tmp_path / "img", "--model", "DiT-XXS/4", "--image-size", 8,
             "--global-batch-size", 2, "--num-steps", 2, "--ema-snapshots", 0, "--results-dir", tmp_path / "R"]
-    real = mapdit.train.DiT
+    real = mapdit.setup.DiT
 
     def failing(cfg):  # a failure while the model is built: after the run folder was made
         raise torch.cuda.OutOfMemoryError("out of memory (simulated)")
-    monkeypatch.setattr(mapdit.train, "DiT", failing)
+    monkeypatch.setattr(mapdit.setup, "DiT", failing)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         cli(*args)
     assert not list((tmp_path / "R").iterdir())
@@ -424,12 +424,12 @@ def test_failure_or_signal_after_the_run_folder_exists_removes_it(tmp_path, caps
     def signalled(cfg):  # SIGTERM while the model is built
         os.kill(os.getpid(), signal.SIGTERM)
         return real(cfg)
-    monkeypatch.setattr(mapdit.train, "DiT", signalled)
+    monkeypatch.setattr(mapdit.setup, "DiT", signalled)
     assert cli(*args) == 0
     err = capsys.readouterr().err
     assert "stopped by signal SIGTERM during set-up, before step 1: no run folder is kept" in err
     assert not list((tmp_path / "R").iterdir())
-    monkeypatch.setattr(mapdit.train, "DiT", real)
+    monkeypatch.setattr(mapdit.setup, "DiT", real)
     assert cli(*args) == 0  # the next run takes the first number
     assert [p.name for p in (tmp_path / "R").iterdir()] == [RUN]
 

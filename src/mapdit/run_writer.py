@@ -1,0 +1,192 @@
+"""What training writes into its run folder and reads back from it (`RunWriter`): checkpoints (model, EMA and
+optimizer tensors plus a JSON sidecar), EMA snapshots, metrics.csv and residual_magnitudes.csv, with every
+failure around them: the fall-back to an older checkpoint, non-finite values, a full disk or an unwritable
+place (one line naming the file and the last good checkpoint).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from . import distributed as dist_utils
+from .distributed import Dist
+from .ema import PowerEMA, save_snapshot
+from .errors import Diverged, UserError
+from .log import Logger
+from .model import DiT
+from .runio import (
+    DiskFullError,
+    NotWritableError,
+    environment_error,
+    find_resumable_checkpoint,
+    load_tensors,
+    rewind_run,
+    save_checkpoint,
+    split_prefix,
+    trim_metrics,
+    write_json,
+)
+from .weights import checkpoint_mismatch, load_prefixed
+
+METRIC_FIELDS = ["step", "loss", "mse", "vb", "lr", "grad_norm", "steps_per_s", "images_per_s", "skipped",
+                 "elapsed_s", "max_block_magnitude", "fid"]
+_NO_BAD = 2 ** 62  # "no non-finite step seen" in the first-bad-step tracker
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {f"opt.{idx}.{key}": value for idx, state in sd["state"].items() for key, value in state.items()}
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in split_prefix(tensors, "opt.").items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def load_checkpoint_into(path: Path, model: DiT, ema: PowerEMA, opt: torch.optim.Optimizer,
+                         device: torch.device) -> dict:
+    """Load a verified checkpoint (tensors from safetensors, the rest from its JSON sidecar)."""
+    tensors = load_tensors(path, device=str(device))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    with checkpoint_mismatch(path, "the run's model", ": was it copied from another run?"):
+        load_prefixed(model, tensors, "model.")
+        load_prefixed(ema, tensors, "ema.")
+        load_optimizer(opt, tensors, meta)
+    return meta
+
+
+def _all_finite(tensors) -> bool:
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+class RunWriter:
+    """What training writes into its run folder, and reads back from it, with every failure around that:
+
+      - `restore`: the newest intact checkpoint (a damaged newer one is reported and set aside: the
+        fall-back), and the metrics rows and EMA snapshots after it removed;
+      - `checkpoint`, `snapshot`: never with a non-finite value; `note_finite` tracks the first non-finite
+        step on the device, `check_finite` (one synchronisation) stops training there with one line;
+      - `metrics_row`, `magnitudes_row`: metrics.csv and residual_magnitudes.csv;
+      - `guard()`: a full disk or an unwritable place anywhere in the run ends training with one line naming
+        the file and the last good checkpoint.
+    Files are written on rank 0 only; `last_ckpt` (the newest checkpoint written or resumed from) is kept on
+    every rank."""
+
+    def __init__(self, run_dir: Path, d: Dist, log: Logger, snapshot_dtype: str):
+        self.run_dir, self.d, self.log = run_dir, d, log
+        self.snapshot_dtype = getattr(torch, snapshot_dtype)
+        self.metrics_path = run_dir / "metrics.csv"
+        self.last_ckpt: int | None = None
+        self.first_bad = torch.full((), _NO_BAD, dtype=torch.long, device=d.device)  # first step with NaN/Inf
+
+    def where_good(self) -> str:
+        if self.last_ckpt is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint is step {self.last_ckpt} in {self.run_dir / 'checkpoints'}"
+
+    @contextlib.contextmanager
+    def guard(self):
+        """A full disk or an unwritable place anywhere in the run (checkpoint, snapshot, metrics or log line,
+        sample grid) ends training with one line naming the file and the last good checkpoint."""
+        try:
+            yield
+        except (DiskFullError, NotWritableError, OSError, SafetensorError) as err:
+            user = err if isinstance(err, (DiskFullError, NotWritableError)) else environment_error(err)
+            if user is None:
+                raise
+            if isinstance(user, DiskFullError):
+                raise UserError(f"disk full while writing {user.path}; {self.where_good()}: free space and "
+                                "resume") from None
+            raise UserError(f"cannot write {user.path} ({user.reason}); {self.where_good()}") from None
+
+    # ---- reading back ---------------------------------------------------------------------------
+    def restore(self, model: DiT, ema: PowerEMA, opt: torch.optim.Optimizer, num_steps: int) -> tuple[int, int]:
+        """Load the newest intact checkpoint (rank 0 finds it, every rank loads it); cut metrics.csv and the
+        EMA snapshots back to its step. Returns (its step, the steps skipped so far); (0, 0) without one."""
+        d, run_dir = self.d, self.run_dir
+        start_step, skipped = 0, 0
+        found = find_resumable_checkpoint(run_dir, log=self.log.warn) if d.is_main else None
+        found = dist_utils.broadcast_object(d, None if found is None else (found[0], str(found[1])))
+        if found is None:
+            self.log(f"no complete checkpoint in {run_dir / 'checkpoints'}: starting again from step 0")
+        else:
+            start_step, path = found[0], Path(found[1])
+            meta = load_checkpoint_into(path, model, ema, opt, d.device)
+            self.last_ckpt, skipped = start_step, int(meta.get("skipped", 0))
+        if num_steps < start_step:
+            raise UserError(f"--num-steps {num_steps} is below step {start_step}, which the run has "
+                            "reached: pass a larger --num-steps (or leave it out to keep the run's own)")
+        if d.is_main:
+            for note in rewind_run(run_dir, start_step):
+                self.log.warn(note)
+        return start_step, skipped
+
+    def start(self, start_step: int, config: dict) -> None:
+        """metrics.csv keeps the rows up to `start_step` (a fresh run: just the header; rows after the
+        checkpoint are logged again); config.json records the run's settings."""
+        if self.d.is_main:
+            trim_metrics(self.metrics_path, METRIC_FIELDS, start_step)
+            write_json(self.run_dir / "config.json", config)
+
+    # ---- non-finite values ----------------------------------------------------------------------
+    def note_finite(self, finite: torch.Tensor, step: int) -> None:
+        """Remember the first step whose loss or gradient was not finite (on the device: no synchronisation)."""
+        self.first_bad = torch.where(finite | (self.first_bad != _NO_BAD), self.first_bad,
+                                     torch.full_like(self.first_bad, step))
+
+    def check_finite(self) -> None:
+        """Every rank, before anything is written: stop at the first non-finite loss or gradient."""
+        bad = int(dist_utils.all_reduce_min_(self.d, self.first_bad.clone()).item())
+        if bad != _NO_BAD:
+            raise Diverged(f"non-finite loss or gradient at step {bad}: training stopped; {self.where_good()} "
+                           f"(continue from it with --resume {self.run_dir} and a lower --lr, a --grad-clip or "
+                           "--skip-nonfinite)", step=bad)
+
+    # ---- writing --------------------------------------------------------------------------------
+    def checkpoint(self, step: int, model: DiT, ema: PowerEMA, opt: torch.optim.Optimizer, skipped: int) -> None:
+        """Model, EMA and optimizer (tensors) plus a JSON sidecar; refused if any value is not finite."""
+        if self.d.is_main:
+            opt_t, opt_meta = optimizer_tensors(opt)
+            tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
+                       **{f"ema.{k}": v for k, v in ema.state_dict().items()}, **opt_t}
+            if not _all_finite(tensors.values()):
+                raise Diverged(f"non-finite weights at step {step}: refusing to write a checkpoint; "
+                               f"{self.where_good()}", step=step)
+            path = save_checkpoint(self.run_dir, step, tensors, {**opt_meta, "train_step": step, "skipped": skipped})
+            self.log(f"checkpoint {path}")
+        self.last_ckpt = step
+
+    def snapshot(self, step: int, ema: PowerEMA, sigma_rels) -> None:
+        """One EMA snapshot per tracked width (for post-hoc EMA); refused if any value is not finite."""
+        if not self.d.is_main:
+            return
+        for sigma in sigma_rels:
+            averaged = ema.averaged(sigma)
+            if not _all_finite(averaged.values()):
+                raise UserError(f"non-finite EMA weights (sigma_rel {sigma:.3f}) at step {step}: refusing to "
+                                f"write the snapshot; {self.where_good()}")
+            try:
+                save_snapshot(self.run_dir / "ema", sigma, step, averaged, dtype=self.snapshot_dtype)
+            except ValueError as err:  # float16 overflow
+                raise UserError(f"EMA snapshot at step {step}: {err} (--snapshot-dtype float32)") from None
+
+    def metrics_row(self, row: list) -> None:
+        if self.d.is_main:
+            with open(self.metrics_path, "a", newline="") as f:
+                csv.writer(f).writerow(row)
+
+    def magnitudes_row(self, step: int, mags: list[float]) -> None:
+        if self.d.is_main:
+            with open(self.run_dir / "residual_magnitudes.csv", "a", newline="") as f:
+                csv.writer(f).writerow([step, *(f"{m:.5g}" for m in mags)])
+

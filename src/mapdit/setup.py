@@ -1,0 +1,127 @@
+"""Set-up of a training run, before its first step: the settings (resolved once), the device, the data,
+the model with its optimizer and EMA. Files are only read until the settings and the data check out; the
+run folder is made after that (`NewRun` removes it again if set-up fails or is stopped)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import distributed as dist_utils
+from .config import ModelConfig, TrainConfig
+from .data import load_dataset
+from .distributed import Dist
+from .ema import PowerEMA
+from .errors import UserError
+from .model import DiT
+from .resume import resolve_run_dir, resume_config, stored_train_config
+from .runio import load_run_config
+
+DEFAULT_DATA = "fashion-mnist"
+
+
+@dataclass
+class Settings:
+    """What a run is driven by: `tc` with every default filled, the model config (sizes from the data once
+    it is loaded), and on resume the run folder and its saved config.json."""
+
+    tc: TrainConfig
+    model_cfg: ModelConfig
+    run_dir: Path | None = None
+    saved: dict | None = None
+
+
+def settings(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None) -> Settings:
+    """On resume the run's own settings with what `resume_config` takes from `tc`; every default is filled
+    here, once (`TrainConfig.resolved`: learning rate, warm-up, decay, checkpoint interval; the data path),
+    and checked (one line per mistake) before anything is read or written."""
+    run_dir: Path | None = None
+    saved: dict | None = None
+    if resume is not None:
+        run_dir = resolve_run_dir(tc.results_dir, resume)
+        saved = load_run_config(run_dir)
+        model_cfg = ModelConfig.from_dict(saved["model"])
+        tc = resume_config(stored_train_config(saved, run_dir), tc, run_dir)
+    elif model_cfg is None:
+        raise ValueError("train() needs a model config unless it resumes a run")
+    tc = tc.resolved(model_cfg)  # a copy with the defaults filled (they need only the model's MP options)
+    tc.data_path = tc.data_path or DEFAULT_DATA
+    tc.check(dist_utils.world_size_from_env())
+    return Settings(tc, model_cfg, run_dir, saved)
+
+
+def init_device(tc: TrainConfig) -> Dist:
+    """The process group under torchrun (else one process) and its device, with the fast float settings."""
+    d = dist_utils.init(tc.device)
+    torch.set_flush_denormal(True)  # CPU: denormal floats (tiny Adam moments, zero-init layers) cost ~10x per op
+    if d.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return d
+
+
+def check_labels(data, data_path: str) -> None:
+    labels = getattr(data, "labels", None)
+    if labels is None or not len(labels):
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= data.num_classes:
+        first = int(torch.nonzero((labels < 0) | (labels >= data.num_classes))[0, 0])
+        raise UserError(f"the data at {data_path} has class labels {lo}..{hi} but {data.num_classes} classes "
+                        f"(first: label {int(labels[first])} at index {first}): every label must be in "
+                        f"0..{data.num_classes - 1} (fix the labels or the class list)")
+
+
+def load_data(s: Settings):
+    """(the training data, the model config with the data's sizes). On resume the data must fit the run's
+    model."""
+    tc, model_cfg, saved = s.tc, s.model_cfg, s.saved
+    data = load_dataset(tc.data_path, patch_size=model_cfg.patch_size, image_size=tc.image_size, hflip=tc.hflip)
+    check_labels(data, tc.data_path)
+    if data.num_classes > model_cfg.num_classes and saved is not None:
+        raise UserError(f"the data has {data.num_classes} classes but the run was trained with "
+                        f"{model_cfg.num_classes}: resume with the run's own data")
+    model_cfg = dataclasses.replace(model_cfg, input_size=data.resolution, in_channels=data.channels,
+                                    num_classes=data.num_classes).validate()
+    if saved is not None and model_cfg.to_dict() != ModelConfig.from_dict(saved["model"]).to_dict():
+        raise UserError(f"the data at {tc.data_path} ({data.channels}x{data.resolution}x{data.resolution}, "
+                        f"{data.num_classes} classes) does not match the run's model "
+                        f"({saved['model']['in_channels']}x{saved['model']['input_size']}, "
+                        f"{saved['model']['num_classes']} classes)")
+    return data, model_cfg
+
+
+def model_optimizer_ema(model_cfg: ModelConfig, tc: TrainConfig, device: torch.device):
+    """(model, its trainable parameters, Adam over them, their power EMA); the model is seeded by tc.seed."""
+    torch.manual_seed(tc.seed)
+    model = DiT(model_cfg).to(device)
+    named = model.trainable_parameters()
+    params = [p for _, p in named]
+    # fused Adam: one kernel over all parameters; on the CPU 3.5x faster than foreach (BENCHMARKS.md)
+    fused = device.type in ("cuda", "cpu")
+    opt = torch.optim.Adam(params, lr=tc.lr, betas=tc.adam_betas, eps=tc.adam_eps,
+                           foreach=not fused, fused=fused or None)
+    ema = PowerEMA(dict(named), sigma_rels=tc.ema_stds)
+    return model, params, opt, ema
+
+
+def forward_of(model: DiT, d: Dist, compile: bool):
+    """What the loss calls: the model, in DistributedDataParallel under torchrun, compiled with --compile."""
+    fwd = model
+    if d.enabled:
+        fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda"
+                                                        else None)
+    if compile:
+        fwd = torch.compile(fwd)
+    return fwd
+
+
+class NewRun:
+    """The run folder `train` made before its first step: removed again if set-up fails or is stopped, so a
+    run that never reached step 1 leaves nothing behind (and the next run takes its number)."""
+
+    def __init__(self):
+        self.path: Path | None = None
+        self.started = False
