@@ -1,10 +1,12 @@
 """The DiT model: presets, options, modulation, parameter counts, DiT compatibility."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from mapdit import config as config_module
 from mapdit.cli import main as cli_main
 from mapdit.config import MP_OPTIONS, PRESETS, ModelConfig, make_config, parse_modulation
 from mapdit.errors import UserError
@@ -117,11 +119,9 @@ def test_zero_init_conditioning_makes_every_block_an_identity(preset, modulation
 def test_rotation_site_with_zero_angles_is_identity():
     site = SiteModulation(("rotate",), 16, "identity", "half")
     h = torch.randn(2, 5, 16)
-    (theta,) = site.split(torch.zeros(2, 1, 8))
-    assert torch.equal(site.pre(h, (theta,)), h)
-    assert site.gate_coef((theta,)) is None  # no gate: the branch output is used as it is
-    shift, scale, angle, gate = site.unpack(torch.zeros(2, 1, 8))  # the reference forward's view of the site
-    assert shift is None and scale is None and gate == 1.0
+    shift, scale, angle, gate = site.unpack(torch.zeros(2, 1, 8))  # the block's view of the site
+    assert shift is None and scale is None and gate == 1.0  # no gate: the branch output is used as it is
+    assert angle.shape == (2, 1, 8)
     assert torch.equal(modulate(h, shift, scale, angle) * gate, h)
 
 
@@ -402,3 +402,35 @@ def test_attention_entropy_matches_the_attention_the_model_computes(preset, monk
             if getattr(b.attn.qkv, "bias", None) is not None:
                 b.attn.qkv.bias.zero_()
     assert attention_entropy(model, x, t, y) == pytest.approx([1.0] * len(model.blocks), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The block as the formula: today's outputs and gradients equal those of the folded forward it replaced
+# ------------------------------------------------------------------------------------------------
+def _fixture_cases():
+    from safetensors import safe_open
+
+    path = Path(__file__).parent / "fixtures" / "model_outputs.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["cases"])
+        return {name: (*meta[name], f.get_tensor(f"{name}.out"), f.get_tensor(f"{name}.grad")) for name in meta}
+
+
+@pytest.mark.parametrize("name", ["A", "B", "C", "D", "E", "E_scale_rotate", "E_rotate_identity_interleaved",
+                                  "E_shift_silu_per_modulator", "E_table"])
+def test_outputs_and_gradients_equal_those_of_the_folded_forward(name, monkeypatch):
+    """tests/fixtures/make_model_outputs.py ran the model code of e95bf9f (MP constants folded into
+    coefficients, fused gates): the formula gives the same outputs and gradients within float rounding."""
+    from fixtures.make_model_outputs import build, grad_summary
+
+    preset, kw, fp64, out_before, grad_before = _fixture_cases()[name]
+    monkeypatch.setitem(config_module.SIZES, "REF", (2, 32, 2))
+    model, args, w = build(preset, kw, fp64)
+    out = model(*args)
+    (out * w).sum().backward()
+    def close(a, b, rel):  # relative to the largest value: float rounding, far below any real change
+        return (a - b).abs().max() <= rel * b.abs().max()
+
+    assert out.dtype == out_before.dtype and close(out.detach(), out_before, 1e-12 if fp64 else 1e-5)
+    grads, rel = grad_summary(model), 1e-11 if fp64 else 1e-4  # float32 sums of many terms: 3.5e-5 seen on A
+    assert close(grads[:, 0], grad_before[:, 0], rel) and close(grads[:, 1], grad_before[:, 1], rel)

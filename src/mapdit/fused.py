@@ -33,7 +33,6 @@ from .nn import EPS, MPEmbedding, MPLinear, _compiling, _pair_views, normalize, 
 # The switch: plain formulas instead of fast paths
 # ------------------------------------------------------------------------------------------------
 FAST_PATHS = {
-    "block": "DiTBlock/FinalLayer.forward (folded MP constants, fused residuals) -> forward_reference",
     "linear": "FusedMPLinear: custom weight-normalisation Functions and eval cache -> MPLinear.forward",
     "linear_rows": "FusedMPLinear: output-space normalisation for few input rows -> the weight-space Function",
     "rows": "normalize_rows (MPEmbedding lookups): custom backward -> normalize",
@@ -48,12 +47,12 @@ _reference: frozenset[str] = frozenset()
 def reference_math(*paths: str) -> Iterator[None]:
     """Within the block, the named fast paths (all of them when none is named) compute the plain formulas.
 
-        with reference_math():                  # the whole model as written in mapdit.nn / forward_reference
+        with reference_math():                  # the whole model as written in mapdit.nn
             expected = model(x, t, y)
         with reference_math("mul_add"):          # one fast path off (the benchmark's ablation)
             ...
     Values agree with the fast paths to rounding; nesting adds paths; not thread-local. (Under torch.compile
-    every path but "block" is plain anyway; compiled blocks keep `forward`, whose primitives are then plain.)
+    every path is plain anyway.)
     """
     global _reference
     unknown = set(paths) - set(FAST_PATHS)

@@ -5,18 +5,10 @@ initialisation and state-dict names (the patch embedding is a linear over patchi
 strided conv; `convert_dit_state_dict` maps the conv weight). Every option swaps a layer or a function
 when the model is built (`DiT.__init__`), so forwards contain no option checks.
 
-Magnitude preservation at (nearly) no cost in eager mode -- every rewrite below is exact algebra:
-  * MP SiLU before an MP linear is a plain SiLU; the 1/0.596 is folded into the linear's weight scale;
-  * a block residual (with or without the MP sum) and its gate are one multiply-add:
-    x + (b*g) * branch; the MP sum's factor a on the stream is carried to the next site's modulation
-    coefficients (tiny (N, 1, D) tensors) and applied once at the block's end;
-  * scale and rotation of a site are one fused operator (`fused.scale_rotate_pairs`); with no LayerNorm the
-    carried stream factor joins their coefficients too;
-  * cosine attention normalises q and k of the fused qkv tensor in one operator (`fused.normalize_qk`).
-A block still takes and returns the true residual stream, so forward hooks see what they always saw.
-`DiTBlock.forward_reference` and `FinalLayer.forward_reference` are the same layers written with the plain
-formulas of `mapdit.nn`; inside `fused.reference_math()` the model runs them (and every layer its plain
-formula) instead, which is how tests and benchmarks get the reference.
+The blocks are written as the papers write them (DiT's `DiTBlock`, EDM2's `Block`): modulate the normalised
+stream, run the branch, gate it, add it back with a plain or an MP sum. One build-time choice keeps MP
+activations free: an MP SiLU/GELU in front of an MP linear is the plain activation with its 1/RMS folded
+into that linear's weight scale (`Layers.act_gain`), the same function.
 
 Shapes: N batch, C channels, H=W input side, p patch, T=(H/p)^2 tokens, D width.
 """
@@ -32,15 +24,7 @@ from torch import nn
 
 from .config import MODULATION_PARTS, ModelConfig
 from .diffusion import linear_betas
-from .fused import (
-    FusedMPEmbedding,
-    FusedMPLinear,
-    mul_add,
-    normalize_qk,
-    project_mp_weights_,
-    reference_enabled,
-    scale_rotate_pairs,
-)
+from .fused import FusedMPEmbedding, FusedMPLinear, normalize_qk, project_mp_weights_
 from .nn import (
     GELU_RMS,
     SILU_RMS,
@@ -131,11 +115,6 @@ class Layers:
         """t of the block residuals' MP sum (EDM2 eq. 88), or None for DiT's plain sum."""
         return self.cfg.residual_blend if self.cfg.mp_residual else None
 
-    @property
-    def residual_coefficients(self) -> tuple[float, float]:
-        """(a, b): a block residual is x <- a*x + b*branch (MP sum with blend t, or the plain sum)."""
-        return (1.0, 1.0) if self.residual_blend is None else mp_sum_coefficients(self.residual_blend)
-
 
 _HALF_MP = mp_sum_coefficients(0.5)[0]  # mp_sum(a, b, 0.5) = (a + b) * sqrt(1/2)
 
@@ -164,15 +143,6 @@ class ChunkGains(nn.Module):
         return m * self.gain[self.chunk].to(m.dtype)
 
 
-def gated_add(x: torch.Tensor, y: torch.Tensor, coef: torch.Tensor | None, b: float = 1.0,
-              a: float = 1.0) -> torch.Tensor:
-    """a * x + b * coef * y, fused (coef: a per-sample gate (N, 1, D), or None for no gate)."""
-    if coef is None:
-        x = x if a == 1.0 else x * a
-        return torch.add(x, y, alpha=b) if b != 1.0 else x + y
-    return mul_add(x, y, coef if b == 1.0 else coef * b, a)
-
-
 # ------------------------------------------------------------------------------------------------
 # Modulation: a composition of {shift, scale, rotate, gate}, with per-sample parameters from c.
 # ------------------------------------------------------------------------------------------------
@@ -180,9 +150,9 @@ class SiteModulation:
     """How one branch is conditioned, given its slice of the modulation linear's output.
 
     Parameters arrive as one tensor (N, 1, K) holding, in order, the enabled chunks of
-    [shift (D), scale (D), rotate (D/2), gate (D)]. Pre-branch order: scale, shift (one fused addcmul),
-    then rotate (scale and rotate fused when there is no shift). The gate multiplies the branch output:
-    g (zero init, AdaLN-Zero) or 1+g (identity init); blocks fold it into the residual (`gate_coef`).
+    [shift (D), scale (D), rotate (D/2), gate (D)]; `unpack` names them. The branch input is
+    `nn.modulate(h, shift, scale, angle)`; its output is multiplied by the gate: g (zero init, AdaLN-Zero)
+    or 1+g (identity init).
     """
 
     WIDTH = {"shift": 1.0, "scale": 1.0, "rotate": 0.5, "gate": 1.0}
@@ -193,48 +163,16 @@ class SiteModulation:
         self.slot = {p: i for i, p in enumerate(parts)}
         self.pairing = pairing
         self.gate_init = gate_init
-        self._shift, self._scale, self._rotate, self._gate = (self.slot.get(p) for p in MODULATION_PARTS)
-
-    def pre(self, h: torch.Tensor, m: tuple[torch.Tensor, ...], s: float = 1.0) -> torch.Tensor:
-        """The branch input for the stream s*h: h*(1+scale)*s + shift, then the rotation.
-
-        s is a Python float carried from an MP residual; it joins the (N, 1, D) coefficients, never the
-        token-sized tensor. Tokens see one operator: an addcmul, a multiply, or the fused scale-rotation.
-        """
-        shift, scale, rotate = self._shift, self._scale, self._rotate
-        k: torch.Tensor | float = 1.0
-        if scale is not None:
-            k = 1 + m[scale] if s == 1.0 else (1 + m[scale]) * s
-        elif s != 1.0:
-            k = s
-        if shift is not None:
-            if isinstance(k, torch.Tensor):
-                h = mul_add(m[shift], h, k)  # h*k + b
-            else:
-                h = torch.add(m[shift], h, alpha=k) if k != 1.0 else h + m[shift]
-            k = 1.0
-        if rotate is not None:
-            return scale_rotate_pairs(h, m[rotate], k, self.pairing)
-        return h * k if shift is None else h
-
-    def gate_coef(self, m: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
-        """The per-sample factor (N, 1, D) on the branch output, or None without a gate."""
-        if self._gate is None:
-            return None
-        g = m[self._gate]
-        return g if self.gate_init == "zero" else 1 + g
-
-    def split(self, params: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return params.split(self.widths, dim=-1)
 
     def unpack(self, params: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
                                                     torch.Tensor | float]:
         """(shift, scale, angle, gate) of a site's parameters (N, 1, K): None where a modulator is absent,
-        gate the factor on the branch output (g, 1+g, or 1.0 without a gate). For the reference forwards."""
-        m = self.split(params)
-        shift, scale, angle = (None if i is None else m[i] for i in (self._shift, self._scale, self._rotate))
-        gate = self.gate_coef(m)
-        return shift, scale, angle, 1.0 if gate is None else gate
+        gate the factor on the branch output (g, 1+g, or 1.0 without a gate)."""
+        m = params.split(self.widths, dim=-1)
+        shift, scale, angle, gate = (m[self.slot[p]] if p in self.slot else None for p in MODULATION_PARTS)
+        if gate is None:
+            return shift, scale, angle, 1.0
+        return shift, scale, angle, gate if self.gate_init == "zero" else 1 + gate
 
 
 # ------------------------------------------------------------------------------------------------
@@ -392,14 +330,8 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """x <- residual(x, gate * attn(modulate(norm(x)))); the same for the MLP. x: (N, T, D), c: (N, D).
-
-    residual(x, y) = a*x + b*y: DiT's plain sum (a = b = 1) or the MP sum with blend t (EDM2 eq. 88), as
-    `forward_reference` writes it. `forward` computes the same with fewer operators: x1 = a * x1s with
-    x1s = x + (b/a) * gate * y1 (one addcmul); the MLP site reads the stream through its coefficients
-    (s = a) when there is no LayerNorm; the block returns a*a*x1s + b * gate * y2 (a multiply and an
-    addcmul), the true residual stream.
-    """
+    """x <- x + gate * attn(modulate(norm(x))), then the same for the MLP (DiT's block). With `mp_residual`
+    the sums are EDM2's MP sums, mp_sum(x, branch, t) (eq. 88). x: (N, T, D), c: (N, D)."""
 
     def __init__(self, layers: Layers, dim: int, heads: int, mlp_ratio: float, site: SiteModulation):
         super().__init__()
@@ -410,37 +342,17 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = layers.modulation(dim, site.widths * 2)  # (N, D) -> (N, 2K): attn, mlp sites
         self.site = site
         self.blend = layers.residual_blend
-        self.a, self.b = layers.residual_coefficients
-        self.fold_stream_scale = isinstance(self.norm2, nn.Identity)
 
     def residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x + y if self.blend is None else mp_sum(x, y, self.blend)
 
-    def forward_reference(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """The block as DiT and MaP-DiT write it, in the plain formulas of `mapdit.nn` (reference for `forward`).
-
-        The MP activation in front of an MP linear (MLP, modulation) is the plain activation with its 1/RMS
-        in that linear's `input_scale` (`Layers.act_gain`): the same function, built that way once.
-        """
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         pairing = self.site.pairing
         p_attn, p_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)  # 2 x (N, 1, K)
         shift, scale, angle, gate = self.site.unpack(p_attn)  # (N, 1, D), angle (N, 1, D/2); None if absent
-        x = self.residual(x, gate * self.attn(modulate(self.norm1(x), shift, scale, angle, pairing)))  # (N, T, D)
+        x = self.residual(x, gate * self.attn(modulate(self.norm1(x), shift, scale, angle, pairing)))
         shift, scale, angle, gate = self.site.unpack(p_mlp)
         return self.residual(x, gate * self.mlp(modulate(self.norm2(x), shift, scale, angle, pairing)))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if reference_enabled("block"):
-            return self.forward_reference(x, c)
-        site, a, b = self.site, self.a, self.b
-        m_attn, m_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)  # 2 x (N, 1, K)
-        m_attn, m_mlp = site.split(m_attn), site.split(m_mlp)
-        x1s = gated_add(x, self.attn(site.pre(self.norm1(x), m_attn)), site.gate_coef(m_attn), b / a)  # x1 = a*x1s
-        if self.fold_stream_scale:
-            h = site.pre(x1s, m_mlp, a)
-        else:
-            h = site.pre(self.norm2(x1s if a == 1.0 else x1s * a), m_mlp)
-        return gated_add(x1s, self.mlp(h), site.gate_coef(m_mlp), b, a * a)
 
 
 class FinalLayer(nn.Module):
@@ -453,15 +365,9 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = layers.modulation(dim, site.widths)
         self.site = site
 
-    def forward_reference(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (N,T,D) -> (N,T,p*p*out)
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (N,T,D) -> (N,T,p*p*out)
         shift, scale, angle, _ = self.site.unpack(self.adaLN_modulation(c).unsqueeze(1))  # (N, 1, D) each
         return self.linear(modulate(self.norm_final(x), shift, scale, angle, self.site.pairing))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (N,T,D) -> (N,T,p*p*out)
-        if reference_enabled("block"):
-            return self.forward_reference(x, c)
-        m = self.site.split(self.adaLN_modulation(c).unsqueeze(1))
-        return self.linear(self.site.pre(self.norm_final(x), m))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -45,8 +45,10 @@ def normalize(x: torch.Tensor, dim: int | tuple[int, ...] = -1, eps: float = EPS
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """EDM2 eq. 88: (1-t)*a + t*b divided by sqrt((1-t)^2 + t^2), so that uncorrelated a, b of equal
-    magnitude give that magnitude. t = 0.3 for block residuals (EDM2's res_balance), 0.5 for equal partners."""
-    return torch.lerp(a, b, t) / math.sqrt((1 - t) ** 2 + t**2)
+    magnitude give that magnitude. t = 0.3 for block residuals (EDM2's res_balance), 0.5 for equal partners.
+    Mixed dtypes (an fp32 stream and a bf16 branch under autocast) promote as a + b would: lerp takes one dtype."""
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return torch.lerp(a.to(dtype), b.to(dtype), t) / math.sqrt((1 - t) ** 2 + t**2)
 
 
 def mp_sum_coefficients(t: float) -> tuple[float, float]:
