@@ -53,7 +53,8 @@ def _fake_run(out: Path, arm: str, lr: float, seed: int, value: float | None = N
     write_json(folder / "results" / f"{a.config}-{a.modulation}-seed{seed}.json", {
         "name": f"{a.config}-{a.modulation}-seed{seed}", "variant": f"{a.config}-{a.modulation}",
         "config": a.config, "modulation": a.modulation, "seed": seed, "run_dir": str(run),
-        "settings": {"lr": lr}, "parameters": params, "metric": "fd_fmnist", "value": value,
+        "settings": {"lr": lr, "num_steps": 2000}, "final_step": 2000, "parameters": params, "metric": "fd_fmnist",
+        "value": value,
         "conditioning_accuracy": acc, "magnitudes_csv": None if mags_csv is None else str(mags_csv)})
 
 
@@ -282,6 +283,25 @@ def test_runner_picks_each_configs_best_rate_from_finished_runs(tmp_path, monkey
                "--results-md", tmp_path / "R.md") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].count("\n") == 0 and "needs Config E's best rate" in err[-1] and "0.1" in err[-1]
+
+
+def test_an_emptied_or_cut_short_result_is_not_a_finished_run(tmp_path):
+    # a result JSON emptied to {} counted as finished: RESULTS.md said "every rate diverged" and the rerun
+    # skipped the run
+    out = tmp_path / "study"
+    settings = _settings(rates={"A": [1e-2, 3e-2]})
+    _fake_run(out, "A", 1e-2, 0, 50.0)
+    _fake_run(out, "A", 3e-2, 0, 40.0)
+    assert results.best_rates(out, settings, ["A"]) == {"A": 3e-2}
+    stored = results.run_folder(out, "A", 3e-2) / "results" / "A-adaln-seed0.json"
+    whole = json.loads(stored.read_text())
+    for broken in ({}, {**whole, "final_step": 1000}, {k: v for k, v in whole.items() if k != "value"}):
+        write_json(stored, broken)
+        assert results.run_record(out, budgets.BASE_ARMS["A"], 3e-2, 0)["status"] == "missing"
+        assert results.best_rates(out, settings, ["A"]) == {"A": None}  # not every rate is known yet
+        assert "every rate diverged" not in results.rates_section(out, settings)[0]
+    stored.write_text('{"name": "A-adaln-seed0", "val')  # cut short by a full disk: no error, not finished
+    assert results.run_record(out, budgets.BASE_ARMS["A"], 3e-2, 0)["status"] == "missing"
 
 
 # ------------------------------------------------------------------------------------------------ components

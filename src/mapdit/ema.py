@@ -17,9 +17,12 @@ and the same x applied to the snapshot *weights* gives the target EMA.
 
 from __future__ import annotations
 
+import hashlib
 import math
-import os  # noqa: F401 (tests stub os.fsync through this module)
+import os  # tests stub os.fsync through this module
 import re
+import secrets
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +64,10 @@ DEFAULT_SNAPSHOT_DTYPE = getattr(torch, config.DEFAULT_SNAPSHOT_DTYPE)
 
 _META_STEP = "__step__"
 _META_SIGMAS = "__sigma_rels__"
+
+# <snapshot dir>/run-id: a random token written with the first snapshot; every snapshot carries it in its
+# metadata ("run_id"), so a snapshot copied in from another run is refused by name instead of being averaged in.
+RUN_ID_FILE = "run-id"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,6 +276,37 @@ class SnapshotInfo:
     sigma_rel: float
     gamma: float
     step: int
+    run_id: str | None = None  # None: written before snapshots carried their run's identity
+
+
+def snapshot_run_id(directory, create: bool = False) -> str | None:
+    """The run identity of a snapshot folder (the token in <directory>/run-id); `create`: make one if there is
+    none yet (hard-linked into place, so two writers agree on one token). None when absent and not created."""
+    path = Path(directory) / RUN_ID_FILE
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        token = None
+    if token or not create:
+        return token or None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{RUN_ID_FILE}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(8) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        if token is None:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another writer was first: its token wins
+        else:
+            os.replace(tmp, path)  # an empty file (a crash before its content was durable): nothing used it
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path.read_text().strip()
 
 
 def save_snapshot(directory, sigma_rel: float, step: int, tensors: Mapping[str, torch.Tensor],
@@ -293,6 +331,7 @@ def save_snapshot(directory, sigma_rel: float, step: int, tensors: Mapping[str, 
         "gamma": repr(sigma_rel_to_gamma(sigma_rel)),
         "sigma_rel": repr(sigma_rel),
         "dtype": str(dtype).removeprefix("torch."),
+        "run_id": snapshot_run_id(directory, create=True),
     }
     folder = Path(directory) / f"sigma-{sigma_rel:.3f}"
     final = folder / f"step-{step:07d}.safetensors"
@@ -307,10 +346,49 @@ def list_snapshots(directory) -> list[SnapshotInfo]:
         try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
-            found.append(SnapshotInfo(path, float(meta["sigma_rel"]), float(meta["gamma"]), int(meta["step"])))
+            found.append(SnapshotInfo(path, float(meta["sigma_rel"]), float(meta["gamma"]), int(meta["step"]),
+                                      meta.get("run_id") or None))
         except (KeyError, ValueError, OSError) as e:
             raise UserError(f"{path} is not a readable EMA snapshot ({type(e).__name__}: {e})") from None
     return sorted(found, key=lambda s: (s.step, s.sigma_rel))
+
+
+def check_same_run(directory, snaps: list[SnapshotInfo]) -> None:
+    """Refuse, naming it, a snapshot that carries another run's identity than the folder's (its run-id file, or
+    failing that the newest snapshot's). Snapshots without an identity (older runs) are accepted."""
+    own = snapshot_run_id(directory) or next((s.run_id for s in reversed(snaps) if s.run_id), None)
+    foreign = [s for s in snaps if s.run_id is not None and s.run_id != own]
+    if foreign:
+        raise UserError(f"{foreign[0].path} is an EMA snapshot of another run (run id {foreign[0].run_id}, this "
+                        f"run's is {own}){f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}: move it "
+                        f"out of {directory} and try again")
+
+
+def snapshots_signature(snaps: list[SnapshotInfo]) -> str:
+    """A digest of the snapshots a reconstruction reads (name, step, width, run, size, mtime): it changes when a
+    resume rewrites history, so a result derived from the old snapshots is not taken for one of the new."""
+    h = hashlib.sha256()
+    for s in snaps:
+        st = s.path.stat()
+        h.update(f"{s.path.parent.name}/{s.path.name}|{s.step}|{s.sigma_rel!r}|{s.run_id}|{st.st_size}|"
+                 f"{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def weights_identity(directory, tracked, weights: str, ema_std: float | None, step: int | None) -> dict:
+    """What a run's weights depend on besides its checkpoint, for cache keys: the EMA width at full precision
+    and, when it is not exactly one of the `tracked` widths (so it is reconstructed post hoc at `step`, None: the
+    last snapshot), the signature of the snapshots in `directory` that the reconstruction reads."""
+    if weights == "raw":
+        return {"weights": "raw"}
+    tracked = [float(s) for s in tracked]
+    sigma = min(tracked) if ema_std is None else float(ema_std)
+    out = {"weights": "ema", "ema_std": repr(sigma)}
+    if sigma not in tracked:
+        snaps = list_snapshots(directory) if Path(directory).is_dir() else []
+        target = step if step is not None else (snaps[-1].step if snaps else 0)
+        out["snapshots"] = snapshots_signature([x for x in snaps if x.step <= target])
+    return out
 
 
 @torch.no_grad()
@@ -324,6 +402,7 @@ def reconstruct(directory, sigma_rel: float, step: int | None = None, progress: 
     snaps = list_snapshots(directory)
     if not snaps:
         raise UserError(f"no EMA snapshots under {directory} (expected sigma-*/step-*.safetensors)")
+    check_same_run(directory, snaps)
     first, last = snaps[0].step, snaps[-1].step
     step = last if step is None else int(step)
     if not first <= step <= last:
@@ -350,6 +429,10 @@ def reconstruct(directory, sigma_rel: float, step: int | None = None, progress: 
                 raise UserError(f"{info.path} holds different tensors than the other snapshots")
             for k in keys:
                 t = f.get_tensor(k)
+                # one NaN/inf in any snapshot poisons every width reconstructed from it: name the file
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise UserError(f"{info.path} holds non-finite values (in {k}): it is damaged; move it out of "
+                                    f"{directory} (the reconstruction then uses the other snapshots)")
                 if k not in acc:
                     acc[k] = torch.zeros(t.shape, dtype=torch.float64)
                 acc[k].add_(t, alpha=float(coeff))  # promotes to float64 per element, no temp copy

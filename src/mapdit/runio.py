@@ -28,6 +28,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -95,27 +96,29 @@ def environment_error(err: BaseException, path: str | Path | None = None, writin
 # ------------------------------------------------------------------------------------------------
 # Atomic writes
 # ------------------------------------------------------------------------------------------------
-def atomic_write(path: str | Path, write: Callable[[str], None], new: bool = False) -> Path:
+def atomic_write(path: str | Path, write: Callable[[str], None], new: bool = False, only_name: bool = False) -> Path:
     """Write a file by `write(tmp_path)` into a temporary file beside `path`, fsync, then rename.
 
     A crash or a full disk at any moment leaves either the old file or the new one, never half of one.
     A full disk or an unwritable place becomes a one-line UserError naming `path`; the temporary file is
     removed. `new=True`: never replace a file; the result goes to the first free name of path, path-1,
-    path-2, ... chosen race-free (a hard link fails if the name exists), which is returned.
+    path-2, ... chosen race-free (a hard link fails if the name exists), which is returned; with `only_name`
+    too, only `path` itself is tried (FileExistsError if it exists).
     """
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # the writer's pid in the name: `clean_temporaries` removes only what a dead process left
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results should read like any other file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if new:
-            path = _link_to_free_name(tmp, path)
-            os.unlink(tmp)
+            path = _link_to_free_name(tmp, path, [path] if only_name else None)
+            Path(tmp).unlink(missing_ok=True)  # gone already where the name was taken by a rename
         else:
             os.replace(tmp, path)
     except BaseException as err:
@@ -128,6 +131,59 @@ def atomic_write(path: str | Path, write: Callable[[str], None], new: bool = Fal
     return path
 
 
+_TMP_PID = re.compile(r"\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: keep its file
+    return True
+
+
+def clean_temporaries(folder: str | Path, max_age_s: float = 3600.0) -> int:
+    """Remove the temporary files of atomic writes that a killed process left in `folder` (kill -9 gives no
+    chance to clean up): those whose writer (the pid in the name) is gone, and unnamed ones older than
+    `max_age_s`. A live writer's file is left alone. Returns the number removed."""
+    removed = 0
+    now = time.time()
+    for p in Path(folder).glob(".*.tmp"):
+        m = _TMP_PID.search(p.name)
+        try:
+            if m is not None and _pid_alive(int(m.group(1))):
+                continue
+            if m is None and now - p.stat().st_mtime < max_age_s:
+                continue
+            p.unlink()
+            removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def write_new_json(path: str | Path, build: Callable[[Path], dict]) -> Path:
+    """Write JSON that names its own file (`build(final_path)` gives the content) under the first free name of
+    path, path-1, ...: written completely into a temporary file, then hard-linked to a name that does not exist
+    (race-free), so a result file appears only complete and never replaces another."""
+    path = Path(path)
+    for candidate in free_names(path):
+        if candidate.exists():
+            continue
+        text = json.dumps(build(candidate), indent=2) + "\n"
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.write(text)
+        try:
+            return atomic_write(candidate, write, new=True, only_name=True)
+        except FileExistsError:
+            continue  # taken meanwhile by another process: the content must name the next one
+    raise UserError(f"too many files named like {path}")
+
+
 def free_names(path: Path, limit: int = 10_000) -> Iterator[Path]:
     """path, path-1, path-2, ... (the candidates for a file that must not replace another)."""
     yield path
@@ -135,11 +191,11 @@ def free_names(path: Path, limit: int = 10_000) -> Iterator[Path]:
         yield path.with_name(f"{path.stem}-{i}{path.suffix}")
 
 
-def _link_to_free_name(tmp: str, path: Path) -> Path:
+def _link_to_free_name(tmp: str, path: Path, names: list[Path] | None = None) -> Path:
     """Give the finished file `tmp` the first free name of `path`'s series. `os.link` fails if the name exists,
     so two processes never take the same one; where hard links are not supported, an O_EXCL placeholder
     reserves the name and the file replaces it."""
-    for candidate in free_names(path):
+    for candidate in free_names(path) if names is None else names:
         try:
             os.link(tmp, candidate)
             return candidate
@@ -154,6 +210,8 @@ def _link_to_free_name(tmp: str, path: Path) -> Path:
             continue
         os.replace(tmp, candidate)
         return candidate
+    if names is not None:
+        raise FileExistsError(errno.EEXIST, "file exists", str(path))
     raise UserError(f"too many files named like {path}")
 
 
@@ -190,6 +248,34 @@ def check_writable(folder: str | Path, what: str, hint: str) -> Path:
         reason = (err.strerror or str(err)).lower()
         raise UserError(f"{what} {folder} is not writable ({reason}): {hint}") from None
     return folder
+
+
+def safetensors_format(path: str | Path) -> str | None:
+    """The "format" metadata of a safetensors file (None if it has none or is not one)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format")
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
+def check_new_output(path: str | Path, option: str = "--out", own_format: str | None = None) -> Path:
+    """A file a command is asked to write: it must not exist (a command replaces only files it made: with
+    `own_format`, a safetensors file of that format may be replaced) and must not be inside a run's
+    checkpoints/ (only training writes there); its folder must be writable. Checked before any long work;
+    one-line UserError otherwise."""
+    path = Path(path)
+    parent = path.absolute().parent
+    if parent.name == "checkpoints" and (parent.parent / "config.json").exists():
+        raise UserError(f"{option} {path} is inside a run's checkpoints/ folder, where only training writes: "
+                        "choose another place")
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder: name a file")
+    if (path.exists() or path.is_symlink()) and (own_format is None or safetensors_format(path) != own_format):
+        raise UserError(f"{option} {path} exists and was not made by this command: choose a new file name (or "
+                        "delete it first)")
+    check_writable(parent, f"the folder of {option}", f"choose a writable place for {option}")
+    return path
 
 
 def fsync_dir(folder: str | Path) -> None:
@@ -248,6 +334,23 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def cache_key(parts: dict) -> str:
+    """12 hex digits of the sha256 of `parts` as sorted JSON: the name part of a cache file that changes
+    whenever anything its content depends on does."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def checkpoint_identity(path: str | Path) -> str:
+    """A checkpoint's content identity: the sha256 its sidecar records (checked against the file by
+    `verify_checkpoint`), else the file's own. Unlike the step, it tells apart the checkpoints of two runs and a
+    step rewritten by a resume that fell back."""
+    try:
+        sha = json.loads(Path(path).with_suffix(".json").read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        sha = None
+    return sha if isinstance(sha, str) else sha256_file(path)
 
 
 # ------------------------------------------------------------------------------------------------

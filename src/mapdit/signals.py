@@ -33,14 +33,28 @@ def held() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread() or _previous:
         yield  # signals can only be handled in the main thread; nested: the outer block holds them
         return
-    _pending = None
-    for sig in SIGNALS:
-        _previous[sig] = signal.signal(sig, _remember)
+    hold()
     try:
         yield
     finally:
         _restore()
         _pending = None
+
+
+def hold() -> None:
+    """Start holding SIGTERM/SIGINT (main thread only), e.g. for the whole life of a worker process."""
+    global _pending
+    if _previous:  # already held
+        return
+    _pending = None
+    for sig in SIGNALS:
+        _previous[sig] = signal.signal(sig, _remember)
+
+
+def pending() -> int | None:
+    """The signal received while held and not handed over yet (None if none); it stays pending. Work that
+    stops gracefully looks here between its units (runs of a study) and stops before the next one."""
+    return _pending
 
 
 def _restore() -> None:

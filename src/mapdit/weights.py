@@ -15,13 +15,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
-from .ema import list_snapshots, reconstruct
+from .ema import check_same_run, list_snapshots, reconstruct, snapshots_signature
 from .errors import UserError
 from .model import DiT
 from .runio import (
     CHECKPOINT_RE,
     DiskFullError,
     NotWritableError,
+    check_new_output,
     check_writable,
     find_resumable_checkpoint,
     load_run_config,
@@ -74,8 +75,27 @@ def model_with_weights(model: torch.nn.Module, named: Mapping[str, torch.Tensor]
     return copy_weights_(copy.deepcopy(model), named).eval()
 
 
+POSTHOC_FORMAT = "mapdit-posthoc-ema-1"  # the metadata of a post-hoc EMA file (`mapdit ema` may replace those)
+
+
 def posthoc_path(run_dir: Path, sigma_rel: float, step: int) -> Path:
-    return Path(run_dir) / "ema" / "posthoc" / f"sigma-{sigma_rel:.3f}-step-{step:07d}.safetensors"
+    """The cache file of a post-hoc EMA: the width at full precision (0.0754 is not 0.075)."""
+    return Path(run_dir) / "ema" / "posthoc" / f"sigma-{float(sigma_rel)!r}-step-{step:07d}.safetensors"
+
+
+def _cached_posthoc(path: Path, sigma_rel: float, step: int, signature: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of a post-hoc cache file made from exactly these snapshots for exactly this width and step,
+    all finite; None for anything else (then it is rebuilt in place: it is a cache)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if (meta.get("sigma_rel"), meta.get("step"), meta.get("snapshots")) != (repr(float(sigma_rel)), str(step),
+                                                                                 signature):
+            return None
+        tensors = load_tensors(path)
+    except (SafetensorError, OSError, ValueError, UserError):
+        return None
+    return tensors if all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()) else None
 
 
 def check_snapshot_files(folder: Path) -> None:
@@ -107,10 +127,14 @@ def posthoc_ema(run_dir: str | Path, sigma_rel: float, step: int | None = None, 
     if not snaps:
         raise UserError(f"no EMA snapshots in {run_dir / 'ema'}: train with --ema-snapshots > 0 "
                         "(or sample with the tracked EMA / raw weights)")
+    check_same_run(run_dir / "ema", snaps)
     target = snaps[-1].step if step is None else int(step)
-    path = Path(out) if out else posthoc_path(run_dir, sigma_rel, target)
-    if path.exists() and out is None:
-        return path, load_tensors(path)
+    signature = snapshots_signature([s for s in snaps if s.step <= target])
+    path = check_new_output(out, own_format=POSTHOC_FORMAT) if out else posthoc_path(run_dir, sigma_rel, target)
+    if out is None and path.exists():
+        if (cached := _cached_posthoc(path, sigma_rel, target, signature)) is not None:
+            return path, cached
+        print(f"rebuilding {path}: it does not match the run's snapshots (stale or damaged cache)", file=sys.stderr)
     if not cache_optional:  # the file is what was asked for: fail now, not after the reconstruction
         hint = "pass --out FILE to write it elsewhere" if out is None else "choose another --out"
         check_writable(path.parent, "the folder", hint)
@@ -118,7 +142,9 @@ def posthoc_ema(run_dir: str | Path, sigma_rel: float, step: int | None = None, 
     summary = (f"EMA sigma_rel={sigma_rel:.3f} at step {target}: {len(sol.coeffs)} snapshots, condition number "
                f"{sol.condition_number:.3g}, profile error {sol.profile_rel_error:.2e}")
     try:
-        save_tensors(path, tensors, metadata={"sigma_rel": f"{sigma_rel}", "step": str(target),
+        save_tensors(path, tensors, metadata={"format": POSTHOC_FORMAT, "sigma_rel": repr(float(sigma_rel)),
+                                              "step": str(target),
+                                              "snapshots": signature,
                                               "condition_number": f"{sol.condition_number:.4g}",
                                               "profile_rel_error": f"{sol.profile_rel_error:.4g}"})
     except (DiskFullError, NotWritableError) as err:
@@ -179,13 +205,13 @@ def load_model(run_dir: str | Path, weights: str = "ema", ema_std: float | None 
     if weights == "ema":
         tracked = config["train"]["ema_stds"]
         sigma = min(tracked) if ema_std is None else float(ema_std)
-        if f"{sigma:.3f}" in {f"{s:.3f}" for s in tracked}:
+        if sigma in {float(s) for s in tracked}:  # exactly a tracked width (0.0504 is reconstructed)
             ema = split_prefix(tensors, f"ema.{sigma:.3f}/")
             desc = f"tracked EMA sigma_rel={sigma:.3f} at step {step}"
         else:  # at the checkpoint's step when one was named, else at the last snapshot
             _, ema = posthoc_ema(run_dir, sigma, step=step if ckpt is not None else None, progress=True, log=log,
                                  cache_optional=True)
-            desc = f"post-hoc EMA sigma_rel={sigma:.3f}" + (f" at step {step}" if ckpt is not None else "")
+            desc = f"post-hoc EMA sigma_rel={sigma!r}" + (f" at step {step}" if ckpt is not None else "")
         copy_weights_(model, ema, "EMA weights")
     elif weights != "raw":
         raise UserError(f"--weights {weights!r}: use 'ema' or 'raw'")

@@ -61,4 +61,4 @@ def register(sub) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--cache-dir", default=None, help="reference statistics cache")
     p.add_argument("--out", default="results/ablation")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, graceful_stop=True)  # SIGTERM/Ctrl-C: the run under way checkpoints, then it stops

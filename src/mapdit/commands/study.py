@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from .. import signals
 from ..errors import UserError
 from ..experiments.ablate import int_list, parse_list
 from ..experiments.budgets import CONFIGS, FULL, HELDOUT_IMAGES, MODULATIONS, PARTS, QUICK, component_arms
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> dict:
     components = None if args.components is None else parse_list(args.components, "--components")
     modulations = parse_list(args.modulations, "--modulations")
     if args.report_only:
+        signals.release()  # nothing to stop gracefully: the usual handling
         md = write_results_md(args.out, args.results_md, args.docs_dir, components, modulations)
         print(md)
         return {"studies": {}, "results_md": md}
@@ -104,4 +106,4 @@ def register(sub) -> None:
     p.add_argument("--results-md", default="RESULTS.md")
     p.add_argument("--docs-dir", default="docs/results", help="where RESULTS.md's PNGs are copied")
     p.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md from --out")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, graceful_stop=True)  # SIGTERM/Ctrl-C: the run under way checkpoints, then the study stops

@@ -41,6 +41,7 @@ import hashlib
 import json
 import os
 import pickle
+import sys
 import unittest.mock
 import urllib.error
 import zipfile
@@ -57,7 +58,7 @@ from tqdm import tqdm
 from mapdit import data
 from mapdit.errors import UserError
 from mapdit.evaluate.fmnist_classifier import load_classifier
-from mapdit.runio import load_tensors, save_tensors, sha256_file
+from mapdit.runio import check_writable, load_tensors, save_tensors, sha256_file
 
 STATS_FORMAT = "mapdit-feature-stats-1"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -623,15 +624,30 @@ def reference_stats(
                 if log:
                     log(f"recomputing reference statistics: cache file {cache_file} is unreadable ({err})")
 
+    if cache_file is not None:  # checked before the work: an unwritable cache only costs the recomputation
+        try:
+            check_writable(cache_file.parent, "the statistics cache", "computing the reference statistics in "
+                           "memory (pass --cache-dir DIR or set MAPDIT_CACHE to keep them)")
+        except UserError as err:
+            _warn(log, str(err))
+            cache_file = None
     images, total, extra = _reference_images(kind, resolved, ref, split, num_samples, data_options, ext, batch_size)
     info.update(extra)
     stats = compute_stats(images, ext, batch_size=batch_size, progress=progress, total=total,
                           desc=f"reference {Path(resolved).name}")
     stats.info.update(info, source="computed", num_images=stats.count, num_samples=num_samples)
     if cache_file is not None:
-        stats.save(cache_file)
+        try:
+            stats.save(cache_file)
+        except UserError as err:  # a full disk or a place that became read-only: the numbers are still good
+            _warn(log, f"reference statistics not cached ({err})")
+            cache_file = None
     stats.info.update(cached=False, cache_file=None if cache_file is None else str(cache_file))
     return stats
+
+
+def _warn(log: Callable[[str], None] | None, message: str) -> None:
+    (log or (lambda m: print(m, file=sys.stderr)))(f"warning: {message}")
 
 
 def _reference_images(kind, resolved, ref, split, num_samples, data_options, ext, batch_size):
@@ -695,6 +711,7 @@ def evaluate_samples(
     weights_path: str | Path | None = None,
     device: str | torch.device = "cpu",
     log: Callable[[str], None] | None = None,
+    ref_stats: FeatureStats | None = None,
 ) -> dict:
     """FD of uint8 samples (N, H, W, C) against `ref` in the feature space of `extractor` (a name,
     a FeatureExtractor or a module). Returns a JSON-serialisable dict (nothing is written):
@@ -704,7 +721,8 @@ def evaluate_samples(
          "settings": extra_settings, ["conditioning_accuracy"], ["warnings"]}
 
     `conditioning_accuracy` (share of samples classified as their label) is added when the extractor
-    is "fmnist" and labels are given; it reuses the features computed for the FD.
+    is "fmnist" and labels are given; it reuses the features computed for the FD. `ref_stats`: the reference's
+    statistics computed beforehand (`reference_stats`, e.g. before a long sampling, so a bad reference fails first).
     """
     ext = _resolve_extractor(extractor, weights_path, device)
     try:
@@ -720,8 +738,9 @@ def evaluate_samples(
         if labels.shape != (n,):
             raise UserError(f"got {labels.numel()} labels for {n} samples")
 
-    ref_stats = reference_stats(ref, ext, cache_dir, split=split, num_samples=num_ref,
-                                data_options=data_options, batch_size=batch_size, progress=progress, log=log)
+    if ref_stats is None:
+        ref_stats = reference_stats(ref, ext, cache_dir, split=split, num_samples=num_ref,
+                                    data_options=data_options, batch_size=batch_size, progress=progress, log=log)
     preds: list[torch.Tensor] = []
     classify = labels is not None and isinstance(ext, FmnistFeatures)
     stats = compute_stats(samples.permute(0, 2, 3, 1), ext, batch_size=batch_size, progress=progress,

@@ -31,7 +31,7 @@ from safetensors import safe_open
 
 from mapdit.data import load_dataset
 from mapdit.errors import UserError
-from mapdit.runio import load_tensors, save_tensors
+from mapdit.runio import check_new_output, load_tensors, save_tensors
 
 ASSET_PATH = Path(__file__).resolve().parent.parent / "assets" / "fmnist_classifier.safetensors"
 FORMAT = "mapdit-fmnist-classifier-1"
@@ -201,11 +201,17 @@ def train_classifier(
     """
     if epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {epochs}")
+    # before the training: never replace a file this command did not make (a classifier file may be), never
+    # write into a run's checkpoints/, and an unwritable place fails now
+    check_new_output(out_path, "--out", own_format=FORMAT)
     train = load_dataset(data_path, split="train")
     test = load_dataset(data_path, split="test")
     if train.resolution != NATIVE_SIZE or train.channels != 1:
         raise UserError(f"{data_path} holds {train.channels}x{train.resolution}x{train.resolution} images; "
                         f"the classifier is for 1x{NATIVE_SIZE}x{NATIVE_SIZE} Fashion-MNIST")
+    if len(train) < batch_size:  # the last partial batch is dropped: an epoch would make no step
+        raise UserError(f"{data_path} holds {len(train)} training images, fewer than one batch of {batch_size}: "
+                        "pass the full Fashion-MNIST")
 
     old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)

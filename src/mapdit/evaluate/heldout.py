@@ -8,7 +8,11 @@ variant is scored on identically (same images, same noise, same t) — a paired 
 Timesteps are stratified: image i of N is noised at t = floor((i + 1/2)·T/N) (an even grid over [0, T)),
 so the figure is the mean over t of the per-t error, as the training loss is in expectation.
 
-    run/eval/heldout-<weights>-step<step>-n<N>-seed<seed>.json    cached (recomputed only when missing)
+    run/eval/heldout-<weights>-step<step>-n<N>-seed<seed>-<split>-k<key>.json    cached (computed when missing)
+
+<key> digests what the figure depends on: the checkpoint's content (its recorded sha256), the EMA width
+at full precision (and the snapshots of a post-hoc width), the data's description; so a checkpoint
+rewritten by a resume that fell back, or another width that rounds alike, never reads another's figure.
 """
 from __future__ import annotations
 
@@ -19,8 +23,9 @@ import torch
 from mapdit.config import ModelConfig
 from mapdit.data import load_dataset
 from mapdit.diffusion import make_diffusion
+from mapdit.ema import weights_identity
 from mapdit.errors import UserError
-from mapdit.runio import load_run_config, read_json, write_json
+from mapdit.runio import cache_key, checkpoint_identity, load_run_config, read_json, write_json
 from mapdit.weights import load_model, resolve_checkpoint
 
 
@@ -63,14 +68,22 @@ def heldout_for_run(run_dir: str | Path, weights: str = "ema", ema_std: float | 
     tracked) on `split` of its training data, cached under run/eval/. Returns the dict plus "weights"."""
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
-    step, _ = resolve_checkpoint(run_dir, None)
+    step, ckpt_path = resolve_checkpoint(run_dir, None)
     if weights == "raw":
         tag = "raw"
     else:
         tag = f"ema{(ema_std if ema_std is not None else min(config['train']['ema_stds'])):.3f}"
-    cache = run_dir / "eval" / f"heldout-{tag}-step{step:07d}-n{num_images}-seed{seed}-{split}.json"
+    key = cache_key({"checkpoint_sha256": checkpoint_identity(ckpt_path),
+                     **weights_identity(run_dir / "ema", config["train"]["ema_stds"], weights, ema_std, None),
+                     "num_images": int(num_images), "seed": int(seed), "split": split, "data": config["data"]})
+    cache = run_dir / "eval" / f"heldout-{tag}-step{step:07d}-n{num_images}-seed{seed}-{split}-k{key}.json"
     if cache.is_file():
-        return read_json(cache)
+        try:
+            cached = read_json(cache)
+            if isinstance(cached, dict) and isinstance(cached.get("mse"), float):
+                return cached
+        except UserError:
+            pass  # damaged: computed again and replaced below (it is a cache)
     data_meta = config["data"]
     if data_meta.get("kind") == "latents":
         raise UserError("held-out loss: only pixel datasets with a test split are supported (this run trained "

@@ -25,6 +25,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
+import signal
 import statistics
 import sys
 from pathlib import Path
@@ -33,16 +35,17 @@ from typing import Callable
 import torch
 
 from mapdit import distributed as dist_utils
+from mapdit import signals
 from mapdit.config import PRESETS, ModelConfig, make_config
 from mapdit.distributed import on_main
-from mapdit.errors import UserError
+from mapdit.errors import Stopped, UserError
 from mapdit.evaluate.magnitudes import measure_run
 from mapdit.evaluate.scoring import DEFAULT_CACHE
 from mapdit.experiments.budgets import SETTINGS_KEYS, ScoreBudget, TrainBudget, settings
 from mapdit.experiments.fid_run import fid_for_run
 from mapdit.log import Logger
 from mapdit.model import DiT, parameter_breakdown
-from mapdit.runio import load_run_config, read_json, run_to_resume, write_json, write_text
+from mapdit.runio import list_checkpoints, load_run_config, run_to_resume, write_json, write_text
 from mapdit.samplers import check_sampler
 from mapdit.train import TrainConfig, train
 
@@ -63,9 +66,49 @@ def int_list(text: str, what: str) -> list[int]:
         raise UserError(f"{what} {text!r}: give comma-separated integers, e.g. 0,1,2") from None
 
 
+class RunStopped(Stopped):
+    """A SIGTERM/Ctrl-C stopped an ablation (or a study) before a run reached its budget: the run's checkpoint
+    is written, nothing of it is scored or recorded, and the same command continues it. `what` says which run
+    and where it stopped; `hint` how to continue."""
+
+    def __init__(self, what: str, hint: str = ""):
+        super().__init__(f"{what}; {hint}" if hint else what)
+        self.what, self.hint = what, hint
+
+    def __reduce__(self):  # picklable (a worker process raising it to the study)
+        return type(self), (self.what, self.hint)
+
+
+# what a result JSON holds once it is whole (written last, after scoring)
+RESULT_KEYS = ("name", "run_dir", "settings", "metric", "value", "final_step")
+
+
+def finished_result(path: str | Path) -> dict | None:
+    """The result stored at `path` if it records a finished, scored run: every key of RESULT_KEYS, a numeric
+    value, and its last checkpoint at the budget's step count. None otherwise (missing, unreadable, emptied
+    to {}, cut short): such a variant is not finished, and a rerun continues its run and scores it again."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(result, dict) or any(k not in result for k in RESULT_KEYS):
+        return None
+    value, stored = result["value"], result["settings"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not isinstance(stored, dict):
+        return None
+    return result if stored.get("num_steps") == result["final_step"] else None
+
+
+def trained_steps(run_dir: str | Path) -> int:
+    """The step of a run's newest checkpoint (0 without one): how far it was trained."""
+    found = list_checkpoints(run_dir)
+    return found[-1][0] if found else 0
+
+
 def read_results(folder: Path) -> list[dict]:
-    """The stored results (results/*.json) of an ablation folder, by name."""
-    return [read_json(p) for p in sorted((folder / "results").glob("*.json"))] if folder.is_dir() else []
+    """The finished results (results/*.json, see `finished_result`) of an ablation folder, by name."""
+    found = [finished_result(p) for p in sorted((folder / "results").glob("*.json"))] if folder.is_dir() else []
+    return [r for r in found if r is not None]
 
 
 def _step_rate(run_dir: Path) -> float | None:
@@ -94,6 +137,14 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 # ------------------------------------------------------------------------------------------------
 # One variant
 # ------------------------------------------------------------------------------------------------
+def train_config(budget: TrainBudget, runs: Path, seed: int, device: str | None) -> TrainConfig:
+    """The TrainConfig a variant trains with (its runs go to `runs`)."""
+    return TrainConfig(data_path=budget.data_path, results_dir=str(runs), num_steps=budget.num_steps,
+                       batch_size=budget.batch_size, lr=budget.lr, seed=seed, ema_snapshots=budget.ema_snapshots,
+                       ckpt_every=budget.ckpt_every, log_every=budget.log_every, precision=budget.precision,
+                       device=device, min_snr_gamma=budget.min_snr_gamma)
+
+
 def _run_variant(spec: dict, budget: TrainBudget, score: ScoreBudget, out: Path, *, overrides: dict, device: str | None,
                  cache_dir, progress: bool, log: Callable[[str], None]) -> dict | None:
     """Train (or resume), evaluate and record one variant; the result dict on rank 0, None elsewhere."""
@@ -101,23 +152,29 @@ def _run_variant(spec: dict, budget: TrainBudget, score: ScoreBudget, out: Path,
     runs = out / "runs" / name
 
     existing = on_main(lambda: run_to_resume(runs))  # rank 0 looks; a Path, or None when nothing started
-    tc = TrainConfig(data_path=budget.data_path, results_dir=str(runs), num_steps=budget.num_steps,
-                     batch_size=budget.batch_size, lr=budget.lr, seed=spec["seed"],
-                     ema_snapshots=budget.ema_snapshots, ckpt_every=budget.ckpt_every,
-                     log_every=budget.log_every, precision=budget.precision, device=device,
-                     min_snr_gamma=budget.min_snr_gamma)
-    if existing:
-        log(f"{name}: resuming {existing}")
-        run_dir = train(tc, None, resume=str(existing), progress=progress)
-    else:
-        log(f"{name}: training {budget.model} config {spec['config']} modulation {spec['modulation']} "
-            f"seed {spec['seed']} for {budget.num_steps} steps")
-        # sizes follow the data (train() replaces them); placeholders until then
-        model_cfg = make_config(budget.model, preset=spec["config"], modulation=spec["modulation"],
-                                input_size=make_config(budget.model).patch_size, in_channels=1, num_classes=1)
-        if overrides:  # ModelConfig fields set as given (an option can be turned off too)
-            model_cfg = dataclasses.replace(model_cfg, **overrides).validate()
-        run_dir = train(tc, model_cfg, progress=progress)
+    tc = train_config(budget, runs, spec["seed"], device)
+    try:
+        if existing:
+            log(f"{name}: resuming {existing}")
+            run_dir = train(tc, None, resume=str(existing), progress=progress)
+        else:
+            log(f"{name}: training {budget.model} config {spec['config']} modulation {spec['modulation']} "
+                f"seed {spec['seed']} for {budget.num_steps} steps")
+            # sizes follow the data (train() replaces them); placeholders until then
+            model_cfg = make_config(budget.model, preset=spec["config"], modulation=spec["modulation"],
+                                    input_size=make_config(budget.model).patch_size, in_channels=1, num_classes=1)
+            if overrides:  # ModelConfig fields set as given (an option can be turned off too)
+                model_cfg = dataclasses.replace(model_cfg, **overrides).validate()
+            run_dir = train(tc, model_cfg, progress=progress)
+    except RunStopped:
+        raise
+    except Stopped as err:  # a signal during train()'s set-up
+        raise RunStopped(f"{name}: {err}") from None
+    # train() returns early (checkpoint written) when a SIGTERM/Ctrl-C stopped it: such a run is not scored
+    reached = on_main(lambda: trained_steps(run_dir))
+    if reached < budget.num_steps:
+        raise RunStopped(f"stopped by signal: {name} at step {reached} of {budget.num_steps} (checkpoint written, "
+                         "nothing scored)")
     fid = fid_for_run(run_dir, score.fid_samples, ref=score.ref, features=score.features, weights=score.weights,
                       ema_std=score.ema_std, cfg_scale=score.cfg_scale, sampler=score.sampler,
                       steps=score.sampling_steps, seed=spec["seed"], batch_size=score.sample_batch_size,
@@ -228,7 +285,18 @@ def run_ablation(budget: TrainBudget, score: ScoreBudget, *, configs: list[str],
     {"rows", "results", "table_md", "table_csv", "trained", "skipped"} on rank 0 (the lists only
     elsewhere). See the module doc. `overrides`: ModelConfig fields set on every variant after its preset
     and modulation (e.g. {"cosine_attention": False}); recorded in each result, and a stored result with
-    other overrides is refused like one with another budget."""
+    other overrides is refused like one with another budget.
+
+    SIGTERM/Ctrl-C: a run stops at its next step with a checkpoint (as `mapdit train`), one that comes between
+    runs stops before the next one; either way `RunStopped` is raised, nothing unfinished is scored or
+    recorded, and the same call continues. A second signal stops at once (KeyboardInterrupt)."""
+    with signals.held():  # a no-op under `mapdit`, which holds them from its start
+        return _ablation(budget, score, configs=configs, modulations=modulations, seeds=seeds, out=out,
+                         device=device, cache_dir=cache_dir, progress=progress, log=log, overrides=overrides)
+
+
+def _ablation(budget: TrainBudget, score: ScoreBudget, *, configs: list[str], modulations: list[str], seeds,
+              out, device, cache_dir, progress: bool, log, overrides) -> dict:
     d = dist_utils.init(device)
     out = Path(out)
     say = Logger(out / "log.txt", is_main=d.is_main, sink=log or (lambda line: print(line, file=sys.stderr)))
@@ -258,7 +326,11 @@ def run_ablation(budget: TrainBudget, score: ScoreBudget, *, configs: list[str],
         path = out / "results" / f"{spec['name']}.json"
         if not path.is_file():
             return None
-        result = read_json(path)
+        result = finished_result(path)
+        if result is None:
+            say(f"{spec['name']}: {path} does not record a finished, scored run: the run is continued and scored "
+                "again")
+            return None
         mismatch = [k for k in SETTINGS_KEYS if result.get("settings", {}).get(k) != wanted[k]]
         if result.get("overrides", {}) != overrides:
             mismatch.append("overrides")
@@ -270,18 +342,24 @@ def run_ablation(budget: TrainBudget, score: ScoreBudget, *, configs: list[str],
     say(f"ablation in {out}: {len(specs)} variants ({', '.join(configs)} x {', '.join(canonical)} x seeds "
         f"{', '.join(map(str, seeds))}), {budget.model}, {budget.num_steps} steps, batch {budget.batch_size}")
     results, trained, skipped = [], [], []
-    for spec in specs:
-        done = on_main(lambda: stored(spec))
-        if done is not None:
-            say(f"{spec['name']}: skipped, already finished ({out / 'results' / (spec['name'] + '.json')})")
-            skipped.append(spec["name"])
-            results.append(done)
-            continue
-        result = _run_variant(spec, budget, score, out, overrides=overrides, device=device, cache_dir=cache_dir,
-                              progress=progress, log=say)
-        trained.append(spec["name"])
-        if result is not None:
-            results.append(result)
+    try:
+        for spec in specs:
+            done = on_main(lambda: stored(spec))
+            if done is not None:
+                say(f"{spec['name']}: skipped, already finished ({out / 'results' / (spec['name'] + '.json')})")
+                skipped.append(spec["name"])
+                results.append(done)
+                continue
+            asked = dist_utils.broadcast(signals.pending())  # a signal since the last run: rank 0's view
+            if asked is not None:
+                raise RunStopped(f"stopped by signal {signal.Signals(asked).name} before {spec['name']} started")
+            result = _run_variant(spec, budget, score, out, overrides=overrides, device=device,
+                                  cache_dir=cache_dir, progress=progress, log=say)
+            trained.append(spec["name"])
+            if result is not None:
+                results.append(result)
+    except RunStopped as err:
+        raise RunStopped(err.what, f"rerun the same command (--out {out}) to continue") from None
 
     summary = {"trained": trained, "skipped": skipped, "results": results}
     if d.is_main:

@@ -5,11 +5,17 @@ with the same per-batch seeds as one process, so the images do not depend on the
 gathers them once on rank 0, keeps them beside the run as an ADM-layout npz (arr_0 uint8 N x H x W x C,
 arr_1 labels) and computes the Fréchet distance against a reference with `evaluate_samples`:
 
-    run/eval/samples-<settings>.npz        reused (not resampled) when one with identical settings exists
-    run/eval/fid-<features>-<settings>.json    never overwritten (fid-...-1.json, ... next)
+    run/eval/samples-<settings>-k<key>.npz        reused (not resampled) when one with the same key exists;
+                                                  a damaged one is rebuilt in place (it is a cache)
+    run/eval/fid-<features>-<settings>-k<key>.json    never overwritten (fid-...-1.json, ... next); written
+                                                  complete, then linked to its name
 
 <settings> = step<checkpoint>-<raw | ema<std>>-<sampler><steps>-cfg<scale>-seed<seed>-n<N>-bs<batch size>
-(the batch size is part of it: sample i gets the noise of batch i // batch_size).
+(the batch size is part of it: sample i gets the noise of batch i // batch_size) is for people; <key>
+is a digest of everything the images depend on: the checkpoint's content (its recorded sha256), the EMA
+width at full precision (and, for a post-hoc width, the snapshots it is reconstructed from), the sampler
+settings, the model config and the data's description. A checkpoint of another run, or one rewritten by
+a resume that fell back, gives another key, so its samples are never taken for these.
 
 Features and reference follow the rules of `mapdit.evaluate.scoring` (`--features` overrides them).
 Reference statistics are cached (default $MAPDIT_CACHE/fid-stats, i.e. ~/.cache/mapdit/fid-stats).
@@ -25,7 +31,8 @@ import torch
 
 from mapdit import distributed as dist_utils
 from mapdit.distributed import on_main
-from mapdit.evaluate.fid import default_cache_dir, evaluate_samples
+from mapdit.ema import weights_identity
+from mapdit.evaluate.fid import default_cache_dir, evaluate_samples, reference_stats
 from mapdit.evaluate.scoring import (
     DEFAULT_CACHE,
     check_sampling,
@@ -34,7 +41,14 @@ from mapdit.evaluate.scoring import (
     extractor,
     reference_options,
 )
-from mapdit.runio import check_writable, claim_new_path, load_run_config, write_json
+from mapdit.runio import (
+    cache_key,
+    check_writable,
+    checkpoint_identity,
+    clean_temporaries,
+    load_run_config,
+    write_new_json,
+)
 from mapdit.sample import sample_images, sample_labels, save_npz
 from mapdit.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from mapdit.weights import check_weight_choice, load_model, resolve_checkpoint
@@ -96,6 +110,12 @@ def fid_for_run(run_dir: str | Path, num_samples: int = DEFAULT_NUM_SAMPLES, *, 
     # samples and results go into the run: a read-only run fails here, not after the sampling
     on_main(lambda: check_writable(run_dir / "eval", "the run's eval folder",
                                     "copy the run to a writable place to evaluate it"), share=False)
+    on_main(lambda: clean_temporaries(run_dir / "eval"), share=False)  # what a killed `mapdit fid` left
+    # the reference before the sampling: a missing --ref, a --num-ref larger than it, a bad --split fail now
+    ref_stats = on_main(lambda: reference_stats(ref, ext, cache, split=split, num_samples=num_ref,
+                                                data_options=reference_options(data_meta),
+                                                batch_size=max(batch_size, 64), progress=progress, log=say),
+                        share=False)
     tracked = config["train"]["ema_stds"]
     settings = {"weights": weights, "ema_std": (min(tracked) if ema_std is None else float(ema_std))
                 if weights == "ema" else None, "cfg_scale": float(cfg_scale), "sampler": sampler,
@@ -103,7 +123,14 @@ def fid_for_run(run_dir: str | Path, num_samples: int = DEFAULT_NUM_SAMPLES, *, 
                 "batch_size": int(batch_size), "checkpoint_step": int(step), "checkpoint": str(ckpt_path),
                 "features": getattr(ext, "name", None) or str(features),  # ext lives on rank 0 only
                 "reference": str(ref), "num_reference": num_ref, "split": split}
-    tag = settings_tag(settings)
+    key = on_main(lambda: cache_key({
+        "checkpoint_sha256": checkpoint_identity(ckpt_path),
+        **weights_identity(run_dir / "ema", config["train"]["ema_stds"], weights, ema_std,
+                           step if ckpt is not None else None),
+        **{k: settings[k] for k in ("cfg_scale", "sampler", "steps", "seed", "num_samples", "batch_size")},
+        "model": config["model"], "data": data_meta}))
+    settings["cache_key"] = key
+    tag = f"{settings_tag(settings)}-k{key}"
     labels = sample_labels(num_samples, int(config["model"]["num_classes"]), seed)
     npz_path = run_dir / "eval" / f"samples-{tag}.npz"
     images = None
@@ -125,24 +152,20 @@ def fid_for_run(run_dir: str | Path, num_samples: int = DEFAULT_NUM_SAMPLES, *, 
         images = sample_images(model, data_meta, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                                seed=seed, batch_size=batch_size, progress=progress)
         del model
-        if d.is_main:
-            npz_path = save_npz(npz_path, images, labels.numpy(), new=True)
+        if d.is_main:  # same key, same images: a damaged or stale file of this name is replaced, never multiplied
+            npz_path = save_npz(npz_path, images, labels.numpy())
             say(f"samples -> {npz_path}")
 
     def evaluate() -> dict:
         result = evaluate_samples(images, labels, ref, ext, cache, extra_settings=settings, num_ref=num_ref,
                                   split=split, data_options=reference_options(data_meta),
-                                  batch_size=max(batch_size, 64), progress=progress, log=say)
+                                  batch_size=max(batch_size, 64), progress=progress, log=say, ref_stats=ref_stats)
         result.update(value=result[result["metric"]], run_dir=str(run_dir), samples_npz=str(npz_path),
                       samples_reused=bool(reuse), result_json=None)
-        if write:
-            path = claim_new_path(run_dir / "eval" / f"fid-{settings['features']}-{tag}.json")  # race-free
+        if write:  # complete content first, then a name no other file has (race-free); it names itself
+            path = write_new_json(run_dir / "eval" / f"fid-{settings['features']}-{tag}.json",
+                                  lambda p: {**result, "result_json": str(p)})
             result["result_json"] = str(path)
-            try:
-                write_json(path, result)
-            except BaseException:
-                path.unlink(missing_ok=True)  # the empty reservation
-                raise
         acc = result.get("conditioning_accuracy")
         say(f"{result['metric']} = {result['value']:.4f}" + (f", conditioning accuracy {acc:.4f}" if acc is not None
                                                              else "") + f" ({num_samples} samples vs {ref})")

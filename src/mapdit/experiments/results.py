@@ -23,6 +23,7 @@ from PIL import Image
 from mapdit.errors import UserError
 from mapdit.evaluate.heldout import heldout_for_run
 from mapdit.evaluate.magnitudes import attention_entropy_for_run
+from mapdit.experiments.ablate import finished_result
 from mapdit.experiments.budgets import (
     BASE_ARMS,
     COMPARISONS,
@@ -127,8 +128,8 @@ def run_record(out: str | Path, arm: Arm, lr: float, seed: int, budget: StudyBud
               "result": None, "value": None, "accuracy": None, "heldout": None, "run_dir": None}
     div = folder / "diverged" / f"{arm.name}-seed{seed}.json"
     found = sorted((folder / "results").glob(f"*-seed{seed}.json")) if (folder / "results").is_dir() else []
-    if found:
-        result = read_json(found[0])
+    result = finished_result(found[0]) if found else None  # an emptied or cut-short one: not finished
+    if result is not None:
         run_dir = _locate(folder, result.get("run_dir"))
         mags = result.get("magnitudes_csv")
         record.update(status="finished", result=result, value=result.get("value"),

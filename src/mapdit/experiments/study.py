@@ -56,12 +56,14 @@ from typing import Callable
 
 import torch
 
+from mapdit import signals
 from mapdit.config import TrainConfig
-from mapdit.errors import Diverged, UserError
+from mapdit.errors import Diverged, Stopped, UserError
 from mapdit.evaluate.fid import default_cache_dir
 from mapdit.evaluate.magnitudes import attention_entropy_for_run
 from mapdit.evaluate.scoring import DEFAULT_CACHE
 from mapdit.experiments import ablate
+from mapdit.experiments.ablate import RunStopped
 from mapdit.experiments.budgets import (
     BASE_ARMS,
     COMPARISONS,
@@ -152,6 +154,8 @@ def train_arm(out: Path, arm: Arm, lr: float, seeds: list[int], budget: StudyBud
             summary = ablate.run_ablation(train, score, configs=[arm.config], modulations=[arm.modulation],
                                           seeds=[s], out=folder, overrides=dict(arm.overrides), device=opts.device,
                                           cache_dir=opts.cache_dir, progress=opts.progress, log=opts.log)
+        except RunStopped as err:  # which run of the study
+            raise RunStopped(f"{tag}: {err.what}") from None
         except Diverged as err:
             write_json(record, {"name": name, "arm": arm.name, "config": arm.config, "modulation": arm.modulation,
                                 "overrides": arm.overrides, "seed": s, "lr": lr,
@@ -452,38 +456,42 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
         write_json(meta_path, dict(meta, elapsed_s=elapsed_before + time.perf_counter() - started))
 
     try:
-        for part in parts:
-            say(f"{part} ...")
-            if pool is not None and (_needs(part) and pool.busy_with("rates") or part in ("magnitudes", "grid")):
-                say("waiting for the runs under way (this part needs them finished)")
-                pool.wait(done, save_time)
-            best = best_rates(out, b, _needs(part), part) if _needs(part) else {}
-            done[part] = summary = {"trained": [], "skipped": [], "diverged": []}
-            for arm, lr, part_seeds in part_runs(part, b, best, configs, components, modulations):
-                if pool is None:
-                    for s in part_seeds:
-                        got = train_arm(out, arm, lr, [s], b, say, opts, heldout=True)
-                        for k in summary:
-                            summary[k] += got[k]
-                        save_time()
-                    continue
-                for s in part_seeds:
-                    queued_by = pool.submit(part, arm, lr, s)
-                    if queued_by is not None:
-                        summary["skipped"].append(f"{arm.name}/{lr_tag(lr)}/{arm.name}-seed{s}")
-                        say(f"{arm.name} at {lr:g}: seed {s} skipped, already queued by part {queued_by}")
-            if part == "magnitudes":
-                done[part] = {**summary, **_magnitudes_part(out, b, best, say)}
-            elif part == "grid":
-                done[part] = {**summary, **_grid_part(out, b, best, say)}
-            elif part == "rates":
-                if pool is not None:
+        with signals.held():  # a no-op under `mapdit`, which holds them from its start
+            for part in parts:
+                say(f"{part} ...")
+                if pool is not None and (_needs(part) and pool.busy_with("rates") or part in ("magnitudes", "grid")):
+                    say("waiting for the runs under way (this part needs them finished)")
                     pool.wait(done, save_time)
-                found = best_rates(out, b, configs)
-                say("best rates: " + ", ".join(f"{c} {'-' if r is None else f'{r:g}'}" for c, r in found.items()))
-            save_time()
-        if pool is not None:
-            pool.wait(done, save_time)
+                best = best_rates(out, b, _needs(part), part) if _needs(part) else {}
+                done[part] = summary = {"trained": [], "skipped": [], "diverged": []}
+                for arm, lr, part_seeds in part_runs(part, b, best, configs, components, modulations):
+                    if pool is None:
+                        for s in part_seeds:
+                            got = train_arm(out, arm, lr, [s], b, say, opts, heldout=True)
+                            for k in summary:
+                                summary[k] += got[k]
+                            save_time()
+                        continue
+                    for s in part_seeds:
+                        queued_by = pool.submit(part, arm, lr, s)
+                        if queued_by is not None:
+                            summary["skipped"].append(f"{arm.name}/{lr_tag(lr)}/{arm.name}-seed{s}")
+                            say(f"{arm.name} at {lr:g}: seed {s} skipped, already queued by part {queued_by}")
+                if part == "magnitudes":
+                    done[part] = {**summary, **_magnitudes_part(out, b, best, say)}
+                elif part == "grid":
+                    done[part] = {**summary, **_grid_part(out, b, best, say)}
+                elif part == "rates":
+                    if pool is not None:
+                        pool.wait(done, save_time)
+                    found = best_rates(out, b, configs)
+                    say("best rates: " + ", ".join(f"{c} {'-' if r is None else f'{r:g}'}" for c, r in found.items()))
+                save_time()
+            if pool is not None:
+                pool.wait(done, save_time)
+    except RunStopped as err:  # a run checkpointed and stopped, or a signal came between runs
+        save_time()
+        raise Stopped(f"{err.what}; continue with: {command}") from None
     finally:
         if pool is not None:
             pool.close()
