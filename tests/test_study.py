@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import cli, needs_installed_fmnist
+from helpers import cli, needs_installed_fmnist, only_error_line
 from mapdit.config import MP_OPTIONS
 from mapdit.errors import Diverged, UserError
 from mapdit.evaluate.fid import default_cache_dir
@@ -459,6 +459,56 @@ def test_results_md_contains_every_table(tmp_path):
     # plots copied next to the document and linked relatively; the grid is not made yet
     assert "](docs/results/residual_per_block.png)" in text and "not run yet" in text.split("## 5.")[1].split("## 6")[0]
     assert (tmp_path / "docs" / "results" / "residual_per_block.png").is_file()
+
+
+def test_the_report_never_replaces_a_file_the_study_did_not_write(tmp_path, monkeypatch, capsys):
+    # `mapdit study --report-only`, run from the repository root as the README said, rewrote the shipped
+    # RESULTS.md (133 -> 67 lines: "No results stored yet in results/study") and exited 0
+    monkeypatch.chdir(tmp_path)
+    shipped, figure = Path("RESULTS.md"), Path("docs", "results", "A_vs_E.png")
+    shipped.write_text("# Results\n\nwritten by hand\n")
+    figure.parent.mkdir(parents=True)
+    figure.write_bytes(b"a figure of someone else")
+    assert cli("study", "--report-only") == 2
+    assert "--out results/study holds no study" in only_error_line(capsys, "study")
+    assert shipped.read_text() == "# Results\n\nwritten by hand\n"
+
+    out = Path("results", "study")
+    write_json(out / "study.json", {"settings": _settings(rates={"A": [1e-2]}).to_dict(), "command": "mapdit study"})
+    _fake_run(out, "A", 1e-2, 0, 50.0)
+    (out / "grid").mkdir()
+    (out / "grid" / "A_vs_E.png").write_bytes(b"the study's figure")
+    assert cli("study", "--report-only") == 0  # the report goes inside --out by default
+    assert capsys.readouterr().out.strip() == str(out / "RESULTS.md")
+    own = (out / "RESULTS.md").read_text()
+    assert own.startswith("<!-- written by mapdit study --out .: ") and "| A | 0.01 | 50.00 |" in own
+    assert shipped.read_text() == "# Results\n\nwritten by hand\n"
+
+    # the repository's RESULTS.md is an explicit choice, and refused while that study did not write it
+    for explicit in (["--results-md", "RESULTS.md"], ["--results-md", "R2.md", "--docs-dir", "docs/results"]):
+        assert cli("study", "--report-only", "--out", out, *explicit) == 2
+        line = only_error_line(capsys, "study")
+        assert "exists and was not" in line and f"by the study in {out}" in line and "delete that file" in line
+    assert shipped.read_text() == "# Results\n\nwritten by hand\n" and not Path("R2.md").exists()
+    assert figure.read_bytes() == b"a figure of someone else"
+    shipped.unlink()
+    figure.unlink()
+    args = ["study", "--report-only", "--out", out, "--results-md", "RESULTS.md", "--docs-dir", "docs/results"]
+    assert cli(*args) == 0
+    assert shipped.read_text().startswith("<!-- written by mapdit study --out results/study: ")
+    assert "](docs/results/A_vs_E.png)" in shipped.read_text() and figure.read_bytes() == b"the study's figure"
+    (out / "grid" / "A_vs_E.png").write_bytes(b"a newer figure")
+    assert cli(*args) == 0  # written by this study: regenerated, figures included
+    assert figure.read_bytes() == b"a newer figure"
+    # another study does not replace it; a RESULTS.md of the format before the mark counts as its study's
+    other = Path("other")
+    shutil.copytree(out, other)
+    assert cli("study", "--report-only", "--out", other, "--results-md", "RESULTS.md") == 2
+    assert "was not written by the study in other" in only_error_line(capsys, "study")
+    legacy = shipped.read_text().split("\n", 1)[1].replace("results/study", "other")
+    shipped.write_text(legacy)
+    assert cli("study", "--report-only", "--out", other, "--results-md", "RESULTS.md") == 0
+    assert shipped.read_text().startswith("<!-- written by mapdit study --out other: ")
 
 
 def test_results_md_without_runs_says_not_run_yet(tmp_path):

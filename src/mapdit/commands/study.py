@@ -11,7 +11,7 @@ from .. import signals
 from ..errors import UserError
 from ..experiments.ablate import int_list, parse_list
 from ..experiments.budgets import CONFIGS, FULL, HELDOUT_IMAGES, MODULATIONS, PARTS, QUICK, component_arms
-from ..experiments.results import write_results_md
+from ..experiments.results import check_study_folder, write_results_md
 from ..experiments.study import RunOptions, run_study
 from ..samplers import SAMPLER_CHOICES
 
@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> dict:
     modulations = parse_list(args.modulations, "--modulations")
     if args.report_only:
         signals.release()  # nothing to stop gracefully: the usual handling
+        check_study_folder(args.out)
         md = write_results_md(args.out, args.results_md, args.docs_dir, components, modulations)
         print(md)
         return {"studies": {}, "results_md": md}
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> dict:
         heldout_images=args.heldout_images, rates=None if args.rates is None else parse_rates(args.rates),
         configs=[c.upper() for c in parse_list(args.configs, "--configs")], components=components,
         modulations=modulations, num_ref=args.num_ref, min_snr_gamma=args.min_snr_gamma, opts=opts,
-        workers=args.workers, results_md=args.results_md,
+        workers=args.workers, results_md=True if args.results_md is None else args.results_md,
         docs_dir=args.docs_dir)
     print(json.dumps({k: {kk: len(vv) for kk, vv in v.items()} for k, v in summary["studies"].items()}))
     if summary["results_md"] is not None:
@@ -103,7 +104,10 @@ def register(sub) -> None:
                         "hour for the demo model; progress bars off, one line per run)")
     p.add_argument("--device", default=None)
     p.add_argument("--cache-dir", default=None, help="reference statistics cache")
-    p.add_argument("--results-md", default="RESULTS.md")
-    p.add_argument("--docs-dir", default="docs/results", help="where RESULTS.md's PNGs are copied")
-    p.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md from --out")
+    p.add_argument("--results-md", default=None,
+                   help="where the report goes (default: RESULTS.md inside --out); an existing file is replaced "
+                        "only if this study wrote it (e.g. --results-md RESULTS.md to update the repository's)")
+    p.add_argument("--docs-dir", default=None,
+                   help="where the report's PNGs are copied (default: none, they are linked inside --out)")
+    p.add_argument("--report-only", action="store_true", help="only regenerate the report from --out")
     p.set_defaults(func=run, graceful_stop=True)  # SIGTERM/Ctrl-C: the run under way checkpoints, then the study stops

@@ -36,9 +36,15 @@ Resumable: finished runs (result JSON) are skipped, interrupted ones continue, d
 `--workers 2` trains two runs at once, one thread each (on 2 cores ~1.25x the runs per hour: the demo model
 is too small to keep two threads busy); the results are those of 1-thread runs.
 
-RESULTS.md is regenerated from the stored results at the end of every invocation (also `--report-only`) by
-mapdit.experiments.results; its PNGs are copied to --docs-dir (default docs/results) and linked relative to
-the document.
+RESULTS.md (default: inside --out) is regenerated from the stored results at the end of every invocation (also
+`--report-only`) by mapdit.experiments.results; its PNGs are linked where they are, or copied to --docs-dir.
+Its first line names the study that wrote it: a file that another study or a person wrote is never replaced
+(one line, exit 2, before any run trains), so updating the repository's RESULTS.md is an explicit
+`--results-md RESULTS.md --docs-dir docs/results` with `--out benchmarks/results/study`.
+
+SIGTERM/Ctrl-C: the run under way checkpoints and stops (as `mapdit train`), or, between runs, the next one does
+not start; nothing unfinished is scored, the command exits 0 with a line saying how to continue, and the same
+command continues the stopped run. A second signal stops at once.
 """
 from __future__ import annotations
 
@@ -80,6 +86,7 @@ from mapdit.experiments.budgets import (
 )
 from mapdit.experiments.results import (
     best_rates,
+    check_report_targets,
     class_rows,
     heldout_error,
     lr_tag,
@@ -92,7 +99,7 @@ from mapdit.experiments.results import (
     write_results_md,
 )
 from mapdit.log import Logger
-from mapdit.runio import read_json, write_json
+from mapdit.runio import check_writable, read_json, write_json
 from mapdit.sample import save_png
 from mapdit.samplers import check_sampler
 
@@ -383,12 +390,16 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
               rates: dict[str, list[float]] | None = None, configs=CONFIGS, components: list[str] | None = None,
               modulations=MODULATIONS, num_ref: int | None = None, min_snr_gamma: float | None = None,
               opts: RunOptions | None = None,
-              workers: int = 1, progress: bool = True, results_md: str | Path | None = "RESULTS.md",
-              docs_dir: str | Path = "docs/results", command: str | None = None) -> dict:
-    """Run the chosen parts (skipping what is finished) and regenerate RESULTS.md; `workers` > 1 trains that
-    many runs at once (a part waits for `rates` only where it needs the best rates). Returns
-    {"studies": {part: {"trained", "skipped", "diverged"}}, "plan": plan(), "results_md": path or None}."""
+              workers: int = 1, progress: bool = True, results_md: str | Path | bool | None = True,
+              docs_dir: str | Path | None = None, command: str | None = None) -> dict:
+    """Run the chosen parts (skipping what is finished) and regenerate RESULTS.md (True: `out`/RESULTS.md; None:
+    none; an existing file that this study did not write is refused before any work) with its figures linked
+    in `out`, or copied to `docs_dir`; `workers` > 1 trains that many runs at once (a part waits for `rates`
+    only where it needs the best rates). Returns {"studies": {part: {"trained", "skipped", "diverged"}},
+    "plan": plan(), "results_md": path or None}."""
     out = Path(out)
+    report = results_md is not None and results_md is not False
+    results_md = None if results_md is True else results_md
     opts = opts or RunOptions(progress=progress)
     b = study_budget(quick, model=model, num_steps=num_steps, batch_size=batch_size, seeds=seeds,
                      fid_samples=fid_samples, sampler=sampler, sampling_steps=sampling_steps, cfg_scale=cfg_scale,
@@ -419,7 +430,9 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
     bad_rates = any(not v or not all(0 < r < 1 for r in v) for v in b.rates.values())
     if bad_rates or [c for c in b.rates if c not in CONFIGS]:
         raise UserError(f"--rates {b.to_dict()['rates']}: each of {', '.join(CONFIGS)} needs rates in (0, 1)")
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "--out", "pass another --out")
+    if report:  # where the report goes: writable, and not a file someone else wrote
+        results_md, docs_dir = check_report_targets(out, results_md, docs_dir)
     meta_path = out / "study.json"
     old = read_json(meta_path) if meta_path.is_file() else {}
     settings = b.to_dict()
@@ -496,7 +509,7 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
         if pool is not None:
             pool.close()
     md = None
-    if results_md is not None:
+    if report:
         md = write_results_md(out, results_md, docs_dir, components, modulations)
         say(f"results -> {md}")
     save_time()
