@@ -304,6 +304,22 @@ def test_an_emptied_or_cut_short_result_is_not_a_finished_run(tmp_path):
     assert results.run_record(out, budgets.BASE_ARMS["A"], 3e-2, 0)["status"] == "missing"
 
 
+@pytest.mark.parametrize("bad", [("--heldout-images", 0), ("--fid-samples", 0), ("--fid-samples", 1), ("--num-ref", 1),
+                                 ("--num-ref", 10_001), ("--batch-size", 0), ("--num-steps", 0),
+                                 ("--sample-batch-size", 0), ("--model", "DiT-Q/9"), ("--results-md", "file/R.md"),
+                                 ("--docs-dir", "file/docs"), ("--out", "file/study")])
+def test_a_bad_setting_or_place_fails_before_any_run_trains_or_is_stored(tmp_path, monkeypatch, capsys, bad):
+    # these failed only after a run had trained, with study.json already storing them (the corrected rerun
+    # was then refused as "other settings"), or after the whole study (an unwritable report)
+    monkeypatch.chdir(tmp_path)
+    Path("file").write_text("a file, not a folder")
+    calls = []
+    monkeypatch.setattr("mapdit.experiments.ablate.run_ablation", lambda *a, **kw: calls.append(a))
+    assert cli("study", "--studies", "rates", "--configs", "A", "--rates", "A=1e-2", "--out", "study", *bad) == 2
+    line = only_error_line(capsys, "study")
+    assert bad[0] in line and calls == [] and not Path("study", "study.json").exists()
+
+
 # ------------------------------------------------------------------------------------------------ components
 def test_every_component_variant_differs_from_E_in_exactly_one_field():
     e = budgets.arm_config("DiT-XXS/4", budgets.BASE_ARMS["E"]).to_dict()

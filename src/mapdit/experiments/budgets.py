@@ -69,6 +69,7 @@ SCORE_SAMPLES = 1000
 SCORE_CFG = 4.0  # classifier-free guidance on every channel
 SCORE_EMA = 0.10  # EMA sigma_rel every run is scored with (a width training tracks: no post-hoc reconstruction)
 HELDOUT_IMAGES = 2000  # test images of the held-out eps-MSE
+TEST_IMAGES = 10_000  # Fashion-MNIST's test split: the scoring reference and the held-out images
 
 # Learning-rate brackets (rates part); later parts use each config's best rate from these
 # (C's 0.1 and 0.3, D's and E's 0.3 were added when the best rate of the bracket sat at its edge; B's 1e-4
@@ -118,6 +119,32 @@ class StudyBudget:
         """A stored budget; keys it lacks come from `base` (default FULL)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return dataclasses.replace(base or FULL, **{k: v for k, v in data.items() if k in names})
+
+    def check(self) -> "StudyBudget":
+        """Every setting a run would reject, as a one-line UserError naming its flag, before anything is
+        stored or trained (a bad one used to fail after the first run had trained, with study.json already
+        holding it, so the corrected rerun was refused as "other settings")."""
+        try:
+            make_config(self.model)
+        except UserError as err:
+            raise UserError(f"--model {self.model}: {err}") from None
+        whole = {"--num-steps": (self.num_steps, 1), "--batch-size": (self.batch_size, 1),
+                 "--fid-samples": (self.fid_samples, 2), "--sampling-steps": (self.sampling_steps, 1),
+                 "--heldout-images": (self.heldout_images, 1)}
+        if self.num_ref is not None:
+            whole["--num-ref"] = (self.num_ref, 2)
+        for flag, (value, least) in whole.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                why = " (a Fréchet distance needs 2)" if least == 2 else ""
+                raise UserError(f"{flag} {value}: give a whole number of at least {least}{why}")
+        if self.num_ref is not None and self.num_ref > TEST_IMAGES:
+            raise UserError(f"--num-ref {self.num_ref}: the Fashion-MNIST test split has {TEST_IMAGES} images; give "
+                            "at most that many, or leave it out (all of them)")
+        if not self.seeds:
+            raise UserError("--seeds: give at least one seed")
+        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
+            raise UserError(f"--cfg-scale {self.cfg_scale:g}: give a finite number >= 0 (1: no guidance)")
+        return self
 
     @property
     def seed0(self) -> int:

@@ -131,6 +131,14 @@ class RunOptions:
     log: Callable[[str], None] | None = None
 
 
+def _check_options(opts: RunOptions) -> None:
+    for flag, value, least in (("--ema-snapshots", opts.ema_snapshots, 0), ("--log-every", opts.log_every, 1),
+                               ("--sample-batch-size", opts.sample_batch_size, 1),
+                               ("--magnitude-batch-size", opts.magnitude_batch_size, 1)):
+        if value < least:
+            raise UserError(f"{flag} {value}: give a whole number of at least {least}")
+
+
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
@@ -405,6 +413,8 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
                      fid_samples=fid_samples, sampler=sampler, sampling_steps=sampling_steps, cfg_scale=cfg_scale,
                      checkpoints=checkpoints, heldout_images=heldout_images, rates=rates, num_ref=num_ref,
                      min_snr_gamma=min_snr_gamma)
+    b.check()  # every setting a run would reject, before study.json stores it or any run trains
+    _check_options(opts)
     check_sampler(b.sampler)  # before any training: an unknown name or a missing diffusers fails now
     if f"{b.ema_std:.3f}" not in {f"{w:.3f}" for w in TrainConfig().ema_stds}:
         raise UserError(f"the scoring EMA width {b.ema_std} is not tracked by training "
