@@ -64,9 +64,9 @@ def test_fid_samples_are_keyed_by_checkpoint_content(run_copy, tmp_path, cache):
     again = fid_for_run(run_copy, 16, **_fid_kw(cache))
     assert again["samples_reused"] is True and again["value"] == first["value"]
     # a resume that fell back and wrote step 4 again: what was derived from the old step 4 is not reused
-    _rewrite_checkpoint(run_copy, 4)
+    _rewrite_checkpoint(run_copy, 4, delta=0.02)
     rewritten = fid_for_run(run_copy, 16, **_fid_kw(cache))
-    assert rewritten["samples_reused"] is False and rewritten["value"] == second["value"]
+    assert rewritten["samples_reused"] is False and rewritten["value"] not in (first["value"], second["value"])
 
 
 def test_fid_damaged_samples_are_rebuilt_in_place(run_copy, cache):
