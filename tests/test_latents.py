@@ -360,3 +360,65 @@ def test_cli_prepare(images, vae_dir, tmp_path, monkeypatch, capsys):
     assert cli.main([*argv[:6], "20", *argv[7:]]) == 2  # resolution 20: not a multiple of 8
     err = capsys.readouterr().err.strip()
     assert err.startswith("mapdit prepare: error: --resolution must be a positive multiple of 8") and "\n" not in err
+
+
+# ---------------------------------------------------------------- inputs verified by content
+
+
+def test_a_shard_changed_after_it_was_written_is_named_on_first_read(images, vae_dir, tmp_path):
+    out = tmp_path / "nan"
+    run(images, vae_dir, out)
+    path = out / "shard-00001.safetensors"
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header: header + 8] = np.full(4, np.nan, dtype=np.float16).tobytes()  # same size: only the sha256 differs
+    path.write_bytes(bytes(data))
+    ds = load_dataset(str(out))  # opening reads headers only
+    ds.batch(torch.arange(0, 2))  # shard 0 is intact
+    with pytest.raises(UserError, match=r"shard-00001\.safetensors does not match the sha256"):
+        ds.batch(torch.arange(len(ds)))
+
+
+def test_resume_with_other_vae_weights_is_refused(images, vae_dir, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    vae_copy = tmp_path / "vae"
+    AutoencoderKL.from_pretrained(vae_dir).save_pretrained(vae_copy)
+    out = tmp_path / "two-vaes"
+    real, calls = prep.encode_images, []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("power cut")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(prep, "encode_images", failing)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run(images, vae_copy, out)
+    monkeypatch.setattr(prep, "encode_images", real)
+    other = AutoencoderKL.from_pretrained(vae_copy)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01)
+    other.save_pretrained(vae_copy)  # new weights at the same path
+    with pytest.raises(UserError, match="shard-00000.*other VAE weights"):
+        run(images, vae_copy, out)
+    assert not (out / "latents.json").exists()
+
+
+def test_an_image_changed_under_the_same_name_gets_a_new_latent(images, vae_dir, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(images, tmp_path / "imgs")
+    out = tmp_path / "changed"
+    run(images=folder, vae_dir=vae_dir, out=out)
+    before = LatentDataset(out).posterior(torch.arange(1))[0]
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8), "RGB").save(folder / "a_cat" / "0.png")
+    report = run(folder, vae_dir, out)
+    assert report["shards_written"] == ["shard-00000.safetensors"] and len(report["shards_done"]) == 3
+    after = LatentDataset(out).posterior(torch.arange(1))[0]
+    assert not torch.equal(before, after)
+    report = run(folder, vae_dir, out)  # unchanged since: nothing redone
+    assert report["shards_written"] == []

@@ -194,6 +194,12 @@ def write_index(out_dir: Path, markers: list[dict], info: dict) -> dict:
         examples = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:3]) or "no files"
         raise UserError(f"no image could be encoded ({len(skipped)} files skipped: {examples}): "
                         "check the image folder and --resolution")
+    vae_hashes = {m["vae_sha256"] for m in markers if m.get("vae_sha256")}
+    if len(vae_hashes) > 1:
+        raise UserError(f"the shards in {out_dir} were encoded with different VAE weights: they cannot form one "
+                        "dataset; prepare into a fresh --out folder")
+    if vae_hashes:
+        info = {**info, "vae_sha256": next(iter(vae_hashes))}
     index = {
         "format": FORMAT,
         "num_items": num_items,
@@ -244,6 +250,10 @@ def map_safetensors(path: Path) -> dict[str, np.ndarray]:
                         "and rerun `mapdit prepare` with the same arguments") from None
 
 
+# (shard path, recorded sha256, size, mtime) of the shards this process has hashed and found as recorded
+_VERIFIED: set[tuple[str, str, int, int]] = set()
+
+
 class LatentDataset:
     """VAE posteriors on disk, with the ImageDataset interface.
 
@@ -276,6 +286,8 @@ class LatentDataset:
 
         self._mean: list[np.ndarray] = []
         self._std: list[np.ndarray] = []
+        self._shards = [(self.root / shard["name"], shard.get("sha256")) for shard in index["shards"]]
+        self._checked: set[int] = set()  # shards this object has verified (or found verified in this process)
         labels = []
         for shard in index["shards"]:
             path = self.root / shard["name"]
@@ -320,6 +332,22 @@ class LatentDataset:
     def image_resolution(self) -> int:
         return int(self.index["resolution"])
 
+    def verify_shard(self, s: int) -> None:
+        """Check shard s against the sha256 latents.json records, once per process (the first read of it): a
+        shard damaged or replaced after it was written is named, instead of training on what it now holds."""
+        if s in self._checked:
+            return
+        path, want = self._shards[s]
+        st = path.stat()
+        key = (str(path), want, st.st_size, st.st_mtime_ns)
+        if want is not None and key not in _VERIFIED:
+            if sha256_file(path) != want:
+                raise UserError(f"latent shard {path} does not match the sha256 recorded in {INDEX_NAME} (damaged "
+                                "or replaced after it was written): delete it and its .json marker and rerun "
+                                "`mapdit prepare` with the same arguments")
+            _VERIFIED.add(key)
+        self._checked.add(s)
+
     def posterior(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored (mu, sigma) float16 (B, C, h, w) for the given entry indices (gathered from the maps)."""
         idx = np.asarray(torch.as_tensor(index).detach().cpu().to(torch.int64).reshape(-1))
@@ -330,6 +358,9 @@ class LatentDataset:
         mu = np.empty((idx.size, *self.latent_shape), dtype=np.float16)
         sd = np.empty_like(mu)
         shard = np.searchsorted(self._ends, idx, side="right")
+        if len(self._checked) < len(self._shards):
+            for s in np.unique(shard):
+                self.verify_shard(int(s))
         if len(self._ends) == 1 or (idx.size and shard.min() == shard.max()):
             s = int(shard[0]) if idx.size else 0
             local = idx - self._starts[s] if idx.size else idx
@@ -468,6 +499,17 @@ def load_vae(vae: str | Path, device: str | torch.device = "cpu"):
                                 f"AutoencoderKL, or go online once ({type(err).__name__}: {detail})") from None
     model.requires_grad_(False)
     return model.eval().to(device)
+
+
+def vae_weights_sha256(model) -> str:
+    """sha256 of a VAE's weights (names, dtypes, shapes and bytes of its state dict, sorted by name): the same
+    hub id or folder can hold other weights on another day, and latents from two VAEs must never be mixed."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
 
 
 def vae_downsample(model) -> int:

@@ -53,6 +53,7 @@ from mapdit.data.latents import (
     shard_name,
     vae_downsample,
     vae_reference,
+    vae_weights_sha256,
     write_index,
     write_shard,
 )
@@ -166,6 +167,38 @@ def _files_digest(root: Path, files: list[tuple[Path, int]]) -> str:
     return h.hexdigest()
 
 
+def files_fingerprint(paths: list[Path], content: bool = True) -> dict:
+    """{"stat": digest of (name, size, mtime) of the files, "content": digest of their bytes (if `content`)}.
+    A shard records both; a rerun re-reads a done shard's files only when their stat changed, and redoes the
+    shard when their content did (an image replaced under the same name gets a new latent)."""
+    stat, data = hashlib.sha256(), hashlib.sha256()
+    for path in paths:
+        try:
+            st = os.stat(path)
+            stat.update(f"{path.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError as err:
+            stat.update(f"{path.name}|{err.errno}\n".encode())
+        if content:
+            try:
+                data.update(hashlib.sha256(Path(path).read_bytes()).digest())
+            except OSError as err:
+                data.update(f"unreadable {err.errno}".encode())
+    return {"stat": stat.hexdigest(), **({"content": data.hexdigest()} if content else {})}
+
+
+def _files_changed(files: list[tuple[Path, int]], marker: dict) -> bool:
+    """Whether the files of a done shard differ in content from what it was encoded from (markers written
+    before shards recorded their files' fingerprint: never)."""
+    recorded = marker.get("files_fingerprint")
+    if not isinstance(recorded, dict):
+        return False
+    a, b = marker["files"]
+    paths = [files[k][0] for k in range(a, b)]
+    if files_fingerprint(paths, content=False)["stat"] == recorded.get("stat"):
+        return False
+    return files_fingerprint(paths)["content"] != recorded.get("content")
+
+
 def _check_settings(out: Path, settings: dict) -> None:
     """The folder's prepare.json must match these settings once a shard exists; (re)write it otherwise."""
     path = out / SETTINGS_NAME
@@ -266,6 +299,9 @@ def prepare_latents(
         if marker is not None and marker.get("settings_sha256") != settings_sha:
             raise UserError(f"{out / shard_name(i)} was made with other settings than {SETTINGS_NAME} "
                             "records: use a fresh --out folder")
+        if marker is not None and _files_changed(files, marker):
+            log(f"prepare: {shard_name(i)} is encoded again: some of its images changed since it was written")
+            marker = None
         (done if marker is not None else pending).append(i)
 
     for i in pending:  # temporary files of a killed earlier attempt at these shards (ours alone)
@@ -285,7 +321,17 @@ def prepare_latents(
             raise UserError(f"--resolution {resolution} is not divisible by the VAE's downsampling factor "
                             f"{factor}: use a multiple of {factor}")
         latent_shape = [int(model.config.latent_channels), resolution // factor, resolution // factor]
-        vae_info = {"downsample": factor, "vae_scaling_factor": float(model.config.scaling_factor)}
+        vae_sha = vae_weights_sha256(model)
+        # a resume with other weights at the same --vae (a replaced folder, an updated hub copy) would mix
+        # latents of two VAEs in one dataset: refused before encoding anything
+        other = next((m for m in map(lambda i: read_marker(out, i) or {}, done)
+                      if m.get("vae_sha256") not in (None, vae_sha)), None)
+        if other is not None:
+            raise UserError(f"{out / other['name']} was encoded with other VAE weights than --vae {vae} holds now "
+                            f"(sha256 {other['vae_sha256'][:12]}... vs {vae_sha[:12]}...): resume with the VAE it "
+                            "was started with, or prepare into a fresh --out folder")
+        vae_info = {"downsample": factor, "vae_scaling_factor": float(model.config.scaling_factor),
+                    "vae_sha256": vae_sha}
         _encode_shards(model, dev, root, out, files, pending, resolution, batch_size, num_workers, flip,
                        shard_size, small_images, latent_shape, {**vae_info, "settings_sha256": settings_sha},
                        progress, report)
@@ -369,7 +415,7 @@ def _encode_shards(model, device, root, out, files, pending, resolution, batch_s
                 "flipped": torch.tensor(flags, dtype=torch.bool),
             }
             marker = {**marker_info, "files": [a, b], "num_images": num_images, "skipped": skipped,
-                      "upscaled": upscaled}
+                      "upscaled": upscaled, "files_fingerprint": files_fingerprint([files[k][0] for k in range(a, b)])}
             write_shard(out, i, tensors, marker)
             report["shards_written"].append(shard_name(i))
             report["encoded"] += num_images
