@@ -145,3 +145,80 @@ def test_ctrl_c_during_ablate_records_nothing_and_the_table_counts_the_steps_tra
     assert json.loads((out / "results" / "A-adaln-seed0.json").read_text())["final_step"] == STEPS
     assert (out / "ablation.md").read_text().startswith(f"# Ablation: DiT-XXS/4, {STEPS} steps")
     assert trained_steps(run) == STEPS and os.path.isdir(run)
+
+
+# ------------------------------------------------------------------------------------------------ --workers 2
+def _children(pid: int) -> set[int]:
+    """The live child processes of `pid` (of any of its threads)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found |= {int(c) for c in (task / "children").read_text().split()}
+        except OSError:
+            pass
+    return {c for c in found if not _gone(c)}
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in "ZX"  # a zombie is gone too
+    except FileNotFoundError:
+        return True
+
+
+def _two_runs_training(tmp_path: Path) -> tuple[subprocess.Popen, list[Path], set[int]]:
+    """`mapdit study --workers 2` in a process group of its own, once both its runs have trained a step: the
+    process, the two run folders and the study's child processes."""
+    proc = subprocess.Popen([sys.executable, "-m", "mapdit.cli",
+                             *map(str, _study(tmp_path, rates="A=1e-2/3e-2")), "--workers", "2"], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    runs = [_wait_for(tmp_path / "study" / "runs" / "A" / lr, "runs/A-adaln-seed0/*/metrics.csv", proc, rows=1).parent
+            for lr in ("lr1e-02", "lr3e-02")]
+    return proc, runs, _children(proc.pid)
+
+
+def _assert_all_gone(pids: set[int]) -> None:
+    deadline = time.monotonic() + 60  # a safety net, not a timing
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [p for p in pids if not _gone(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, "processes of the study outlived it"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and the parent-death signal are Linux's")
+@pytest.mark.parametrize("target, sig", [("group", signal.SIGTERM), ("study", signal.SIGINT)])
+def test_a_signal_to_a_study_with_workers_stops_each_run_once_and_exits_0(tmp_path, target, sig):
+    # today SIGTERM to the process group exits 143 and the runs stop without a word from the study
+    proc, runs, children = _two_runs_training(tmp_path)
+    assert len(children) >= 2
+    if target == "group":
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    _assert_all_gone(children)
+    assert proc.returncode == 0, err
+    last = _last_line(err)
+    assert last.startswith("mapdit study: ") and "; continue with: mapdit study " in last, last
+    for lr, run in zip(("0.01", "0.03"), runs):  # each run checkpointed once where it stopped, nothing scored
+        step = trained_steps(run)
+        assert 0 < step < STEPS and f"A at {lr}: stopped by signal: A-adaln-seed0 at step {step} of {STEPS}" in last
+        assert not list(run.parent.parent.parent.glob("results/*.json"))
+        assert (run / "log.txt").read_text().count("stopped by signal at step") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and the parent-death signal are Linux's")
+def test_workers_of_a_killed_study_checkpoint_once_and_exit(tmp_path):
+    # the parent-death signal comes once per exiting thread of the study: the second one was train()'s "second
+    # signal: stop now", so no stop checkpoint was written, and the workers then waited forever for work
+    proc, runs, children = _two_runs_training(tmp_path)
+    proc.kill()
+    proc.wait()
+    _assert_all_gone(children)
+    for run in runs:
+        assert 0 < trained_steps(run) < STEPS  # the stop checkpoint (the budget's only checkpoint is the last step)
+        assert (run / "log.txt").read_text().count("stopped by signal at step") == 1

@@ -12,11 +12,12 @@ import contextlib
 import os
 import signal
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _pending: int | None = None
 _previous: dict[int, object] = {}
+_listeners: list[Callable[[int], None]] = []
 
 
 def _remember(signum, frame) -> None:
@@ -24,6 +25,20 @@ def _remember(signum, frame) -> None:
     if _pending is not None:  # a second signal: stop now
         raise KeyboardInterrupt
     _pending = signum
+    for listener in list(_listeners):
+        listener(signum)
+
+
+@contextlib.contextmanager
+def on_first(listener: Callable[[int], None]) -> Iterator[None]:
+    """Within the block, call `listener(signum)` when the first signal arrives while held (in the signal
+    handler: it must only do what is safe there, e.g. send signals), e.g. to pass a stop on to worker processes
+    as it comes instead of when the main thread next looks."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
 
 
 @contextlib.contextmanager

@@ -49,11 +49,13 @@ command continues the stopped run. A second signal stops at once.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import multiprocessing
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -186,31 +188,68 @@ def train_arm(out: Path, arm: Arm, lr: float, seeds: list[int], budget: StudyBud
     return {"trained": trained, "skipped": skipped, "diverged": diverged}
 
 
+# A worker's state: the study's pid, whether a run is under way, whether the study asked it to stop
+_WORKER = {"parent": None, "busy": False, "stop": False}
+# The study asks a worker to stop with this signal, and it is also the worker's parent-death signal: the
+# kernel sends that once per exiting thread of the study, so a worker must count it once (SIGTERM itself
+# twice is train()'s "second signal: stop now", which writes no checkpoint)
+STOP_SIGNAL = signal.SIGUSR1
+
+
 def _worker_init(threads: int, parent: int) -> None:
-    """A worker process of `--workers`: its share of the cores, denormals flushed like the CLI's, and told
-    to stop when the study's process dies (on Linux): a `kill` of the study would otherwise leave its runs
-    training on, orphaned. SIGTERM makes a training checkpoint and stop, as it does for `mapdit train`."""
+    """A worker process of `--workers`: its share of the cores, denormals flushed like the CLI's, and its own
+    session, so that a Ctrl-C or a signal to the study's process group reaches the study alone, which asks
+    each worker once (STOP_SIGNAL). On Linux the study's death sends STOP_SIGNAL too: a `kill -9` of the study
+    would otherwise leave its runs training on, orphaned. SIGTERM/SIGINT sent to the worker itself are held
+    (mapdit.signals) as under `mapdit`: a run under way checkpoints and stops."""
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
+    _WORKER["parent"] = parent
+    with contextlib.suppress(OSError):
+        os.setsid()
+    signals.hold()
+    signal.signal(STOP_SIGNAL, _worker_stop)
     if sys.platform.startswith("linux"):
         import ctypes
-        import signal
 
         PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the study died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, STOP_SIGNAL)
+    if os.getppid() != parent:  # the study died before prctl took effect: nothing started yet
+        os._exit(0)
+
+
+def _worker_stop(signum, frame) -> None:
+    """STOP_SIGNAL in a worker: the first one stops the run under way at its next step (train() takes the SIGTERM
+    it raises; between training and the next run it is held) and no further run starts; later ones change
+    nothing. A worker whose study is gone exits once no run is under way."""
+    if not _WORKER["stop"]:
+        _WORKER["stop"] = True
+        if _WORKER["busy"]:
+            signal.raise_signal(signal.SIGTERM)
+    if not _WORKER["busy"] and os.getppid() != _WORKER["parent"]:
+        os._exit(0)
 
 
 def _worker_run(out: Path, arm: Arm, lr: float, seed: int, budget: StudyBudget, opts: RunOptions) -> dict:
-    """One (arm, rate, seed) in a worker process; its lines go to stderr with the worker's pid."""
+    """One (arm, rate, seed) in a worker process; its lines go to stderr with the worker's pid. A worker
+    asked to stop starts no run; one whose study died exits after the run under way has stopped."""
+    if _WORKER["stop"]:
+        raise RunStopped(f"{arm.name} at {lr:g}: seed {seed} not started")
     say = Logger(sink=lambda line: print(line, file=sys.stderr, flush=True), prefix=f"study[{os.getpid()}]: ")
-    return train_arm(out, arm, lr, [seed], budget, say, opts, heldout=True)
+    _WORKER["busy"] = True
+    try:
+        return train_arm(out, arm, lr, [seed], budget, say, opts, heldout=True)
+    finally:
+        _WORKER["busy"] = False
+        if _WORKER["parent"] is not None and os.getppid() != _WORKER["parent"]:
+            sys.stderr.flush()
+            os._exit(0)  # nobody collects results or sends runs any more
 
 
 class _Workers:
     """`--workers N`: runs trained N at a time in spawned processes of cores/N threads each. A run is
-    submitted once per invocation (parts share runs); a failed run stops the study after the running ones."""
+    submitted once per invocation (parts share runs); a failed run stops the study after the running ones.
+    A signal to the study asks each worker once to stop (`stop`); `wait` then collects the stopped runs."""
 
     def __init__(self, n: int, out: Path, budget: StudyBudget, opts: RunOptions, say):
         threads = max(1, torch.get_num_threads() // n)
@@ -227,6 +266,15 @@ class _Workers:
         self.pending: dict[concurrent.futures.Future, str] = {}  # future -> part
         self.submitted: dict[tuple, str] = {}  # (arm, rate, seed) -> part
 
+    def _pids(self) -> list[int]:
+        return list((getattr(self.pool, "_processes", None) or {}).keys())
+
+    def stop(self, signum: int | None = None) -> None:
+        """Ask every worker once to stop (called in the study's signal handler: it only sends signals)."""
+        for pid in self._pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, STOP_SIGNAL)
+
     def submit(self, part: str, arm: Arm, lr: float, seed: int) -> str | None:
         """Queue a run; None, or the part that already queued it."""
         key = (arm.name, lr, seed)
@@ -240,7 +288,7 @@ class _Workers:
 
     def _failed(self, future: concurrent.futures.Future, what: str) -> None:
         """A run failed: say so now and start no other run (the study stops once the running ones end)."""
-        if future.cancelled() or future.exception() is None:
+        if future.cancelled() or future.exception() is None or isinstance(future.exception(), Stopped):
             return
         self.say(f"{what} failed ({type(future.exception()).__name__}: {future.exception()}); no further run "
                  "starts, the study stops when the runs under way end")
@@ -251,19 +299,38 @@ class _Workers:
         return part in self.pending.values()
 
     def wait(self, summaries: dict[str, dict], after_each: Callable[[], None] = lambda: None) -> None:
-        """Wait for every queued run; add what each did to its part's summary, then call `after_each`."""
+        """Wait for every queued run; add what each did to its part's summary, then call `after_each`. After a
+        signal: the runs not started are cancelled, the stopped ones collected, and `RunStopped` says which."""
+        stopped = []
         try:
             for future in concurrent.futures.as_completed(list(self.pending)):
-                if future.cancelled():  # after another run failed: its error is raised below
+                if signals.pending() is not None:
+                    for other in self.pending:
+                        other.cancel()  # those not handed to a worker yet
+                if future.cancelled():  # after another run failed or a signal: raised below
+                    continue
+                if isinstance(future.exception(), RunStopped):
+                    stopped.append(future.exception().what)
                     continue
                 got = future.result()  # a worker's error is raised here
                 for k in ("trained", "skipped", "diverged"):
                     summaries[self.pending[future]][k] += got[k]
                 after_each()
+        except KeyboardInterrupt:  # a second signal: stop now (each worker's run ends without a checkpoint)
+            for pid in self._pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            raise
         except BaseException:
             self.pool.shutdown(wait=True, cancel_futures=True)
             raise
         self.pending.clear()
+        asked = signals.pending()
+        if stopped or asked is not None:
+            under_way = [w for w in stopped if "not started" not in w]
+            why = "" if asked is None else f" {signal.Signals(asked).name}"
+            raise RunStopped("; ".join(under_way) or f"stopped by signal{why} between runs")
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -479,7 +546,10 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
         write_json(meta_path, dict(meta, elapsed_s=elapsed_before + time.perf_counter() - started))
 
     try:
-        with signals.held():  # a no-op under `mapdit`, which holds them from its start
+        with contextlib.ExitStack() as held:
+            held.enter_context(signals.held())  # a no-op under `mapdit`, which holds them from its start
+            if pool is not None:
+                held.enter_context(signals.on_first(pool.stop))  # each worker is asked once, right away
             for part in parts:
                 say(f"{part} ...")
                 if pool is not None and (_needs(part) and pool.busy_with("rates") or part in ("magnitudes", "grid")):
@@ -496,6 +566,8 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
                             save_time()
                         continue
                     for s in part_seeds:
+                        if signals.pending() is not None:
+                            pool.wait(done, save_time)  # raises RunStopped
                         queued_by = pool.submit(part, arm, lr, s)
                         if queued_by is not None:
                             summary["skipped"].append(f"{arm.name}/{lr_tag(lr)}/{arm.name}-seed{s}")
