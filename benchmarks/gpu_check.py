@@ -49,14 +49,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import torch  # noqa: E402
+try:
+    import torch
 
-from mapdit.config import TrainConfig, make_config  # noqa: E402
-from mapdit.diffusion import make_diffusion  # noqa: E402
-from mapdit.distributed import Dist  # noqa: E402
-from mapdit.model import forward_flops  # noqa: E402
-from mapdit.setup import forward_of, model_optimizer_ema  # noqa: E402
-from mapdit.step import Batch, train_step  # noqa: E402
+    from mapdit.config import TrainConfig, make_config
+    from mapdit.diffusion import make_diffusion
+    from mapdit.distributed import Dist
+    from mapdit.model import forward_flops
+    from mapdit.setup import forward_of, model_optimizer_ema
+    from mapdit.step import Batch, train_step
+except ImportError as e:  # a bare machine: say what is missing in one line
+    print(f"gpu_check: error: {e}: run it with the project's environment (make setup; or PY=python-with-torch "
+          "benchmarks/gpu_check.sh)", file=sys.stderr)
+    sys.exit(2)
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's datasheets; matched on the device name,
 # most specific first. An unknown device gets no peak: MFU is then given against the matmul probe only.

@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -318,25 +317,7 @@ def test_trim_metrics_drops_rows_after_the_checkpoint_and_partial_rows(tmp_path)
 # ------------------------------------------------------------------------------------------------
 # 6. user mistakes: one line on stderr, exit code 2, nothing written
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("argv, expected", [
-    (["train", "--model", "DiT-Q/3"], "unknown model 'DiT-Q/3'"),
-    (["model-info", "--model", "DiT-Q/3"], "unknown model 'DiT-Q/3'"),
-    (["model-info", "--model", "DiT-XXS/8", "--input-size", "28"], "patch size 8 of DiT-XXS/8 does not divide"),
-    (["train", *TINY_ARGS, "--image-size", "30"], "--image-size 30 is not divisible by the patch size 4"),
-    (["train", *TINY_ARGS, "--ema-snapshots", "-1"], "--ema-snapshots -1 must be 0"),
-    (["train", *TINY_ARGS, "--log-every", "0"], "--log-every 0 must be at least 1"),
-    (["train", *TINY_ARGS, "--grad-clip", "0"], "--grad-clip 0.0 must be a positive number"),
-    (["train", *TINY_ARGS, "--min-snr-gamma", "-1"], "--min-snr-gamma -1.0 must be a positive number"),
-    (["train", *TINY_ARGS, "--ema-stds", "0.05", "0.0501"], "must differ in the first 3 decimals"),
-    (["train", *TINY_ARGS, "--device", "gpu0"], "--device 'gpu0' is not a device"),
-    (["train", "--resume"], "no run folder with a config.json"),
-    (["sample", "--result-dir", "nowhere"], "run folder nowhere does not exist"),
-])
-def test_bad_options_give_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys, argv, expected):
-    monkeypatch.chdir(tmp_path)
-    assert cli(*argv) == 2
-    assert expected in only_error_line(capsys, argv[0])
-    assert not list(tmp_path.rglob("*-DiT-*"))  # no run folder was made
+# the one-line option mistakes (test_bad_options_give_one_line_and_exit_code_2): moved to test_cli.py
 
 
 @needs_fmnist
@@ -424,15 +405,7 @@ def test_sample_class_label_out_of_range(tiny_run, tmp_path, capsys, label):
     assert not (tmp_path / "x.png").exists()
 
 
-@needs_fmnist
-@pytest.mark.parametrize("argv, expected", [
-    (["--weights", "raw", "--ema-std", "0.08"], "contradicts --weights raw"),
-    (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
-    (["--steps", "0"], "--steps 0 must be at least 1"),
-])
-def test_sample_contradictions(tiny_run, capsys, argv, expected):
-    assert cli("sample", "--result-dir", tiny_run, *argv) == 2
-    assert expected in only_error_line(capsys, "sample")
+# test_sample_contradictions: moved to test_cli.py
 
 
 @needs_fmnist
@@ -458,19 +431,7 @@ def test_resume_with_agreeing_model_flags_is_fine(run_copy):
     assert [s for s, _ in list_checkpoints(run_copy)] == [2, 4, 5]
 
 
-@needs_fmnist
-def test_checkpoint_of_another_model_is_one_line(run_copy, tmp_path, capsys):
-    other = train(tiny_train(tmp_path / "other", num_steps=1, ckpt_every=1, ema_snapshots=0),
-                  tiny_model(preset="A"))
-    capsys.readouterr()
-    foreign = list_checkpoints(other)[-1][1]
-    assert cli("sample", "--result-dir", run_copy, "--ckpt", foreign, "--steps", 2) == 2
-    assert "does not match the run's model config" in only_error_line(capsys, "sample")
-    # the same file (with its sidecar) dropped into the run as its newest checkpoint
-    shutil.copy(foreign, checkpoint_path(run_copy, 9))
-    shutil.copy(foreign.with_suffix(".json"), checkpoint_path(run_copy, 9).with_suffix(".json"))
-    assert cli("train", "--resume", run_copy, "--num-steps", 10) == 2
-    assert "does not match the run's model" in error_line(capsys)
+# test_checkpoint_of_another_model_is_one_line: moved to test_cli.py (a checkpoint of another run)
 
 
 @needs_fmnist

@@ -26,7 +26,6 @@ import torch
 
 from helpers import ENV, FMNIST, RUN, TINY_ARGS, cli, needs_fmnist, only_error_line, snapshot_files
 from mapdit import signals
-from mapdit.cli import build_parser
 from mapdit.runio import checkpoint_path, list_checkpoints, load_tensors, verify_checkpoint
 from mapdit.sample import save_png
 
@@ -228,45 +227,7 @@ def test_unwritable_places_are_one_line_and_a_read_only_run_can_be_read(tiny_run
         shutil.rmtree(base, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------------------------
-# 3. every float option refuses NaN and infinities in one line
-# ------------------------------------------------------------------------------------------------
-def _float_options() -> list[tuple[str, str]]:
-    """(command, option) for every option of every sub-command that takes floats."""
-    import argparse
-
-    found = []
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                for opt in sub._actions:
-                    if opt.option_strings and getattr(opt.type, "__name__", "") in ("float", "finite_float"):
-                        found.append((name, opt.option_strings[0]))
-    return found
-
-
-def test_every_float_option_refuses_nan_and_inf(capsys):
-    options = _float_options()
-    assert ("sample", "--cfg-scale") in options and ("train", "--lr") in options and ("ema", "--std") in options
-    for command, option in options:
-        for value in ("nan", "inf", "-inf", "NaN"):
-            with pytest.raises(SystemExit) as exit_:
-                cli(command, f"{option}={value}")  # --x=-inf: a value, not an option
-            assert exit_.value.code == 2
-            err = capsys.readouterr().err.strip().splitlines()
-            assert len(err) == 1 and err[0].startswith(f"mapdit {command}: error: argument {option}"), err
-            assert "not a finite number" in err[0], err
-    with pytest.raises(SystemExit):  # not a number at all: one line as well
-        cli("sample", "--cfg-scale", "four")
-    assert capsys.readouterr().err.count("\n") == 1
-
-
-@needs_fmnist
-def test_nan_guidance_writes_nothing(tiny_run, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        cli("sample", "--result-dir", tiny_run, "--cfg-scale", "nan", "--out", tmp_path / "s.npz")
-    assert exit_.value.code == 2 and not (tmp_path / "s.npz").exists()
-    assert "--cfg-scale: nan is not a finite number" in only_error_line(capsys, "sample")
+# 3. every float option refuses NaN and infinities in one line: moved to test_cli.py
 
 
 # ------------------------------------------------------------------------------------------------

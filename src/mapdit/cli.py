@@ -1,8 +1,12 @@
 """`mapdit <command>`: argparse sub-commands that only parse and call into the library.
 
-A `UserError` anywhere below ends the command with its one-line message and exit code 2; so do a bad
-option (argparse), a full disk and a place that cannot be written (read-only, no permission). Each
-sub-command lives in its own module of `mapdit.commands`.
+The one rule for errors, kept here: a mistake in the user's input is one line, `mapdit <command>: error:
+...`, and exit code 2, with no traceback; anything else is a bug and stays a traceback. The input is
+checked in two places, both before the command does any work: every option's value by its kind
+(`commands.parsing`: syntax while parsing, range and existence right after), and every file the user named
+where it is decoded (`errors.reading`: a file that is not what it should be). Below that, a `UserError`
+anywhere, a full disk and a place that cannot be written (read-only, no permission) end the same way.
+Each sub-command lives in its own module of `mapdit.commands`.
 """
 from __future__ import annotations
 
@@ -17,12 +21,10 @@ def build_parser():
     # not at the top: a SIGTERM or Ctrl-C that comes while mapdit starts is then held for training instead
     # of killing the process half-way (mapdit.signals), from the moment mapdit's code runs.
     from .commands import (
-        OneLineParser,
         ablate,
         demo,
         ema,
         fid,
-        finite_floats_everywhere,
         fmnist_classifier,
         magnitudes,
         model_info,
@@ -31,13 +33,14 @@ def build_parser():
         study,
         train,
     )
+    from .commands.parsing import OneLineParser, checked_everywhere
 
     parser = OneLineParser(prog="mapdit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for command in (model_info, train, sample, ema, fmnist_classifier, prepare, demo, fid, magnitudes, ablate,
                     study):
         command.register(sub)
-    finite_floats_everywhere(parser)
+    checked_everywhere(parser)  # every option of every sub-command gets its kind (commands.parsing)
     return parser
 
 
@@ -45,9 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM/Ctrl-C are held from here on (see mapdit.signals): a command that stops gracefully (train)
     # takes a signal that came during start-up over; every other command gets the usual handling back.
     with signals.held():
+        from .commands.parsing import check_inputs
+
         parser = build_parser()
-        args = parser.parse_args(argv)
         try:
+            args = parser.parse_args(argv)
+        except SystemExit as done:  # a bad option (one line printed) or --help: the exit status, as returned
+            return done.code if isinstance(done.code, int) else 2
+        try:
+            check_inputs(parser, args)  # ranges and named paths, before any work
             if not getattr(args, "graceful_stop", False):
                 signals.release()
             args.func(args)

@@ -1,4 +1,10 @@
-"""One exception type for user mistakes: the CLI prints its message on one line and exits with 2."""
+"""One exception type for user mistakes: the CLI prints its message on one line and exits with 2.
+
+`reading(path, what)` turns a file the user named that cannot be decoded into such a mistake.
+"""
+import contextlib
+import pickle
+import zipfile
 
 
 class UserError(Exception):
@@ -20,3 +26,35 @@ class Diverged(UserError):
 class Stopped(Exception):
     """A SIGTERM/Ctrl-C stopped the command before it had done anything to keep: nothing was written (or
     what was written is whole). The CLI prints the message and exits with code 0, as for a stop mid-run."""
+
+
+# Errors that mean "this file is not what it should be" when a library decodes it: numpy (ValueError,
+# EOFError, zipfile.BadZipFile), torch (RuntimeError, pickle.UnpicklingError), json (ValueError), PIL
+# (OSError), safetensors (SafetensorError, matched by module so this file imports nothing heavy).
+_DECODE_ERRORS = (ValueError, EOFError, KeyError, IndexError, RuntimeError, OSError, zipfile.BadZipFile,
+                  pickle.UnpicklingError)
+
+
+@contextlib.contextmanager
+def reading(path, what: str):
+    """Decode a file (or folder) the user named: any failure to read or decode it inside this block becomes
+    one UserError naming `what` and `path`. Keep the block to the read itself, so that a bug in the code
+    using the result stays a traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder, not a file") from None
+    except NotADirectoryError:
+        raise UserError(f"{what} {path} is a file, not a folder") from None
+    except PermissionError:
+        raise UserError(f"cannot read {what} {path} (permission denied)") from None
+    except Exception as err:
+        if not (isinstance(err, _DECODE_ERRORS) or type(err).__module__.split(".")[0] == "safetensors"):
+            raise
+        lines = str(err).strip().splitlines()
+        reason = " ".join(lines[0].split())[:160] if lines else type(err).__name__
+        raise UserError(f"{what} {path} cannot be read ({reason}): is it the right file?") from None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import difflib
 import errno
 import hashlib
 import io
@@ -396,14 +397,53 @@ def run_to_resume(results_dir: str | Path) -> Path | None:
     return latest_run_dir(results_dir) if any(results_dir.glob("[0-9][0-9][0-9]*-*/config.json")) else None
 
 
-def load_run_config(run_dir: str | Path) -> dict:
+def runs_in(folder: Path) -> list[Path]:
+    """The run folders (a config.json inside) directly in `folder`, by number."""
+    return sorted((p for p in folder.glob("[0-9][0-9][0-9]*-*") if (p / "config.json").is_file()),
+                  key=lambda p: int(p.name.split("-")[0]))
+
+
+def _listing(paths: list[Path], limit: int = 5) -> str:
+    names = [p.name for p in paths]
+    return ", ".join(names[-limit:]) + (f" and {len(names) - limit} older" if len(names) > limit else "")
+
+
+def check_run_folder(run_dir: str | Path, flag: str = "--run") -> Path:
+    """`run_dir` must be a run folder (made by training, with its config.json); else one line saying what it
+    is instead and what to pass: the results folder above runs (its runs listed), a checkpoint file (its
+    run), a folder whose training stopped before it started, a name that does not exist (a close one)."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} does not exist: pass the folder a training run created "
+    if run_dir.is_file():
+        owner = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else None
+        if owner is not None and (owner / "config.json").is_file():
+            raise UserError(f"{run_dir} is a checkpoint file, not a run folder: pass its run, {flag} {owner} "
+                            f"(add --ckpt {run_dir.name} for this checkpoint)")
+        raise UserError(f"{run_dir} is a file, not a run folder: pass the folder a training run created "
                         "(e.g. results/000-DiT-S-2)")
+    if not run_dir.is_dir():
+        parent = run_dir.parent
+        near = difflib.get_close_matches(run_dir.name, [p.name for p in runs_in(parent)], n=1) \
+            if parent.is_dir() else []
+        hint = f"did you mean {parent / near[0]}?" if near else \
+            "pass the folder a training run created (e.g. results/000-DiT-S-2)"
+        raise UserError(f"run folder {run_dir} does not exist: {hint}")
     if not (run_dir / "config.json").exists():
+        inside = runs_in(run_dir)
+        if inside:
+            raise UserError(f"{run_dir} holds runs but is not one: pass one of them, e.g. {flag} {inside[-1]} "
+                            f"(runs: {_listing(inside)})")
+        if run_dir.name == "checkpoints" and (run_dir.parent / "config.json").is_file():
+            raise UserError(f"{run_dir} is the checkpoints folder of a run: pass the run, {flag} {run_dir.parent}")
+        if not re.match(r"\d{3,}-", run_dir.name):
+            raise UserError(f"{run_dir} is not a run folder (no config.json, no runs inside): pass the folder a "
+                            "training run created (e.g. results/000-DiT-S-2)")
         raise UserError(f"run folder {run_dir} has no config.json: its training was stopped before it started, "
                         "so there is nothing to resume or sample; start a new run")
+    return run_dir
+
+
+def load_run_config(run_dir: str | Path) -> dict:
+    run_dir = check_run_folder(run_dir)
     config = read_json(run_dir / "config.json")
     if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("model", "train")):
         raise UserError(f"{run_dir / 'config.json'} is not a mapdit run config (no model and train sections)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Mapping
@@ -25,6 +26,7 @@ from .runio import (
     check_new_output,
     check_writable,
     find_resumable_checkpoint,
+    list_checkpoints,
     load_run_config,
     load_tensors,
     save_tensors,
@@ -43,8 +45,32 @@ def checkpoint_mismatch(path: Path, what: str, hint: str = ""):
     try:
         yield
     except (RuntimeError, ValueError, KeyError, IndexError) as err:
-        detail = " ".join(str(err).split())
-        raise UserError(f"checkpoint {path} does not match {what} ({detail[:300]}){hint}") from None
+        hint = hint or ": it comes from another run or model; pass one of this run's checkpoints"
+        raise UserError(f"checkpoint {path} does not match {what} ({state_dict_difference(str(err))}){hint}") \
+            from None
+
+
+def state_dict_difference(message: str) -> str:
+    """A short summary of `load_state_dict`'s error (which lists every key and shape, hundreds of lines for a
+    checkpoint of another model): '3 tensors missing, 5 unexpected, pos_embed is (1, 64, 96) in the
+    checkpoint and (1, 49, 96) in the model'."""
+    parts = []
+    for label, word in (("Missing key(s)", "missing"), ("Unexpected key(s)", "unexpected")):
+        m = re.search(re.escape(label) + r" in state_dict: (.*?)(?:\.\s*(?:Unexpected|size mismatch)|\.?\s*$)",
+                      message, re.S)
+        if m:
+            count = len(re.findall(r'"[^"]+"', m.group(1)))
+            parts.append(f"{count} {'tensor' if count == 1 else 'tensors'} {word}")
+    sizes = re.findall(r"size mismatch for ([\w.]+): copying a param with shape torch.Size\(\[([\d, ]*)\]\) from "
+                       r"checkpoint, the shape in current model is torch.Size\(\[([\d, ]*)\]\)", message)
+    if sizes:
+        name, have, want = sizes[0]
+        more = f" (and {len(sizes) - 1} more shapes)" if len(sizes) > 1 else ""
+        parts.append(f"{name} is ({have}) in the checkpoint and ({want}) in the model{more}")
+    if parts:
+        return ", ".join(parts)
+    first = " ".join(message.split())
+    return first[:160] + ("..." if len(first) > 160 else "")
 
 
 def load_prefixed(module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
@@ -162,9 +188,7 @@ def resolve_checkpoint(run_dir: Path, ckpt: str | None) -> tuple[int, Path]:
     """(step, path) of `ckpt` (verified: size, checksum, safetensors header) or of the run's newest intact
     checkpoint; damaged newer ones are reported on stderr, one line each, and skipped."""
     if ckpt is not None:
-        path = Path(ckpt)
-        if not path.exists():
-            raise UserError(f"checkpoint {path} not found")
+        path = find_checkpoint(Path(run_dir), str(ckpt))
         problem = verify_checkpoint(path)
         if problem:
             raise UserError(f"checkpoint {path} is not usable: {problem}")
@@ -177,6 +201,21 @@ def resolve_checkpoint(run_dir: Path, ckpt: str | None) -> tuple[int, Path]:
     if found is None:
         raise UserError(f"no complete checkpoint in {run_dir / 'checkpoints'}: train first (or pass --ckpt)")
     return found
+
+
+def find_checkpoint(run_dir: Path, ckpt: str) -> Path:
+    """--ckpt as given (a path), else in the run's checkpoints/ folder (a file name, with or without
+    .safetensors, or a step number); not found: one line listing the run's checkpoints."""
+    folder = run_dir / "checkpoints"
+    candidates = [Path(ckpt), folder / ckpt, folder / f"{ckpt}.safetensors"]
+    if ckpt.isdigit():
+        candidates.append(folder / f"step-{int(ckpt):07d}.safetensors")
+    for path in candidates:
+        if path.is_file():
+            return path
+    names = [p.name for _, p in list_checkpoints(run_dir)]
+    have = f"the run's checkpoints are {', '.join(names)}" if names else f"{folder} holds no checkpoint"
+    raise UserError(f"checkpoint {ckpt} not found (as a path or in {folder}): {have}")
 
 
 def check_weight_choice(weights: str, ema_std: float | None) -> None:

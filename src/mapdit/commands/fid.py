@@ -10,7 +10,7 @@ from ..samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_CHOICES
 
 
 def run(args: argparse.Namespace) -> dict:
-    result = fid_for_run(args.result_dir, args.num_samples, ref=args.ref, features=args.features,
+    result = fid_for_run(args.run, args.num_samples, ref=args.ref, features=args.features,
                          weights=args.weights, ema_std=args.ema_std, ckpt=args.ckpt, cfg_scale=args.cfg_scale,
                          sampler=args.sampler, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                          inception_weights=args.inception_weights,
@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def add_fid_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--result-dir", required=True, help="a run folder made by training")
+    p.add_argument("--run", "--result-dir", dest="run", required=True, metavar="RUN",
+                   help="a run folder made by training, e.g. results/000-DiT-S-2 (also: --result-dir)")
     p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES)
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--ema-std", type=float, default=None,

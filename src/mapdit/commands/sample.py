@@ -10,7 +10,7 @@ from ..samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_CHOICES
 
 
 def run(args: argparse.Namespace) -> Path:
-    return sample_run(args.result_dir, class_label=args.class_label, num_samples=args.num_samples, out=args.out,
+    return sample_run(args.run, class_label=args.class_label, num_samples=args.num_samples, out=args.out,
                       sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                       guide_channels=args.guide_channels, clip_denoised=args.clip_denoised, seed=args.seed,
                       batch_size=args.batch_size, weights=args.weights, ema_std=args.ema_std, ckpt=args.ckpt,
@@ -18,7 +18,8 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--result-dir", required=True, help="a run folder made by training")
+    p.add_argument("--run", "--result-dir", dest="run", required=True, metavar="RUN",
+                   help="a run folder made by training, e.g. results/000-DiT-S-2 (also: --result-dir)")
     p.add_argument("--class-label", type=int, default=None, help="one class (default: one row per class)")
     p.add_argument("--num-samples", type=int, default=None,
                    help="images per class row / of the class / in the npz (defaults 8, 8, 1000)")

@@ -56,7 +56,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from mapdit import data
-from mapdit.errors import UserError
+from mapdit.errors import UserError, reading
 from mapdit.evaluate.fmnist_classifier import load_classifier
 from mapdit.runio import check_writable, load_tensors, save_tensors, sha256_file
 
@@ -598,7 +598,7 @@ def reference_stats(
 
     # ADM reference batch with precomputed Inception statistics: used as is, nothing to cache
     if kind == "adm-npz" and ext.name == "inception":
-        with np.load(resolved, allow_pickle=False) as npz:
+        with reading(resolved, "the reference"), np.load(resolved, allow_pickle=False) as npz:
             if "mu" in npz.files and "sigma" in npz.files:
                 mu, sigma = npz["mu"], npz["sigma"]
                 if ext.dim is not None and mu.shape != (ext.dim,):
@@ -653,7 +653,7 @@ def _warn(log: Callable[[str], None] | None, message: str) -> None:
 def _reference_images(kind, resolved, ref, split, num_samples, data_options, ext, batch_size):
     """(images or an iterable of uint8 (B, H, W, C) batches, count, description) of a reference."""
     if kind == "adm-npz":
-        with np.load(resolved, allow_pickle=False) as npz:
+        with reading(resolved, "the reference"), np.load(resolved, allow_pickle=False) as npz:
             if "arr_0" not in npz.files:
                 no_stats = " and no mu/sigma" if "mu" not in npz.files else ""
                 raise UserError(f"{resolved} has no images (arr_0){no_stats}: is it an ADM reference batch?")
