@@ -18,6 +18,7 @@ from mapdit.ema import save_snapshot
 from mapdit.errors import UserError
 from mapdit.evaluate.fid import get_extractor, reference_stats
 from mapdit.evaluate.heldout import heldout_for_run
+from mapdit.evaluate.magnitudes import attention_entropy_for_run
 from mapdit.experiments.fid_run import fid_for_run
 from mapdit.runio import load_tensors, save_checkpoint
 from mapdit.weights import load_model, posthoc_ema
@@ -137,6 +138,13 @@ def test_heldout_cache_is_keyed_by_checkpoint_content(run_copy):
     assert len(list((run_copy / "eval").glob("heldout-raw-*.json"))) == 2
 
 
+def test_attention_entropy_cache_is_keyed_by_checkpoint_content(run_copy):
+    before = attention_entropy_for_run(run_copy, weights="raw", batch_size=4)
+    assert attention_entropy_for_run(run_copy, weights="raw", batch_size=4) == before
+    _rewrite_checkpoint(run_copy, 4, delta=0.2)
+    assert attention_entropy_for_run(run_copy, weights="raw", batch_size=4) != before
+
+
 # ------------------------------------------------------------------------------------------------ post-hoc EMA
 def test_posthoc_cache_and_tracked_width_are_exact(run_copy):
     _, a = posthoc_ema(run_copy, 0.0751, progress=False, log=lambda m: None)
@@ -221,5 +229,5 @@ def test_fmnist_classifier_out_is_checked_before_training(tmp_path, capsys, monk
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert cli("fmnist-classifier", "--out", blocker / "c.safetensors", "--epochs", 1) == 2
-    assert "not writable" in error_line(capsys, "fmnist-classifier")
+    assert str(blocker) in error_line(capsys, "fmnist-classifier")  # an unwritable place: one line, no training
     assert not os.path.exists(blocker / "c.safetensors")

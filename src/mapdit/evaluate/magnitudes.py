@@ -35,12 +35,22 @@ import torch
 from mapdit.config import ModelConfig
 from mapdit.data import load_dataset
 from mapdit.diffusion import make_diffusion
+from mapdit.ema import weights_identity
 from mapdit.errors import UserError
 from mapdit.nn import magnitude, normalize
 from mapdit.plots import pyplot, save_figure
-from mapdit.runio import list_checkpoints, load_run_config, read_json, verify_checkpoint, write_json, write_text
+from mapdit.runio import (
+    cache_key,
+    checkpoint_identity,
+    list_checkpoints,
+    load_run_config,
+    read_json,
+    verify_checkpoint,
+    write_json,
+    write_text,
+)
 from mapdit.sample import unused_path
-from mapdit.weights import check_weight_choice, load_model
+from mapdit.weights import check_weight_choice, load_model, resolve_checkpoint
 
 DEFAULT_T = 500
 ACTIVATIONS = ("residual", "attn_in", "attn_out", "mlp_in", "mlp_out")
@@ -138,14 +148,17 @@ def attention_entropy_for_run(run_dir: str | Path, weights: str = "ema", ema_std
     """`attention_entropy` per block of a run's last checkpoint (EMA `ema_std`) on the fixed batch noised to
     step t, cached in RUN/eval/attention-entropy-*.json."""
     run_dir = Path(run_dir)
-    checkpoints = list_checkpoints(run_dir)
-    step = checkpoints[-1][0] if checkpoints else 0
+    config = load_run_config(run_dir)
+    step, ckpt_path = resolve_checkpoint(run_dir, None)  # the checkpoint load_model takes
     tag = "raw" if weights == "raw" else f"ema{ema_std if ema_std is not None else 'min'}"
-    cache = run_dir / "eval" / f"attention-entropy-{tag}-step{step:07d}-t{t}-n{batch_size}-seed{seed}.json"
+    # keyed by the checkpoint's content, not its step: a step rewritten by a resume is another model
+    key = cache_key({"checkpoint_sha256": checkpoint_identity(ckpt_path), "data": config["data"],
+                     **weights_identity(run_dir / "ema", config["train"]["ema_stds"], weights, ema_std, None)})
+    cache = run_dir / "eval" / f"attention-entropy-{tag}-step{step:07d}-t{t}-n{batch_size}-seed{seed}-k{key}.json"
     if cache.is_file():
         return read_json(cache)["entropy"]
     model, _, desc = load_model(run_dir, weights=weights, ema_std=ema_std, log=lambda m: None)
-    x, tt, y, source = fixed_batch(load_run_config(run_dir), batch_size=batch_size, seed=seed, t=t)
+    x, tt, y, source = fixed_batch(config, batch_size=batch_size, seed=seed, t=t)
     entropy = attention_entropy(model, x, tt, y)
     write_json(cache, {"entropy": entropy, "weights": desc, "step": step, "t": t, "input": source})
     return entropy

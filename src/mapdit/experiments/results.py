@@ -90,7 +90,7 @@ def heldout_error(run_dir: str | Path | None, ema_std: float = SCORE_EMA,
     be computed (e.g. the run folder is gone)."""
     if run_dir is None or not (Path(run_dir) / "config.json").is_file():
         return None
-    kept = _cached_without_checkpoints(run_dir, f"heldout-ema{ema_std:.3f}-step*-n{num_images}-seed0-test.json")
+    kept = _cached_without_checkpoints(run_dir, f"heldout-ema{ema_std:.3f}-step*-n{num_images}-seed0-test*.json")
     if kept is not None:
         return kept["mse"]
     return heldout_for_run(run_dir, weights="ema", ema_std=ema_std, num_images=num_images)["mse"]
