@@ -145,6 +145,19 @@ def test_attention_entropy_cache_is_keyed_by_checkpoint_content(run_copy):
     assert attention_entropy_for_run(run_copy, weights="raw", batch_size=4) != before
 
 
+def test_damaged_cache_files_are_rebuilt_not_fatal(run_copy):
+    mse = heldout_for_run(run_copy, weights="raw", num_images=40)["mse"]
+    entropy = attention_entropy_for_run(run_copy, weights="raw", batch_size=4)
+    path, tensors = posthoc_ema(run_copy, 0.07, progress=False, log=lambda m: None)
+    for cached in [*(run_copy / "eval").glob("heldout-*.json"), *(run_copy / "eval").glob("attention-*.json"), path]:
+        cached.write_text("{")  # cut short
+    assert heldout_for_run(run_copy, weights="raw", num_images=40)["mse"] == mse
+    assert attention_entropy_for_run(run_copy, weights="raw", batch_size=4) == entropy
+    again_path, again = posthoc_ema(run_copy, 0.07, progress=False, log=lambda m: None)
+    assert again_path == path and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    assert len(list(path.parent.iterdir())) == 1
+
+
 # ------------------------------------------------------------------------------------------------ post-hoc EMA
 def test_posthoc_cache_and_tracked_width_are_exact(run_copy):
     _, a = posthoc_ema(run_copy, 0.0751, progress=False, log=lambda m: None)

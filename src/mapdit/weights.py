@@ -25,6 +25,7 @@ from .runio import (
     NotWritableError,
     check_new_output,
     check_writable,
+    clean_temporaries,
     find_resumable_checkpoint,
     list_checkpoints,
     load_run_config,
@@ -157,6 +158,8 @@ def posthoc_ema(run_dir: str | Path, sigma_rel: float, step: int | None = None, 
     target = snaps[-1].step if step is None else int(step)
     signature = snapshots_signature([s for s in snaps if s.step <= target])
     path = check_new_output(out, own_format=POSTHOC_FORMAT) if out else posthoc_path(run_dir, sigma_rel, target)
+    if out is None and path.parent.is_dir():
+        clean_temporaries(path.parent)  # what a killed earlier reconstruction left
     if out is None and path.exists():
         if (cached := _cached_posthoc(path, sigma_rel, target, signature)) is not None:
             return path, cached

@@ -25,7 +25,7 @@ from mapdit.data import load_dataset
 from mapdit.diffusion import make_diffusion
 from mapdit.ema import weights_identity
 from mapdit.errors import UserError
-from mapdit.runio import cache_key, checkpoint_identity, load_run_config, read_json, write_json
+from mapdit.runio import cache_key, checkpoint_identity, clean_temporaries, load_run_config, read_json, write_json
 from mapdit.weights import load_model, resolve_checkpoint
 
 
@@ -77,6 +77,8 @@ def heldout_for_run(run_dir: str | Path, weights: str = "ema", ema_std: float | 
                      **weights_identity(run_dir / "ema", config["train"]["ema_stds"], weights, ema_std, None),
                      "num_images": int(num_images), "seed": int(seed), "split": split, "data": config["data"]})
     cache = run_dir / "eval" / f"heldout-{tag}-step{step:07d}-n{num_images}-seed{seed}-{split}-k{key}.json"
+    if (run_dir / "eval").is_dir():
+        clean_temporaries(run_dir / "eval")  # what a killed earlier write left
     if cache.is_file():
         try:
             cached = read_json(cache)

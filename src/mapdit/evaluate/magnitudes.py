@@ -156,7 +156,12 @@ def attention_entropy_for_run(run_dir: str | Path, weights: str = "ema", ema_std
                      **weights_identity(run_dir / "ema", config["train"]["ema_stds"], weights, ema_std, None)})
     cache = run_dir / "eval" / f"attention-entropy-{tag}-step{step:07d}-t{t}-n{batch_size}-seed{seed}-k{key}.json"
     if cache.is_file():
-        return read_json(cache)["entropy"]
+        try:
+            cached = read_json(cache)
+            if isinstance(cached, dict) and isinstance(cached.get("entropy"), list):
+                return cached["entropy"]
+        except UserError:
+            pass  # damaged: computed again and replaced below (it is a cache)
     model, _, desc = load_model(run_dir, weights=weights, ema_std=ema_std, log=lambda m: None)
     x, tt, y, source = fixed_batch(config, batch_size=batch_size, seed=seed, t=t)
     entropy = attention_entropy(model, x, tt, y)
