@@ -629,7 +629,9 @@ def reference_stats(
             check_writable(cache_file.parent, "the statistics cache", "computing the reference statistics in "
                            "memory (pass --cache-dir DIR or set MAPDIT_CACHE to keep them)")
         except UserError as err:
-            _warn(log, str(err))
+            if str(cache_file.parent) not in _UNWRITABLE_WARNED:  # once per process (training scores often)
+                _UNWRITABLE_WARNED.add(str(cache_file.parent))
+                _warn(log, str(err))
             cache_file = None
     images, total, extra = _reference_images(kind, resolved, ref, split, num_samples, data_options, ext, batch_size)
     info.update(extra)
@@ -644,6 +646,9 @@ def reference_stats(
             cache_file = None
     stats.info.update(cached=False, cache_file=None if cache_file is None else str(cache_file))
     return stats
+
+
+_UNWRITABLE_WARNED: set[str] = set()  # statistics cache folders already reported as unwritable
 
 
 def _warn(log: Callable[[str], None] | None, message: str) -> None:
