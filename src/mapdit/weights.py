@@ -1,6 +1,8 @@
 """Which weights of a run to use: raw, a tracked EMA, or a post-hoc EMA reconstructed from snapshots.
 
-Post-hoc results are cached as run/ema/posthoc/sigma-0.080-step-0000300.safetensors.
+Post-hoc results are cached as run/ema/posthoc/sigma-0.08-step-0000300.safetensors (the width at full
+precision: 0.0754 is sigma-0.0754-...), with the signature of the snapshots they were made from (a
+rewritten history rebuilds them).
 """
 from __future__ import annotations
 
