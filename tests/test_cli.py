@@ -126,7 +126,8 @@ def bad_values(action: argparse.Action, tmp: Path, i: int) -> list[str]:
     """What the test feeds an option: out of range (negative, zero) and the wrong type for numbers; a word
     for a choice; for a place a command writes, one under a file (nothing can be made there); for other text
     (names, input paths) a word that names nothing and a missing file (unique: an earlier case's output
-    must not make them exist)."""
+    must not make them exist), a file of random bytes and a folder of them (a file that is not what it
+    should be)."""
     kind = action.type
     if action.choices is not None:
         return ["word"]
@@ -134,7 +135,7 @@ def bad_values(action: argparse.Action, tmp: Path, i: int) -> list[str]:
         return ["-1", "0", "word"]
     if kind is OUTPUT:
         return [str(tmp / "afile" / f"out{i}")]
-    return [f"word{i}", str(tmp / f"missing{i}" / "file.npz")]
+    return [f"word{i}", str(tmp / f"missing{i}" / "file.npz"), str(tmp / "garbage.npz"), str(tmp / "garbage")]
 
 
 def all_cases(tmp: Path):
@@ -152,6 +153,12 @@ def contract_world(tiny_run, tmp_path_factory):
     run = Path(shutil.copytree(tiny_run, tmp / "runs" / tiny_run.name))  # cases write into it (eval/, ema/)
     _idx_folder(tmp / "idx")
     (tmp / "afile").write_text("a file, not a folder")
+    garbage = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    (tmp / "garbage.npz").write_bytes(garbage)
+    (tmp / "garbage" / "a").mkdir(parents=True)
+    for name in ("config.json", "latents.json", "x.png", "train-images-idx3-ubyte.gz", "step-0000001.safetensors"):
+        (tmp / "garbage" / name).write_bytes(garbage)
+        (tmp / "garbage" / "a" / name).write_bytes(garbage)
     # a finished tiny study (one rate of Config A) for `study --report-only`
     rc, err = run_in_process(["study", "--quick", "--studies", "rates", "--configs", "A", "--rates", "A=1e-2",
                               "--out", tmp / "study", "--num-steps", 1, "--checkpoints", 1,

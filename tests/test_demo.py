@@ -17,7 +17,7 @@ def test_demo_trains_the_recipe_and_prints_a_scoring_command_with_the_grids_sett
     grid = Path(err.split("grid written to ")[1].split()[0])
     assert grid.is_file() and grid.read_bytes()[:4] == b"\x89PNG"
     command = shlex.split(err.split("\n  mapdit fid ")[1].splitlines()[0])
-    run_dir = Path(command[command.index("--result-dir") + 1])
+    run_dir = Path(command[command.index("--run") + 1])
     config = json.loads((run_dir / "config.json").read_text())
     assert config["train"]["min_snr_gamma"] == demo.DEMO_MIN_SNR_GAMMA == 5.0
     assert config["train"]["lr"] == demo.DEMO_LR and config["model"]["mp_residual"] is True  # Config E

@@ -52,6 +52,6 @@ def run_demo(*, data_path: str = "fashion-mnist", results_dir: str = "results", 
           f"(T-shirt, trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot)", file=sys.stderr)
     print(f"demo: grid written to {grid}", file=sys.stderr)
     print(f"demo: the grid used {' '.join(settings)}; to score 1,000 samples drawn the same way "
-          f"(FD_fmnist and conditioning accuracy):\n  mapdit fid --result-dir {run_dir} --num-samples 1000 "
+          f"(FD_fmnist and conditioning accuracy):\n  mapdit fid --run {run_dir} --num-samples 1000 "
           f"{' '.join(settings)} --batch-size 250", file=sys.stderr)
     return grid

@@ -18,7 +18,7 @@ diffusion step t=500 (of 1000) with q_sample (noise from the same seed); labels 
 classes. When the data cannot be loaded, x_t ~ N(0, I) with uniform random labels instead: the log and
 the JSON beside the CSV say which ("input": "data" or "gaussian").
 
-Outputs of `mapdit magnitudes --result-dir R` (never overwriting: the next free name magnitudes-1.csv, ...):
+Outputs of `mapdit magnitudes --run R` (never overwriting: the next free name magnitudes-1.csv, ...):
     R/eval/magnitudes.csv              columns step, quantity, block, value (a row per checkpoint x quantity x block)
     R/eval/magnitudes.json             settings: weights, t, seed, batch size, input, checkpoints
     R/eval/magnitudes-<quantity>.png   blocks on the x axis, one line per checkpoint, coloured by step
