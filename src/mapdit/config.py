@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass
 
 from .errors import UserError
+from .options import check_choice, opt, stored_fields
+from .recipes import RECIPE_NAMES, RECIPES
 
 # name -> (depth, width, heads). XS is upstream MaP-DiT's addition; XXS is ours, for CPU demos.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -55,6 +57,8 @@ MLP_ACTIVATIONS = ("gelu", "silu")
 TIME_EMBEDDINGS = ("sinusoid", "mp-sinusoid", "fourier", "table")
 MODULATION_GAINS = ("shared", "per-modulator")
 CONDITIONINGS = ("sum", "balanced")
+GATE_INITS = ("zero", "identity")
+ROTATION_PAIRINGS = ("half", "interleaved")
 
 # model choices besides the MP options and sizes (command-line flags of the same name)
 CHOICE_KEYS = ("modulation", "gate_init", "rotation_pairing", "learn_sigma", "mlp_activation", "time_embedding",
@@ -134,46 +138,76 @@ def parse_modulation(text: str) -> tuple[str, ...]:
     return tuple(p for p in MODULATION_PARTS if p in parts)
 
 
+def canonical_modulation(parts: tuple[str, ...]) -> str:
+    """The name config.json records for a set of modulation parts: 'adaln' for shift+scale+gate, else the parts
+    in chunk order, with '+nogate' when there is no gate (so that parsing the name gives the parts back)."""
+    if parts == MODULATION_ALIASES["adaln"]:
+        return "adaln"
+    name = "+".join(p for p in parts if p != "gate")
+    return name + ("+gate" if "gate" in parts else "+nogate")
+
+
 @dataclass
 class ModelConfig:
-    model: str = "DiT-S/2"
-    input_size: int = 32  # latent/image side length
-    in_channels: int = 4
-    num_classes: int = 1000
-    learn_sigma: bool = True
-    class_dropout_prob: float = 0.1  # >0 adds the null-class row used for classifier-free guidance
-    num_train_steps: int = 1000  # diffusion steps (rows of the MP timestep table)
-    mlp_ratio: float = 4.0
+    """Everything needed to rebuild a model (config.json's "model"). Every field is a run setting: on
+    --resume it must match the run's own (resume policy "match", mapdit.options)."""
+
+    model: str = opt("DiT-S/2", f"model size and patch: DiT-{{{','.join(SIZES)}}}/{{{','.join(map(str, PATCHES))}}}",
+                     metavar="DiT-SIZE/PATCH")
+    input_size: int = opt(32, "latent/image side length (train: from the data)")
+    in_channels: int = opt(4, "input channels (train: from the data)")
+    num_classes: int = opt(1000, "number of classes (train: from the data)")
+    learn_sigma: bool = opt(True, "learn the variance too, as DiT (off: eps only)",
+                            flag="--no-learn-sigma")
+    # the one label-dropout rate: the share of training labels replaced by the null class, which is the row
+    # classifier-free guidance samples with (DiT's class_dropout_prob; 0: no null class, no guidance)
+    class_dropout_prob: float = opt(0.1, "label dropout: the share of training labels replaced by the null class "
+                                    "that classifier-free guidance uses (0: no null class, no guidance)",
+                                    flag="--label-dropout")
+    num_train_steps: int = opt(1000, "diffusion steps (rows of the MP timestep table)", cli=False)
+    mlp_ratio: float = opt(4.0, "MLP hidden width / model width", cli=False)
     # the eight MP options
-    cosine_attention: bool = False
-    weight_normalization: bool = False
-    forced_weight_normalization: bool = False
-    mp_residual: bool = False
-    mp_silu: bool = False
-    no_layernorm: bool = False
-    mp_pos_enc: bool = False
-    mp_embedding: bool = False
+    cosine_attention: bool = opt(False, "MP: cosine attention (normalised queries and keys)",
+                                 flag="--use-cosine-attention")
+    weight_normalization: bool = opt(False, "MP: weight-normalised linears (bias-free MP linears)",
+                                     flag="--use-weight-normalization")
+    forced_weight_normalization: bool = opt(False, "MP: forced weight normalisation (weights projected to unit "
+                                            "rows every step)", flag="--use-forced-weight-normalization")
+    mp_residual: bool = opt(False, "MP: magnitude-preserving residual sums (EDM2 eq. 88)", flag="--use-mp-residual")
+    mp_silu: bool = opt(False, "MP: activations divided by their RMS on unit Gaussian input", flag="--use-mp-silu")
+    no_layernorm: bool = opt(False, "MP: no LayerNorm before the modulation", flag="--use-no-layernorm")
+    mp_pos_enc: bool = opt(False, "MP: unit-magnitude positional encoding", flag="--use-mp-pos-enc")
+    mp_embedding: bool = opt(False, "MP: unit-magnitude timestep and label embeddings", flag="--use-mp-embedding")
     # choices beside the eight options (each changes only what it names)
-    mlp_activation: str = "gelu"  # "gelu" (DiT's tanh-GELU) | "silu"; `mp_silu` divides it by its RMS
-    # timestep features: "sinusoid" (DiT), "mp-sinusoid" (the same times sqrt 2: RMS 1), "fourier" (MP
-    # Fourier features of the noise level ln(sigma_t)/4, EDM2-style), "table" (a learned MP row per integer
-    # step, upstream MaP-DiT's form). None: "fourier" with `mp_embedding`, else "sinusoid".
-    time_embedding: str | None = None
-    # "shared": one MP modulation linear and one learned gain per block for every chunk;
-    # "per-modulator": one learned gain per modulator (shift/scale/rotate/gate of each site). MP models only.
-    modulation_gains: str = "shared"
-    # how the timestep and label embeddings form the conditioning c: "sum" (DiT's t + y; an MP sum under
-    # mp_residual) or "balanced" (each normalised to RMS 1, then an MP sum: EDM2's unit-magnitude embeddings).
-    # None: "balanced" with MP linears (their unit rows let |t| grow by alignment while the label stays
-    # small: the label then moves the modulation < 1 %), else "sum".
-    conditioning: str | None = None
-    # modulation
-    modulation: str = "adaln"
-    gate_init: str = "zero"  # "zero": branch*g (AdaLN-Zero); "identity": branch*(1+g)
-    rotation_pairing: str = "half"  # "half" | "interleaved" (see nn.rotate_pairs)
+    mlp_activation: str = opt("gelu", "the MLP's activation: gelu (DiT's tanh-GELU) or silu; --use-mp-silu divides "
+                              "it by its RMS", choices=MLP_ACTIVATIONS)
+    # None resolves (in `validate`, so config.json records the resolved value): "fourier" with mp_embedding,
+    # else "sinusoid"
+    time_embedding: str | None = opt(None, "timestep features: sinusoid (DiT), mp-sinusoid (the same times sqrt 2), "
+                                     "fourier (MP Fourier features of ln(sigma_t)/4, EDM2), table (a learned MP row "
+                                     "per step, upstream MaP-DiT) (default: fourier with --use-mp-embedding, i.e. "
+                                     "preset E, else sinusoid)", choices=TIME_EMBEDDINGS)
+    modulation_gains: str = opt("shared", "models with MP linears: one learned modulation gain per block (shared) "
+                                "or one per modulator (per-modulator)", choices=MODULATION_GAINS)
+    # None resolves (in `validate`): "balanced" with MP linears (their unit rows let |t| grow by alignment
+    # while the label stays small: the label then moves the modulation < 1 %), else "sum"
+    conditioning: str | None = opt(None, "how the timestep and label embeddings form the conditioning: sum (DiT's "
+                                   "t + y; an MP sum with --use-mp-residual) or balanced (each RMS 1, then an MP "
+                                   "sum, EDM2) (default: balanced with MP linears, i.e. --use-weight-normalization "
+                                   "or --use-forced-weight-normalization and presets C, D, E; else sum)",
+                                   choices=CONDITIONINGS)
+    modulation: str = opt("adaln", "adaln (shift+scale+gate) or a '+'-joined subset of scale, shift, rotate, gate; a "
+                          "gate is included unless 'nogate' is added; e.g. scale+rotate")
+    gate_init: str = opt("zero", "zero: branch * g (AdaLN-Zero); identity: branch * (1 + g)", choices=GATE_INITS)
+    rotation_pairing: str = opt("half", "which channels the rotation modulation pairs (nn.rotate_pairs)",
+                                choices=ROTATION_PAIRINGS)
     # residual blend t of the MP sum (EDM2 eq. 88; 0.3 for block residuals, EDM2's res_balance)
-    residual_blend: float = 0.3
-    preset: str | None = None  # informational: the preset the flags came from
+    residual_blend: float = opt(0.3, "blend t of the MP residual sum (EDM2 eq. 88)", cli=False)
+    preset: str | None = opt(None, "ablation preset: A = the original DiT, B-D add cosine attention, weight "
+                             "normalisation, forced weight normalisation, E = all eight MP options; --use-* flags add "
+                             "to it. With MP linears (C, D, E) --conditioning resolves to balanced, and with "
+                             "--use-mp-embedding (E) --time-embedding to fourier", flag="--config",
+                             choices=tuple(PRESETS), parse=str.upper)
 
     # ---- derived -------------------------------------------------------------------------------
     @property
@@ -237,21 +271,24 @@ class ModelConfig:
                             f"{self.input_size}: pick a patch size that divides it or pad/resize the data")
         if self.in_channels < 1 or self.num_classes < 1:
             raise UserError("in_channels and num_classes must be at least 1")
-        if self.gate_init not in ("zero", "identity"):
-            raise UserError(f"gate init {self.gate_init!r}: use 'zero' or 'identity'")
-        if self.mlp_activation not in MLP_ACTIVATIONS:
-            raise UserError(f"MLP activation {self.mlp_activation!r}: use one of {', '.join(MLP_ACTIVATIONS)}")
-        if self.time_embedding is not None and self.time_embedding not in TIME_EMBEDDINGS:
-            raise UserError(f"time embedding {self.time_embedding!r}: use one of {', '.join(TIME_EMBEDDINGS)}")
-        if self.conditioning is not None and self.conditioning not in CONDITIONINGS:
-            raise UserError(f"conditioning {self.conditioning!r}: use one of {', '.join(CONDITIONINGS)}")
-        if self.modulation_gains not in MODULATION_GAINS:
-            raise UserError(f"modulation gains {self.modulation_gains!r}: use one of {', '.join(MODULATION_GAINS)}")
-        if self.rotation_pairing not in ("half", "interleaved"):
-            raise UserError(f"rotation pairing {self.rotation_pairing!r}: use 'half' or 'interleaved'")
-        self.modulation = "+".join(parse_modulation(self.modulation))
-        if self.modulation == "shift+scale+gate":
-            self.modulation = "adaln"
+        check_choice(self.gate_init, "gate_init", GATE_INITS)
+        check_choice(self.mlp_activation, "mlp_activation", MLP_ACTIVATIONS, "MLP activation")
+        check_choice(self.modulation_gains, "modulation_gains", MODULATION_GAINS)
+        check_choice(self.rotation_pairing, "rotation_pairing", ROTATION_PAIRINGS)
+        if self.time_embedding is not None:
+            check_choice(self.time_embedding, "time_embedding", TIME_EMBEDDINGS)
+        if self.conditioning is not None:
+            check_choice(self.conditioning, "conditioning", CONDITIONINGS)
+        if not 0 <= self.class_dropout_prob < 1:
+            raise UserError(f"--label-dropout {self.class_dropout_prob} must be in [0, 1)")
+        if self.modulation_gains == "per-modulator" and not self.uses_mp_linear:
+            raise UserError("--modulation-gains per-modulator needs MP linears (--use-weight-normalization or "
+                            "--use-forced-weight-normalization, presets C-E): a model without them has no "
+                            "modulation gains")
+        # the defaults that depend on other options, resolved once: config.json records what is built
+        self.time_embedding = self.time_embedding_kind
+        self.conditioning = self.conditioning_kind
+        self.modulation = canonical_modulation(parse_modulation(self.modulation))
         if self.hidden_size % 4:
             raise UserError("hidden size must be divisible by 4 (sin-cos positional encoding, rotation pairs)")
         return self
@@ -280,6 +317,15 @@ class ModelConfig:
         if "time_embedding" not in data:
             data["time_embedding"] = "table" if data.get("mp_embedding") else "sinusoid"
         data.setdefault("conditioning", "sum")
+        # configs written when null meant "the default": what that version resolved it to (frozen here, so a
+        # later change of a default never rebuilds an existing run as another model)
+        mp_linear = bool(data.get("weight_normalization") or data.get("forced_weight_normalization"))
+        if data["time_embedding"] is None:
+            data["time_embedding"] = "fourier" if data.get("mp_embedding") else "sinusoid"
+        if data["conditioning"] is None:
+            data["conditioning"] = "balanced" if mp_linear else "sum"
+        if data.get("modulation_gains") == "per-modulator" and not mp_linear:
+            data["modulation_gains"] = "shared"  # was accepted and built nothing
         return cls(**data).validate()
 
     @classmethod
@@ -324,46 +370,88 @@ def make_config(model: str = "DiT-S/2", preset: str | None = None, use_all_mp: b
 # ------------------------------------------------------------------------------------------------
 SNAPSHOT_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_SNAPSHOT_DTYPE = "float16"  # EMA snapshots (mapdit.ema.DEFAULT_SNAPSHOT_DTYPE is this dtype)
+PRECISIONS = ("fp32", "bf16")
+
+# The largest relative width sigma_rel of an EDM2 power-function EMA. Its profile with exponent gamma > -1 has
+# sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)) (EDM2 eq. 3), which peaks at gamma = 1/phi - 1 ~ -0.382
+# (phi the golden ratio) with sigma_rel^2 = phi^-5: every width up to phi^-2.5 ~ 0.3003 has a gamma (1/sqrt(12)
+# ~ 0.2887, the uniform average gamma = 0, is not the bound). Used by the training check and by mapdit.ema.
+SIGMA_REL_MAX = ((1.0 + math.sqrt(5.0)) / 2.0) ** -2.5
+
+
+def default_lr(model: ModelConfig) -> float:
+    """The learning rate a run uses when none is given: 1e-2 for models with MP linears (unit-norm rows: EDM2's
+    order of rate), else DiT's 1e-4."""
+    return 1e-2 if model.uses_mp_linear else 1e-4
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run is driven by (config.json's "train"); `None` fields are filled by `resolved`."""
+    """Everything a training run is driven by (config.json's "train", with the `None` defaults filled by
+    `resolved` when the run is created). Resume policy per field (mapdit.options): "match" settings are the
+    run's own; "apply" ones may be given again on --resume and take effect; "never" ones belong to the
+    invocation (not stored)."""
 
-    data_path: str | None = None  # None: "fashion-mnist" (or, on resume, the run's own data)
-    results_dir: str = "results"
-    num_steps: int = 400_000
-    batch_size: int = 256  # global: split evenly over ranks
-    lr: float | None = None  # None: 1e-4 without weight normalisation (DiT's), 1e-2 with it (EDM2's order)
-    warmup_steps: int | None = None  # None: num_steps // 150
-    decay_start: int | None = None  # None: num_steps // 10; then lr ~ 1/sqrt(step / decay_start)
-    adam_betas: tuple[float, float] = (0.9, 0.99)
-    adam_eps: float = 1e-8
-    grad_clip: float | None = None
-    seed: int = 0
-    label_dropout: float = 0.1
-    min_snr_gamma: float | None = None  # None: uniform eps-MSE (DiT); else weights min(SNR_t, gamma) / SNR_t
-    ema_stds: tuple[float, ...] = (0.05, 0.10)
-    ema_snapshots: int = 100  # snapshots per tracked width over the run (0: none)
-    snapshot_dtype: str = DEFAULT_SNAPSHOT_DTYPE
-    ckpt_every: int | None = None  # None: num_steps // 5
-    log_every: int = 10
-    precision: str = "fp32"  # or "bf16" (autocast)
-    compile: bool = False
-    device: str | None = None
-    skip_nonfinite: bool = False
-    image_size: int | None = None
-    hflip: bool = False
-    sample_every: int = 0  # write a grid from the EMA weights every N steps (0: never)
-    fid_every: int = 0  # FID (FD_fmnist on Fashion-MNIST) of the EMA weights every N steps, in metrics.csv
-    fid_samples: int = 1000
-    magnitude_every: int = 0  # residual-stream magnitude per block every N steps (a multiple of log_every)
+    recipe: str | None = opt(None, "a named recipe whose values are the defaults (options given override them): "
+                             + "; ".join(f"{r.name}: {r.what}" for r in RECIPES.values())
+                             + " (default: none, the paper's defaults)", choices=RECIPE_NAMES)
+    data_path: str | None = opt(None, "'fashion-mnist', a folder of IDX files, a folder of class subfolders, or "
+                                "prepared latents (default: fashion-mnist; on --resume the run's own)", resume="apply")
+    results_dir: str = opt("results", "the folder new runs are created in (NNN-<model>)", resume="apply")
+    num_steps: int = opt(400_000, "training steps (on --resume: the run's own unless given)", resume="apply")
+    batch_size: int = opt(256, "global batch, split evenly over the ranks", flag="--global-batch-size",
+                          aliases=("--batch-size",))
+    lr: float | None = opt(None, "peak learning rate (default: 1e-2 for models with MP linears, presets C-E, else "
+                           "DiT's 1e-4)", resume="apply")
+    warmup_steps: int | None = opt(None, "linear warm-up steps (default: num_steps // 150)")
+    decay_start: int | None = opt(None, "step from which lr ~ 1/sqrt(step / decay_start) (EDM2's decay) "
+                                  "(default: num_steps // 10)")
+    adam_betas: tuple[float, float] = opt((0.9, 0.99), "Adam's beta1 beta2", metavar="BETA")
+    adam_eps: float = opt(1e-8, "Adam's epsilon")
+    grad_clip: float | None = opt(None, "clip the gradient norm to this (default: none, no clipping)",
+                                  resume="apply")
+    seed: int = opt(0, "seed of the model's init, the data order and every draw of a step", flag="--global-seed",
+                    aliases=("--seed",))
+    label_dropout: float = opt(0.1, "label dropout rate of training", cli=False)
+    min_snr_gamma: float | None = opt(None, "weight the eps-MSE by min(SNR_t, gamma) / SNR_t (Min-SNR, e.g. 5) "
+                                      "(default: none, uniform, as DiT)")
+    ema_stds: tuple[float, ...] = opt((0.05, 0.10), f"relative widths sigma_rel of the power EMAs tracked "
+                                      f"(EDM2), each in (0, {SIGMA_REL_MAX:.4f}]", metavar="SIGMA_REL")
+    ema_snapshots: int = opt(100, "EMA snapshots per tracked width over the run (0: none)")
+    snapshot_dtype: str = opt(DEFAULT_SNAPSHOT_DTYPE, "dtype of the EMA snapshots", choices=SNAPSHOT_DTYPES)
+    ckpt_every: int | None = opt(None, "checkpoint every N steps (default: num_steps // 5)", resume="apply")
+    keep_last: int = opt(0, "keep only the newest N checkpoints (0: keep all)", resume="apply")
+    tensorboard: bool = opt(False, "also log the metrics for TensorBoard into RUN/tensorboard (needs the "
+                            "tensorboard package: pip install 'mapdit[tensorboard]')", resume="apply")
+    allow_new_data: bool = opt(False, "on --resume, go on with data whose fingerprint (count, shape, checksum) "
+                               "differs from the run's own (this invocation only)", resume="never")
+    log_every: int = opt(10, "a metrics.csv row every N steps", resume="apply")
+    precision: str = opt("fp32", "fp32, or bf16 autocast", choices=PRECISIONS)
+    compile: bool = opt(False, "torch.compile the model (this invocation only)", resume="never")
+    device: str | None = opt(None, "cpu, cuda, cuda:1, ... (default: cuda when there is one, else cpu; this "
+                             "invocation only)", resume="never")
+    skip_nonfinite: bool = opt(False, "skip (and count) steps with a NaN/Inf loss or gradient instead of "
+                               "stopping", resume="apply")
+    image_size: int | None = opt(None, "resize images to this side (default: none, the data's own)")
+    hflip: bool = opt(False, "random horizontal flips")
+    sample_every: int = opt(0, "write a sample grid from the EMA weights every N steps (0: never)", resume="apply")
+    fid_every: int = opt(0, "FD of the EMA weights every N steps into metrics.csv (FD_fmnist on Fashion-MNIST; "
+                         "a multiple of --log-every; 0: never)", resume="apply")
+    fid_samples: int = opt(1000, "samples per --fid-every score", resume="apply")
+    magnitude_every: int = opt(0, "residual-stream magnitude per block every N steps into "
+                               "residual_magnitudes.csv (a multiple of --log-every; 0: never)", resume="apply")
+
+    def to_dict(self) -> dict:
+        """What config.json records: every run setting (resume policy "match" or "apply"), none of the
+        invocation's ("never": device, compile)."""
+        keep = set(stored_fields(type(self)))
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
 
     def resolved(self, model: ModelConfig) -> "TrainConfig":
         """Fill the defaults that depend on the run length and the model."""
         tc = dataclasses.replace(self)
         if tc.lr is None:
-            tc.lr = 1e-2 if (model.weight_normalization or model.forced_weight_normalization) else 1e-4
+            tc.lr = default_lr(model)
         if tc.warmup_steps is None:
             tc.warmup_steps = max(1, tc.num_steps // 150)
         if tc.decay_start is None:
@@ -382,10 +470,9 @@ class TrainConfig:
         if self.batch_size < 1 or self.batch_size % world_size:
             raise UserError(f"--global-batch-size {self.batch_size} must be a positive multiple of the number "
                             f"of processes ({world_size})")
-        if self.precision not in ("fp32", "bf16"):
-            raise UserError(f"--precision {self.precision!r}: use fp32 or bf16")
-        if not self.ema_stds or any(not 0 < s < 0.2887 for s in self.ema_stds):
-            raise UserError(f"--ema-stds {list(self.ema_stds)}: each width must be in (0, 0.288)")
+        check_choice(self.precision, "precision", PRECISIONS, "--precision")
+        if not self.ema_stds or any(not 0 < s <= SIGMA_REL_MAX for s in self.ema_stds):
+            raise UserError(f"--ema-stds {list(self.ema_stds)}: each width must be in (0, {SIGMA_REL_MAX:.4f}]")
         if len({f"{s:.3f}" for s in self.ema_stds}) != len(self.ema_stds):
             raise UserError(f"--ema-stds {list(self.ema_stds)}: the widths must differ in the first 3 decimals")
         if self.lr is not None and not positive(self.lr):
@@ -397,8 +484,7 @@ class TrainConfig:
             raise UserError(f"--grad-clip {self.grad_clip} must be a positive number (leave it out for no clipping)")
         if self.ema_snapshots < 0:
             raise UserError(f"--ema-snapshots {self.ema_snapshots} must be 0 (no snapshots) or more")
-        if self.snapshot_dtype not in SNAPSHOT_DTYPES:
-            raise UserError(f"--snapshot-dtype {self.snapshot_dtype!r}: use one of {', '.join(SNAPSHOT_DTYPES)}")
+        check_choice(self.snapshot_dtype, "snapshot_dtype", SNAPSHOT_DTYPES, "--snapshot-dtype")
         if self.log_every < 1:
             raise UserError(f"--log-every {self.log_every} must be at least 1")
         if self.ckpt_every is not None and self.ckpt_every < 1:
@@ -407,8 +493,10 @@ class TrainConfig:
             raise UserError(f"--warmup-steps {self.warmup_steps} must be 0 or more")
         if self.decay_start is not None and self.decay_start < 1:
             raise UserError(f"--decay-start {self.decay_start} must be at least 1")
-        if not 0 <= self.label_dropout < 1:
-            raise UserError(f"label dropout {self.label_dropout} must be in [0, 1)")
+        if self.keep_last < 0:
+            raise UserError(f"--keep-last {self.keep_last} must be 0 (keep all) or more")
+        if self.recipe is not None:
+            check_choice(self.recipe, "recipe", RECIPE_NAMES, "--recipe")
         for name in ("sample_every", "fid_every", "magnitude_every"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be 0 (off) or more")
