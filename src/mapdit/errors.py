@@ -36,10 +36,10 @@ _DECODE_ERRORS = (ValueError, EOFError, KeyError, IndexError, RuntimeError, OSEr
 
 
 @contextlib.contextmanager
-def reading(path, what: str):
+def reading(path, what: str, hint: str = "is it the right file?"):
     """Decode a file (or folder) the user named: any failure to read or decode it inside this block becomes
-    one UserError naming `what` and `path`. Keep the block to the read itself, so that a bug in the code
-    using the result stays a traceback."""
+    one UserError naming `what` and `path` ("the reference x.npz cannot be read (...): <hint>"). Keep the
+    block to the read itself, so that a bug in the code using the result stays a traceback."""
     try:
         yield
     except UserError:
@@ -57,4 +57,4 @@ def reading(path, what: str):
             raise
         lines = str(err).strip().splitlines()
         reason = " ".join(lines[0].split())[:160] if lines else type(err).__name__
-        raise UserError(f"{what} {path} cannot be read ({reason}): is it the right file?") from None
+        raise UserError(f"{what} {path} cannot be read ({reason}): {hint}") from None

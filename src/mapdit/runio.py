@@ -38,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, TrainConfig, check_field_types
-from .errors import UserError
+from .errors import UserError, reading
 
 CHECKPOINT_RE = re.compile(r"step-(\d{7,})\.safetensors$")
 # A full disk, a full quota, or a file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so it shows as EFBIG)
@@ -304,14 +304,10 @@ def write_json(path: str | Path, data, new: bool = False) -> Path:
     return write_text(path, json.dumps(data, indent=2) + "\n", new=new)
 
 
-def read_json(path: str | Path) -> dict:
+def read_json(path: str | Path, what: str = "the JSON file") -> dict:
     path = Path(path)
-    try:
+    with reading(path, what):
         return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err}); is it the right file?") from None
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -319,14 +315,9 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    try:
+def load_tensors(path: str | Path, device: str = "cpu", what: str = "the safetensors file") -> dict[str, torch.Tensor]:
+    with reading(path, what, "tensors are only loaded from safetensors"):
         return load_file(str(path), device=device)
-    except FileNotFoundError:
-        raise UserError(f"{path} not found") from None
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"{path} is not a readable safetensors file ({err}); tensors are only loaded from "
-                        "safetensors") from None
 
 
 def sha256_file(path: str | Path) -> str:
