@@ -358,3 +358,31 @@ def test_parse_sweep():
     for bad in ["", "abc", "0.1:0.05:0.01", "0.05:0.1:0", "0.5", "0.05:0.1"]:
         with pytest.raises(UserError):
             parse_sweep(bad)
+
+
+def test_non_finite_and_foreign_snapshots_are_named(tmp_path, no_fsync):
+    from mapdit.ema import RUN_ID_FILE, snapshot_run_id
+
+    _run_and_snapshot(tmp_path, (0.05, 0.10), 50, 200, [(10,)], drift=0.01)
+    own = snapshot_run_id(tmp_path)
+    assert own and {s.run_id for s in list_snapshots(tmp_path)} == {own}
+    # one NaN in one snapshot: named, not averaged into every width
+    bad = save_snapshot(tmp_path, 0.10, 150, {"p0": torch.full((10,), float("nan"))})
+    with pytest.raises(UserError, match=f"{bad}.*non-finite"):
+        reconstruct(tmp_path, 0.07)
+    # a snapshot of another run (its own run-id) under this folder's names: named, not mixed in
+    other = tmp_path / "other"
+    save_snapshot(other, 0.10, 150, {"p0": torch.zeros(10)})
+    os.replace(other / "sigma-0.100" / "step-0000150.safetensors", bad)
+    assert snapshot_run_id(other) != own
+    with pytest.raises(UserError, match=f"{bad}.*another run"):
+        reconstruct(tmp_path, 0.07)
+    # without identities (snapshots written before they carried one) nothing is refused
+    (tmp_path / RUN_ID_FILE).unlink()
+    for info in list_snapshots(tmp_path):
+        with safe_open(info.path, framework="pt") as f:
+            meta = {k: v for k, v in f.metadata().items() if k != "run_id"}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        ema_mod.save_file(tensors, str(info.path), metadata=meta)
+    rec, _ = reconstruct(tmp_path, 0.07)
+    assert torch.isfinite(rec["p0"]).all()

@@ -441,6 +441,9 @@ def reconstruct(directory, sigma_rel: float, step: int | None = None, progress: 
     out = {}
     for k in list(acc):
         out[k] = acc.pop(k).to(torch.float32)
+        if not torch.isfinite(out[k]).all():  # finite inputs, but a value beyond float32's range
+            raise UserError(f"the EMA sigma_rel {sigma_rel!r} at step {step} reconstructed from {directory} is not "
+                            f"finite (in {k}): pick another width or snapshot more often")
     return out, sol
 
 
