@@ -6,7 +6,7 @@ and resume policy (`opt`), and everything else is derived from it: the command l
     lr: float | None = opt(None, "peak learning rate (default: 1e-4 plain, 1e-2 MP linears)", resume="apply")
 
 This module holds the declarations and reads them back (`options`, `flag_of`); it builds no parser (library
-modules never import argparse): mapdit.commands.options turns the declarations into argparse options.
+modules build no parsers): mapdit.commands.options turns the declarations into argparse options.
 
 Resume policy (TrainConfig and ModelConfig): "match" = a resumed run keeps its own value, and the option
 given again with another value is a one-line refusal; "apply" = the value given on --resume is used from
