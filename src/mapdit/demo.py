@@ -1,46 +1,59 @@
-"""`mapdit demo`: the README's main job. Trains a small MaP-DiT (Config E) on Fashion-MNIST on the CPU,
-samples one row per class and writes the grid; then prints the settings the grid used and the command
-that draws 1,000 samples with them and scores them.
+"""`mapdit demo`: the README's main job, the recipe `fmnist-cpu` (mapdit.recipes) plus a grid. Trains a small
+MaP-DiT (Config E) on Fashion-MNIST on the CPU, samples one row per class and writes the grid; then prints
+the settings the grid used and the command that draws 1,000 samples with them and scores them.
 
-The recipe (docs/diagnosis.md and docs/recipe.md have the measurements behind every number): DiT-XXS/4
-(1.5M parameters), 4000 steps of batch 32 (about two epochs; on the same images, twice the updates of batch
-64 beat it on FD, accuracy and held-out error, in fewer CPU minutes) at learning rate 3e-2 -- MP's unit-norm
-weights want a larger rotation per step than the paper's 1e-2 -- with the loss weighted by Min-SNR-5 (FD
-34.6 -> 28.0, accuracy 0.889 -> 0.936 at no cost per step) and every default of Config E (smooth noise-level
-embedding, DiT's GELU, balanced conditioning). Grid: DPM-Solver++(2M) 20 steps (the default sampler),
-guidance 4 (DiT's default; at 500 samples 3 -> 4 raised the conditioning accuracy 0.86 -> 0.89 at equal FD),
-EMA width sigma_rel 0.10.
+The recipe's numbers and the measurements behind them are in mapdit.recipes (docs/diagnosis.md and
+docs/recipe.md); the demo lets a few of them be changed (`DemoSettings`).
 """
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import make_config
+from .options import opt
+from .recipes import RECIPES
 from .sample import sample_run
-from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from .train import TrainConfig, train
 
-DEMO_MODEL = "DiT-XXS/4"
-DEMO_STEPS = 4000
-DEMO_BATCH = 32
-DEMO_LR = 3e-2
-DEMO_MIN_SNR_GAMMA = 5.0
-DEMO_EMA = 0.10
-DEMO_CFG = 4.0
-DEMO_SAMPLER, DEMO_SAMPLING_STEPS = DEFAULT_SAMPLER, DEFAULT_STEPS
+RECIPE = RECIPES["fmnist-cpu"]
+DEMO_MODEL = RECIPE.model["model"]
+DEMO_STEPS = RECIPE.train["num_steps"]
+DEMO_BATCH = RECIPE.train["batch_size"]
+DEMO_LR = RECIPE.train["lr"]
+DEMO_MIN_SNR_GAMMA = RECIPE.train["min_snr_gamma"]
+DEMO_EMA = RECIPE.sample["ema_std"]
+DEMO_CFG = RECIPE.sample["cfg_scale"]
+DEMO_SAMPLER, DEMO_SAMPLING_STEPS = RECIPE.sample["sampler"], RECIPE.sample["steps"]
 
 
-def run_demo(*, data_path: str = "fashion-mnist", results_dir: str = "results", model: str = DEMO_MODEL,
-             num_steps: int = DEMO_STEPS, batch_size: int = DEMO_BATCH, lr: float = DEMO_LR,
-             sampling_steps: int = DEMO_SAMPLING_STEPS, cfg_scale: float = DEMO_CFG, seed: int = 0) -> Path:
-    """Train the demo model, write its grid and print the scoring command; returns the grid's path."""
+@dataclass
+class DemoSettings:
+    """What `mapdit demo` lets a user change of the recipe (the rest is the recipe's)."""
+    data_path: str = opt(RECIPE.train["data_path"], "Fashion-MNIST: 'fashion-mnist' or a folder of its IDX files")
+    results_dir: str = opt("results", "the folder the run is created in")
+    model: str = opt(DEMO_MODEL, "model size and patch", metavar="DiT-SIZE/PATCH")
+    num_steps: int = opt(DEMO_STEPS, "training steps")
+    batch_size: int = opt(DEMO_BATCH, "batch size")
+    lr: float = opt(DEMO_LR, "peak learning rate")
+    sampling_steps: int = opt(DEMO_SAMPLING_STEPS, f"{DEMO_SAMPLER} steps of the grid")
+    cfg_scale: float = opt(DEMO_CFG, "classifier-free guidance scale of the grid")
+    seed: int = opt(0, "seed of the training and of the grid")
+
+
+def run_demo(**settings) -> Path:
+    """Train the demo model, write its grid and print the scoring command; returns the grid's path.
+    `settings`: DemoSettings fields (the rest is the recipe's)."""
+    s = DemoSettings(**settings)
+    num_steps, sampling_steps, cfg_scale, seed = s.num_steps, s.sampling_steps, s.cfg_scale, s.seed
     start = time.perf_counter()
-    model_cfg = make_config(model, preset="E", input_size=28, in_channels=1, num_classes=10)
-    tc = TrainConfig(data_path=data_path, results_dir=results_dir, num_steps=num_steps, batch_size=batch_size,
-                     lr=lr, seed=seed, log_every=50, ema_snapshots=50, ckpt_every=max(1, num_steps // 2),
-                     min_snr_gamma=DEMO_MIN_SNR_GAMMA)
+    model_cfg = make_config(**{**RECIPE.model, "model": s.model}, input_size=28, in_channels=1, num_classes=10)
+    # the recipe's training values, with what the demo lets change (checkpoints at the middle and the end)
+    tc = TrainConfig(**{**RECIPE.train, "recipe": RECIPE.name, "data_path": s.data_path,
+                        "results_dir": s.results_dir, "num_steps": num_steps, "batch_size": s.batch_size,
+                        "lr": s.lr, "seed": seed, "ckpt_every": max(1, num_steps // 2)})
     run_dir = train(tc, model_cfg)
     trained = time.perf_counter() - start
     grid = sample_run(run_dir, num_samples=10, sampler=DEMO_SAMPLER, steps=sampling_steps, cfg_scale=cfg_scale,

@@ -1,26 +1,20 @@
-"""`mapdit demo`: the README's main job (mapdit.demo holds the recipe)."""
+"""`mapdit demo`: the README's main job, the recipe fmnist-cpu plus a grid (mapdit.demo; options generated
+from DemoSettings)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from ..demo import DEMO_BATCH, DEMO_CFG, DEMO_LR, DEMO_MODEL, DEMO_SAMPLING_STEPS, DEMO_STEPS, run_demo
+from ..demo import DemoSettings, run_demo
+from .options import add_options, from_args
 
 
 def run(args: argparse.Namespace) -> None:
-    run_demo(data_path=args.data_path, results_dir=args.results_dir, model=args.model, num_steps=args.num_steps,
-             batch_size=args.batch_size, lr=args.lr, sampling_steps=args.sampling_steps, cfg_scale=args.cfg_scale,
-             seed=args.seed)
+    run_demo(**dataclasses.asdict(from_args(DemoSettings, args)))
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="train a small Config-E MaP-DiT on Fashion-MNIST and write a sample grid")
-    p.add_argument("--data-path", default="fashion-mnist")
-    p.add_argument("--results-dir", default="results")
-    p.add_argument("--model", default=DEMO_MODEL)
-    p.add_argument("--num-steps", type=int, default=DEMO_STEPS)
-    p.add_argument("--batch-size", type=int, default=DEMO_BATCH)
-    p.add_argument("--lr", type=float, default=DEMO_LR)
-    p.add_argument("--sampling-steps", type=int, default=DEMO_SAMPLING_STEPS)
-    p.add_argument("--cfg-scale", type=float, default=DEMO_CFG)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("demo", help="train a small Config-E MaP-DiT on Fashion-MNIST with the recipe fmnist-cpu "
+                                    "(mapdit train --recipe fmnist-cpu) and write a sample grid")
+    add_options(p, DemoSettings)
     p.set_defaults(func=run)
