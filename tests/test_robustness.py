@@ -114,7 +114,7 @@ def test_full_disk_on_every_write_path_is_one_line_and_keeps_earlier_files(run_c
     assert "checkpoints/step-0000006.safetensors" in lines[0] and "last good checkpoint is step 4" in lines[0]
     assert "free space and resume" in lines[0]
     assert "ema/sigma-0.050/step-0000005.safetensors" in lines[1]
-    assert "ema/posthoc/sigma-0.080" in lines[2] and "e.safetensors" in lines[3]
+    assert "ema/posthoc/sigma-0.08" in lines[2] and "e.safetensors" in lines[3]  # sigma-0.08-step-N (a48a536)
     assert "s.npz" in lines[4] and "g.png" in lines[5]
     assert "metrics.csv" in lines[6] or "config.json" in lines[6]
 
