@@ -392,3 +392,14 @@ def test_one_flag_name_per_concept_across_subcommands():
         if "ema_std" in by_dest:
             assert by_dest["ema_std"] == "--ema-std", command
 
+
+
+@pytest.mark.parametrize("command", ["sample", "fid", "ema", "magnitudes", "prepare", "fmnist-classifier"])
+def test_every_option_has_help_that_shows_its_default(command):
+    sub = subcommands()[command]
+    for action in sub._actions:
+        if not action.option_strings or isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, (command, action.option_strings)
+        if action.nargs != 0 and action.default is not None:
+            assert "default" in action.help, (command, action.option_strings)

@@ -33,7 +33,7 @@ def build_parser():
         study,
         train,
     )
-    from .commands.parsing import OneLineParser, checked_everywhere
+    from .commands.parsing import OneLineParser, checked_everywhere, defaults_in_help
 
     parser = OneLineParser(prog="mapdit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +41,7 @@ def build_parser():
                     study):
         command.register(sub)
     checked_everywhere(parser)  # every option of every sub-command gets its kind (commands.parsing)
+    defaults_in_help(parser)
     return parser
 
 

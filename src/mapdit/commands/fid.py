@@ -25,17 +25,18 @@ def run(args: argparse.Namespace) -> dict:
 def add_fid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", "--result-dir", dest="run", required=True, metavar="RUN",
                    help="a run folder made by training, e.g. results/000-DiT-S-2 (also: --result-dir)")
-    p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES)
-    p.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES, help="samples to score")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA weights or the raw trained ones")
     p.add_argument("--ema-std", type=float, default=None,
                    help="EMA width (default the smallest tracked one; others are reconstructed post hoc)")
-    p.add_argument("--ckpt", default=None, help="a checkpoint file (default: the newest complete one)")
+    p.add_argument("--ckpt", default=None, help="a checkpoint: a path, a name in the run's checkpoints/ or a step "
+                                                   "(default: the newest complete one)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=DEFAULT_SAMPLER,
                    help="ddpm/ancestral, ddim (ours) or dpm++2m, unipc, heun (diffusers; few steps, e.g. --steps 20)")
     p.add_argument("--steps", "--num-sampling-steps", dest="steps", type=int, default=DEFAULT_STEPS,
                    help=f"sampler steps (default {DEFAULT_STEPS}; the paper's FID used --sampler ddpm --steps 250)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the labels and the noise")
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch (per rank)")
     p.add_argument("--ref", default=None,
                    help="reference: 'fashion-mnist', an image folder, a prepared latent folder or an ADM "
@@ -46,7 +47,7 @@ def add_fid_args(p: argparse.ArgumentParser) -> None:
                    help="default: fmnist for Fashion-MNIST runs, inception otherwise or with --inception-weights")
     p.add_argument("--inception-weights", default=None, help="a local copy of torch-fidelity's Inception weights")
     p.add_argument("--cache-dir", default=None, help="reference statistics cache (default ~/.cache/mapdit/fid-stats)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
 
 
 def register(sub) -> None:

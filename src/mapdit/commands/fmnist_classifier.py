@@ -27,8 +27,8 @@ def register(subparsers) -> None:
                     "it as safetensors; the package ships one in mapdit/assets.",
     )
     p.add_argument("--out", required=True, help="output .safetensors path")
-    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="passes over the training split")
+    p.add_argument("--seed", type=int, default=0, help="initialisation, data order and flips")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: the result depends on the thread count; 1 reproduces the "
                         "shipped weights)")

@@ -25,9 +25,9 @@ def register(sub) -> None:
                    help="a run folder made by training, e.g. results/000-DiT-S-2 (also: --result-dir)")
     p.add_argument("--batch-size", type=int, default=64, help="images in the fixed batch")
     p.add_argument("--seed", type=int, default=0, help="picks the images and the noise of the fixed batch")
-    p.add_argument("--weights", choices=("raw", "ema"), default="raw")
+    p.add_argument("--weights", choices=("raw", "ema"), default="raw", help="raw trained weights or an EMA")
     p.add_argument("--ema-std", type=float, default=None, help="with --weights ema: a tracked width "
                                                                  "(default the smallest)")
     p.add_argument("--t", type=int, default=DEFAULT_T, help="diffusion step the batch is noised to")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.set_defaults(func=run)

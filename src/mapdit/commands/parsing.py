@@ -249,6 +249,21 @@ def checked_everywhere(parser: argparse.ArgumentParser) -> None:
                 action.type = NUMBER
 
 
+def defaults_in_help(parser: argparse.ArgumentParser) -> None:
+    """End every option's help with its default, '(default: X)', unless the help already states one or the
+    default is 'not given' (None, or a sentinel whose meaning the help explains)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                defaults_in_help(sub)
+        elif action.option_strings and action.nargs != 0 and action.help not in (None, argparse.SUPPRESS):
+            default = action.default
+            if default is None or default is argparse.SUPPRESS or type(default).__name__ == "_Unset":
+                continue
+            if "default" not in action.help:
+                action.help += " (default: %(default)s)"
+
+
 def finite_floats_everywhere(parser: argparse.ArgumentParser) -> None:
     """Kept for callers of the old name: every option gets its kind (finite floats included)."""
     checked_everywhere(parser)

@@ -34,13 +34,14 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
                    help="guide only the first K channels (3 reproduces the original DiT); default all")
     p.add_argument("--clip-denoised", choices=("auto", "yes", "no"), default="auto",
                    help="clip x0 estimates to [-1, 1]: auto = yes for pixel data (as ADM), no for latents (as DiT)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (sample i gets batch i // --batch-size's)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per sampling batch")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA weights or the raw trained ones")
     p.add_argument("--ema-std", type=float, default=None,
                    help="EMA width: a tracked one, or any other (reconstructed post hoc and cached)")
-    p.add_argument("--ckpt", default=None, help="a checkpoint file (default: the newest complete one)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--ckpt", default=None, help="a checkpoint: a path, a name in the run's checkpoints/ or a step "
+                                                   "(default: the newest complete one)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
 
 
 def register(sub) -> None:
