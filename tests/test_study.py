@@ -182,6 +182,20 @@ def test_workers_train_every_run_once_and_shared_runs_are_queued_once(tmp_path, 
     assert cli(*args[:-1], "-1") == 2 and "--min-snr-gamma -1" in capfd.readouterr().err
 
 
+@needs_installed_fmnist
+def test_a_study_run_checkpoints_exactly_at_the_kept_steps(tmp_path):
+    # --checkpoints 7,20 checkpointed every step (at their gcd, 1): 489 MB for a 20-step run, ~50 GB at full budget
+    out = tmp_path / "study"
+    assert cli("study", "--studies", "rates", "--configs", "A", "--rates", "A=1e-2", "--model", "DiT-XXS/4",
+               "--num-steps", 20, "--checkpoints", "7,20", "--batch-size", 8, "--fid-samples", 16, "--sampling-steps",
+               2, "--num-ref", 200, "--heldout-images", 50, "--sample-batch-size", 8, "--magnitude-batch-size", 8,
+               "--ema-snapshots", 0, "--cache-dir", tmp_path / "cache", "--out", out) == 0
+    run = next(out.glob("runs/A/lr1e-02/runs/*/*"))
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.safetensors")) == \
+        ["step-0000007.safetensors", "step-0000020.safetensors"]
+    assert json.loads((run / "config.json").read_text())["train"]["ckpt_steps"] == [7, 20]
+
+
 def test_workers_receive_a_real_cache_folder_not_the_default_sentinel(tmp_path):
     # the DEFAULT_CACHE sentinel is an object(): pickled into a worker it would be another object, and the
     # worker's scoring would take it for a path (every run failed at its FD this way)

@@ -421,6 +421,8 @@ class TrainConfig:
     snapshot_dtype: str = opt(DEFAULT_SNAPSHOT_DTYPE, "dtype of the EMA snapshots", choices=SNAPSHOT_DTYPES)
     ckpt_every: int | None = opt(None, "checkpoint every N steps (default: num_steps // 5)", resume="apply")
     keep_last: int = opt(0, "keep only the newest N checkpoints (0: keep all)", resume="apply")
+    ckpt_steps: tuple[int, ...] | None = opt(None, "also checkpoint at exactly these steps (mapdit study's kept "
+                                             "checkpoints)", resume="apply", cli=False)
     tensorboard: bool = opt(False, "also log the metrics for TensorBoard into RUN/tensorboard (needs the "
                             "tensorboard package: pip install 'mapdit[tensorboard]')", resume="apply")
     allow_new_data: bool = opt(False, "on --resume, go on with data whose fingerprint (count, shape, checksum) "
@@ -495,6 +497,8 @@ class TrainConfig:
             raise UserError(f"--decay-start {self.decay_start} must be at least 1")
         if self.keep_last < 0:
             raise UserError(f"--keep-last {self.keep_last} must be 0 (keep all) or more")
+        if self.ckpt_steps is not None and any(int(s) < 1 for s in self.ckpt_steps):
+            raise UserError(f"checkpoint steps {list(self.ckpt_steps)} must be at least 1")
         if self.recipe is not None:
             check_choice(self.recipe, "recipe", RECIPE_NAMES, "--recipe")
         for name in ("sample_every", "fid_every", "magnitude_every"):

@@ -178,7 +178,7 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, s
                 flag = torch.tensor(float(stop.signal is not None), device=device)
                 stop_now = dist_utils.all_reduce_max_(d, flag).item() > 0
             snap_now = bool(snap_every) and (done % snap_every == 0 or done == tc.num_steps)
-            ckpt_now = done % tc.ckpt_every == 0 or done == tc.num_steps or stop_now
+            ckpt_now = done % tc.ckpt_every == 0 or done == tc.num_steps or stop_now or done in (tc.ckpt_steps or ())
             if report or snap_now or ckpt_now:
                 writer.check_finite()  # never a non-finite metric row, snapshot or checkpoint
             if snap_now:

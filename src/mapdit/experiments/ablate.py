@@ -141,7 +141,8 @@ def train_config(budget: TrainBudget, runs: Path, seed: int, device: str | None)
     """The TrainConfig a variant trains with (its runs go to `runs`)."""
     return TrainConfig(data_path=budget.data_path, results_dir=str(runs), num_steps=budget.num_steps,
                        batch_size=budget.batch_size, lr=budget.lr, seed=seed, ema_snapshots=budget.ema_snapshots,
-                       ckpt_every=budget.ckpt_every, log_every=budget.log_every, precision=budget.precision,
+                       ckpt_every=budget.ckpt_every, ckpt_steps=budget.ckpt_steps, log_every=budget.log_every,
+                       precision=budget.precision,
                        device=device, min_snr_gamma=budget.min_snr_gamma)
 
 
