@@ -98,7 +98,8 @@ def test_a_study_stopped_mid_run_scores_nothing_and_the_rerun_continues_the_run(
     # the rerun (the printed command) continues that run to its budget, then scores it
     done = _run(*args)
     assert done.returncode == 0, done.stderr
-    assert f"A-adaln-seed0: resuming {run}" in done.stderr and f"at step {step}/{STEPS}" in done.stderr
+    assert f"A-adaln-seed0: resuming {run}" in done.stderr
+    assert f"resuming {run} at step {step}/{STEPS}" in (run / "log.txt").read_text()
     result = json.loads((results / "A-adaln-seed0.json").read_text())
     assert result["final_step"] == STEPS and result["run_dir"] == str(run) and trained_steps(run) == STEPS
     assert f"{STEPS} steps" in (results.parent / "ablation.md").read_text()
