@@ -11,7 +11,7 @@ import helpers
 from helpers import assert_same_tensors, free_port, needs_fmnist, read_metrics, tiny_model
 from mapdit.errors import UserError
 from mapdit.runio import list_checkpoints, load_tensors, split_prefix
-from mapdit.train import TrainConfig, lr_multiplier, train
+from mapdit.train import TrainConfig, long_run_line, lr_multiplier, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,3 +142,43 @@ def test_min_snr_gamma_reaches_the_training_step(tmp_path):
     assert float(first_snr["loss"]) < float(first_plain["loss"])
     a, b = final_params(plain), final_params(snr)
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_long_cpu_runs_are_told_the_cpu_recipe():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    line = long_run_line(157.0, 400_000, cpu)  # plain `mapdit train` on a 2-core CPU, as measured in issue 30
+    assert "17,444 hours" in line and "400,000 steps" in line and "mapdit train --recipe fmnist-cpu" in line
+    assert long_run_line(0.2, 4000, cpu) is None  # the recipe itself: 13 minutes
+    assert long_run_line(157.0, 400_000, cuda) is None
+
+
+@needs_fmnist
+def test_the_estimate_is_one_line_after_the_first_timed_steps(tmp_path, monkeypatch, capsys):
+    import mapdit.train
+
+    monkeypatch.setattr(mapdit.train, "LONG_CPU_RUN_S", -1.0)  # any run is "long"
+    train(tiny_train(tmp_path, num_steps=4), tiny_model(), progress=False)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "--recipe fmnist-cpu" in line]
+    assert len(lines) == 1 and "1 steps at" in lines[0], lines
+
+
+def test_time_spent_aside_is_not_training_time(monkeypatch):
+    import mapdit.step
+
+    clock = iter([0.0, 1.0, 11.0, 12.0])  # reset, enter aside, leave aside, read: 2 s trained, 10 s aside
+    monkeypatch.setattr(mapdit.step.time, "perf_counter", lambda: next(clock))
+    window = mapdit.step.ReportWindow(torch.device("cpu"))
+    with window.aside():
+        pass
+    assert window.seconds() == 2.0
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_an_unwritable_statistics_cache_is_said_once_and_training_scores_without_it(tmp_path, monkeypatch, capsys):
+    (tmp_path / "not-a-folder").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("MAPDIT_CACHE", str(tmp_path / "not-a-folder"))
+    run = train(tiny_train(tmp_path, num_steps=4, fid_every=2, fid_samples=2), tiny_model(), progress=False)
+    assert [r["fd"] != "" for r in read_metrics(run)] == [True, True]
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "statistics cache" in err, err

@@ -1,7 +1,8 @@
 """matplotlib, loaded when the first plot is drawn (it is heavy and only plots need it), with the Agg
-backend; figures are written as PNG atomically."""
+backend; figures are written as PNG atomically. `plot_metrics`: a training run's loss, learning rate and FD."""
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 from .runio import atomic_write
@@ -26,3 +27,48 @@ def save_figure(fig, path: Path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def read_metrics_csv(path: Path) -> list[dict]:
+    """metrics.csv's rows (dicts by the header); its FD column is "fd", "fid" in runs from before it was
+    named for what it measures (FD_fmnist on Fashion-MNIST): both are read as "fd"."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        if "fd" not in row and "fid" in row:
+            row["fd"] = row.pop("fid")
+    return rows
+
+
+def plot_metrics(metrics_csv: Path, out: Path, fd_label: str = "FD") -> Path | None:
+    """A PNG of a run's metrics.csv: the loss and its unweighted eps-MSE, the learning rate, and the FD when
+    the run scores one (`fd_label` names it, e.g. FD_fmnist), each against the step. None before the first
+    row."""
+    rows = [r for r in read_metrics_csv(metrics_csv) if r.get("step", "").isdigit()]
+    if not rows:
+        return None
+
+    def series(key):
+        pairs = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    fd = series("fd")
+    plt = pyplot()
+    panels = 3 if fd[0] else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.2), constrained_layout=True)
+    for key, label in (("loss", "loss"), ("mse", "eps-MSE")):
+        steps, values = series(key)
+        axes[0].plot(steps, values, label=label)
+    if min(values) > 0 and max(values) > 10 * min(values):  # the eps-MSE: a log axis once it spans a decade
+        axes[0].set_yscale("log")
+    axes[0].legend()
+    axes[0].set_title("training loss")
+    axes[1].plot(*series("lr"))
+    axes[1].set_title("learning rate")
+    if fd[0]:
+        axes[2].plot(*fd, marker="o")
+        axes[2].set_title(f"{fd_label} of the EMA")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    return save_figure(fig, out)

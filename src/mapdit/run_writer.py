@@ -1,7 +1,10 @@
 """What training writes into its run folder and reads back from it (`RunWriter`): checkpoints (model, EMA and
-optimizer tensors plus a JSON sidecar), EMA snapshots, metrics.csv and residual_magnitudes.csv, with every
-failure around them: the fall-back to an older checkpoint, non-finite values, a full disk or an unwritable
-place (one line naming the file and the last good checkpoint).
+optimizer tensors plus a JSON sidecar; with --keep-last only the newest N), EMA snapshots, metrics.csv and
+residual_magnitudes.csv, with every failure around them: the fall-back to an older checkpoint, non-finite
+values, a full disk or an unwritable place (one line naming the file and the last good checkpoint).
+
+`SideOutputs`: what training writes for people to look at (metrics.png, TensorBoard scalars, sample
+grids). These never stop training: a failure is said once per kind and training goes on without it.
 """
 from __future__ import annotations
 
@@ -17,13 +20,15 @@ from . import distributed as dist_utils
 from .distributed import Dist
 from .ema import PowerEMA, save_snapshot
 from .errors import Diverged, UserError
-from .log import Logger
+from .log import Logger, TensorBoard
 from .model import DiT
+from .plots import plot_metrics
 from .runio import (
     DiskFullError,
     NotWritableError,
     environment_error,
     find_resumable_checkpoint,
+    list_checkpoints,
     load_tensors,
     rewind_run,
     save_checkpoint,
@@ -34,7 +39,7 @@ from .runio import (
 from .weights import checkpoint_mismatch, load_prefixed
 
 METRIC_FIELDS = ["step", "loss", "mse", "vb", "lr", "grad_norm", "steps_per_s", "images_per_s", "skipped",
-                 "elapsed_s", "max_block_magnitude", "fid"]
+                 "elapsed_s", "max_block_magnitude", "fd"]  # fd: FD_fmnist on Fashion-MNIST (config.json's fd_metric)
 _NO_BAD = 2 ** 62  # "no non-finite step seen" in the first-bad-step tracker
 
 
@@ -82,8 +87,8 @@ class RunWriter:
     Files are written on rank 0 only; `last_ckpt` (the newest checkpoint written or resumed from) is kept on
     every rank."""
 
-    def __init__(self, run_dir: Path, d: Dist, log: Logger, snapshot_dtype: str):
-        self.run_dir, self.d, self.log = run_dir, d, log
+    def __init__(self, run_dir: Path, d: Dist, log: Logger, snapshot_dtype: str, keep_last: int = 0):
+        self.run_dir, self.d, self.log, self.keep_last = run_dir, d, log, keep_last
         self.snapshot_dtype = getattr(torch, snapshot_dtype)
         self.metrics_path = run_dir / "metrics.csv"
         self.last_ckpt: int | None = None
@@ -164,7 +169,17 @@ class RunWriter:
                                f"{self.where_good()}", step=step)
             path = save_checkpoint(self.run_dir, step, tensors, {**opt_meta, "train_step": step, "skipped": skipped})
             self.log(f"checkpoint {path}")
+            self.prune()
         self.last_ckpt = step
+
+    def prune(self) -> None:
+        """--keep-last N: remove all but the newest N checkpoints, after the newest (the one a resume takes)
+        was written whole. The sidecar goes first: a checkpoint without one is never resumed from."""
+        if not self.keep_last:
+            return
+        for _, old in list_checkpoints(self.run_dir)[:-self.keep_last]:
+            old.with_suffix(".json").unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
 
     def snapshot(self, step: int, ema: PowerEMA, sigma_rels) -> None:
         """One EMA snapshot per tracked width (for post-hoc EMA); refused if any value is not finite."""
@@ -190,3 +205,53 @@ class RunWriter:
             with open(self.run_dir / "residual_magnitudes.csv", "a", newline="") as f:
                 csv.writer(f).writerow([step, *(f"{m:.5g}" for m in mags)])
 
+
+
+def checkpoint_bytes(model: DiT, ema: PowerEMA, params: list[torch.Tensor]) -> int:
+    """The size of one checkpoint: the model's state, the EMA's, and Adam's two moments per parameter."""
+    def size(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+    return size(model.state_dict().values()) + size(ema.state_dict().values()) + 2 * size(params)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class SideOutputs:
+    """What training writes for people to look at, beside the run's record: metrics.png (the loss, learning
+    rate and FD; at each checkpoint and at the end), TensorBoard scalars (--tensorboard), sample grids. None
+    of them stops training: a full disk, an unwritable place or a missing package is said once per output
+    (one line on stderr) and that output is left off from then on. Rank 0 only."""
+
+    def __init__(self, run_dir: Path, d: Dist, log: Logger, tensorboard: bool, fd_label: str):
+        self.run_dir, self.d, self.log, self.fd_label = run_dir, d, log, fd_label
+        self.failed: set[str] = set()
+        self.tb = TensorBoard.open(run_dir / "tensorboard", log.warn) if tensorboard and d.is_main else None
+
+    def attempt(self, what: str, write):
+        """write(), unless `what` failed before; a failure of the surroundings is said once, then skipped."""
+        if not self.d.is_main or what in self.failed:
+            return None
+        try:
+            return write()
+        except (OSError, UserError, ImportError) as err:  # full disk, unwritable place, missing library
+            self.failed.add(what)
+            self.log.warn(f"warning: cannot write {what} ({err}); training goes on without it")
+            return None
+
+    def plot(self) -> None:
+        self.attempt("metrics.png", lambda: plot_metrics(self.run_dir / "metrics.csv", self.run_dir / "metrics.png",
+                                                        self.fd_label))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.tb is not None:
+            self.attempt("TensorBoard scalars", lambda: self.tb.scalars(step, values))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.attempt("TensorBoard scalars", self.tb.close)

@@ -1,14 +1,17 @@
-"""Set-up of a training run, before its first step: the settings (resolved once), the device, the data,
-the model with its optimizer and EMA. Files are only read until the settings and the data check out; the
-run folder is made after that (`NewRun` removes it again if set-up fails or is stopped)."""
+"""Set-up of a training run, before its first step: the settings (resolved once), the device, the data
+(and its fingerprint: a resume refuses other data unless told), the model with its optimizer and EMA, and
+what config.json records. Files are only read until the settings and the data check out; the run folder is
+made after that (`NewRun` removes it again if set-up fails or is stopped)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import __version__
 from . import distributed as dist_utils
 from .config import ModelConfig, TrainConfig
 from .data import load_dataset
@@ -20,6 +23,7 @@ from .resume import resolve_run_dir, resume_config, stored_train_config
 from .runio import load_run_config
 
 DEFAULT_DATA = "fashion-mnist"
+FINGERPRINT_IMAGES = 4096  # images hashed for the data fingerprint, evenly spaced (all of a smaller set)
 
 
 @dataclass
@@ -74,9 +78,54 @@ def check_labels(data, data_path: str) -> None:
                         f"0..{data.num_classes - 1} (fix the labels or the class list)")
 
 
+def data_fingerprint(data) -> dict:
+    """What identifies a training set, cheaply: its size, the shape of an item, and a checksum (BLAKE2b) of
+    every label and of up to FINGERPRINT_IMAGES items evenly spaced (prepared latents: their shards'
+    recorded sha256 instead of the items)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(data.labels.cpu().numpy().tobytes())
+    images = getattr(data, "images", None)
+    if images is not None:
+        pick = torch.linspace(0, len(data) - 1, min(len(data), FINGERPRINT_IMAGES)).round().long()
+        h.update(images[pick].cpu().numpy().tobytes())
+    else:
+        h.update(" ".join(shard.get("sha256", "") for shard in data.index.get("shards", [])).encode())
+    return {"count": len(data), "shape": [data.channels, data.resolution, data.resolution],
+            "checksum": h.hexdigest()}
+
+
+def check_same_data(s: Settings, fingerprint: dict, allow_new_data: bool) -> None:
+    """On resume, the data must be the run's own (the fingerprint config.json recorded), unless the user says
+    otherwise; a run recorded before fingerprints resumes as it always did."""
+    old = (s.saved or {}).get("data_fingerprint")
+    if old is None or old == fingerprint or allow_new_data:
+        return
+    raise UserError(f"--resume {s.run_dir}: the data at {s.tc.data_path} ({fingerprint['count']} items, checksum "
+                    f"{fingerprint['checksum'][:12]}) is not the data the run was trained on ({old.get('count')} "
+                    f"items, checksum {str(old.get('checksum'))[:12]}): resume with the run's own data, or pass "
+                    "--allow-new-data to go on with this data")
+
+
+def run_record(s: Settings, model_cfg: ModelConfig, data, fingerprint: dict, start_step: int, world_size: int,
+               fd_metric: str) -> dict:
+    """What config.json records: the model, the run's settings, the data and its fingerprint, the name of the
+    FD in metrics.csv, versions; data the run trained on before (--allow-new-data) in data_history."""
+    record = {"model": model_cfg.to_dict(), "train": s.tc.to_dict(), "data": data.meta(),
+              "data_fingerprint": fingerprint, "fd_metric": fd_metric, "mapdit_version": __version__,
+              "torch_version": torch.__version__, "world_size": world_size}
+    saved = s.saved or {}
+    history = list(saved.get("data_history", []))
+    if saved.get("data_fingerprint") not in (None, fingerprint):  # new data, allowed: remember the old
+        history.append({"until_step": start_step, "data": saved.get("data"),
+                        "data_fingerprint": saved["data_fingerprint"]})
+    if history:
+        record["data_history"] = history
+    return record
+
+
 def load_data(s: Settings):
-    """(the training data, the model config with the data's sizes). On resume the data must fit the run's
-    model."""
+    """(the training data, the model config with the data's sizes, the data's fingerprint). On resume the
+    data must fit the run's model and be the run's own data (or --allow-new-data)."""
     tc, model_cfg, saved = s.tc, s.model_cfg, s.saved
     data = load_dataset(tc.data_path, patch_size=model_cfg.patch_size, image_size=tc.image_size, hflip=tc.hflip)
     check_labels(data, tc.data_path)
@@ -90,7 +139,9 @@ def load_data(s: Settings):
                         f"{data.num_classes} classes) does not match the run's model "
                         f"({saved['model']['in_channels']}x{saved['model']['input_size']}, "
                         f"{saved['model']['num_classes']} classes)")
-    return data, model_cfg
+    fingerprint = data_fingerprint(data)
+    check_same_data(s, fingerprint, tc.allow_new_data)
+    return data, model_cfg, fingerprint
 
 
 def model_optimizer_ema(model_cfg: ModelConfig, tc: TrainConfig, device: torch.device):

@@ -129,7 +129,8 @@ def train_step(model: DiT, fwd, diffusion, opt: torch.optim.Optimizer, ema: Powe
 
 class ReportWindow:
     """The steps since the last report: (loss, mse, vb, grad_norm) summed on the device (no per-step
-    synchronisation), steps run and skipped, and the wall time."""
+    synchronisation), steps run and skipped, and the training time: the wall time less what was spent
+    `aside` (sample grids, FD, magnitudes, plots), so that steps/s measures training only."""
 
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(4, device=device)
@@ -137,7 +138,24 @@ class ReportWindow:
 
     def reset(self) -> None:
         self.sums.zero_()
-        self.steps, self.skipped, self.start = 0, 0, time.perf_counter()
+        self.steps, self.skipped, self.start, self.aside_s = 0, 0, time.perf_counter(), 0.0
+
+    def seconds(self) -> float:
+        """Training seconds of the window (its wall time less the time spent aside)."""
+        return time.perf_counter() - self.start - self.aside_s
+
+    @contextlib.contextmanager
+    def aside(self, bar=None):
+        """Time spent inside is not training: it counts neither in steps/s nor in the bar's rate and ETA."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            self.aside_s += spent
+            if bar is not None and not bar.disable:  # tqdm's clocks: its elapsed time and its rate's interval
+                bar.start_t += spent
+                bar.last_print_t += spent
 
     def add(self, result: StepResult) -> None:
         self.steps += 1

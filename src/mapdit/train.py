@@ -2,7 +2,9 @@
 
 Read it top-down as one loop: schedule (the learning rate of the step) -> step (`train_step`: weight
 projection, the diffusion loss, backward, gradient norm, Adam, power EMA) -> report (metrics.csv, and the
-magnitudes and FD asked for) -> snapshot/checkpoint (`RunWriter`) -> stop (the last step, or a signal).
+magnitudes and FD asked for; steps/s counts training only) -> snapshot/checkpoint (`RunWriter`; metrics.png
+and TensorBoard beside it) -> stop (the last step, or a signal). At start-up it says what a checkpoint costs
+on disk, and after the first timed steps, on a CPU, whether the run would outlast LONG_CPU_RUN_S.
 Everything else lives beside it: mapdit.setup (settings, device, data, model, optimizer, EMA), mapdit.step
 (the batch of a step, the step, the report window), mapdit.run_writer (the run folder: checkpoints, EMA
 snapshots, metrics, the fall-back to an older checkpoint, non-finite values, a full disk), mapdit.resume
@@ -18,12 +20,13 @@ Reliability (what a run survives):
   - NaN/Inf loss or gradient: training stops with a one-line error naming the step and the last good
     checkpoint (exit code 2), or with --skip-nonfinite the step is skipped and counted in metrics.csv;
     no checkpoint or EMA snapshot is ever written with non-finite values;
-  - a full disk: one-line error (exit code 2), the previous checkpoint intact.
+  - a full disk: one-line error (exit code 2), the previous checkpoint intact;
+  - its surroundings: a log line, metrics.png, TensorBoard or a sample grid that cannot be written, or a
+    statistics cache, is said once and training goes on.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import shutil
 import time
@@ -32,26 +35,27 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
 from . import distributed as dist_utils
 from .config import ModelConfig, TrainConfig
 from .data import IndexStream
 from .diffusion import make_diffusion
-from .ema import PowerEMA
+from .evaluate.fid import metric_name
 from .evaluate.magnitudes import residual_magnitudes
-from .evaluate.scoring import quick_fid
+from .evaluate.scoring import default_features, quick_fid
 from .log import Logger
-from .model import DiT, parameter_breakdown
-from .run_writer import METRIC_FIELDS, RunWriter
+from .model import parameter_breakdown
+from .run_writer import METRIC_FIELDS, RunWriter, SideOutputs, checkpoint_bytes, human_bytes
 from .runio import create_run_dir, run_lock
 from .sample import sample_grid_from_model
-from .setup import NewRun, forward_of, init_device, load_data, model_optimizer_ema, settings
+from .setup import NewRun, forward_of, init_device, load_data, model_optimizer_ema, run_record, settings
 from .step import Batch, BatchSource, ReportWindow, train_step
 from .stopping import StopRequest
 from .weights import model_with_weights
 
 # what other modules and benchmarks/bench.py import from here
 __all__ = ["METRIC_FIELDS", "Batch", "TrainConfig", "lr_multiplier", "train", "train_step"]
+LONG_CPU_RUN_S = 3 * 3600  # a CPU run estimated longer than this is told the CPU recipe
+TIMED_STEPS = 2  # steps timed (after the first, which warms up) for that estimate
 
 
 def lr_multiplier(step: int, warmup: int, decay_start: int) -> float:
@@ -64,20 +68,55 @@ def lr_multiplier(step: int, warmup: int, decay_start: int) -> float:
     return 1.0
 
 
-def _evaluate(step: int, tc: TrainConfig, model: DiT, ema: PowerEMA, batch: Batch, data_meta: dict,
-              writer: RunWriter) -> tuple[str, str]:
-    """Residual magnitudes (cheap, this batch) and FID of the EMA weights, only on the steps asked for; ""
-    otherwise (the values of metrics.csv's last two columns)."""
-    max_mag = fid = ""
-    if tc.magnitude_every and step % tc.magnitude_every == 0:
-        mags = residual_magnitudes(model, batch.x[:16], batch.t[:16], batch.y[:16])
-        max_mag = f"{max(mags):.4g}"
-        writer.magnitudes_row(step, mags)
-    if tc.fid_every and step % tc.fid_every == 0:  # all ranks: sampling is sharded
-        value = quick_fid(model_with_weights(model, ema.averaged(min(tc.ema_stds))), data_meta, tc.fid_samples)
-        fid = f"{value:.5g}"
-        writer.log(f"step {step}: FID of the EMA (sigma_rel {min(tc.ema_stds)}) on {tc.fid_samples} samples: {fid}")
-    return max_mag, fid
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:,.0f} hours" if seconds >= 2 * 3600 else f"{seconds / 60:.0f} minutes"
+
+
+def long_run_line(seconds_per_step: float, steps_left: int, device) -> str | None:
+    """One line for a CPU run that would outlast LONG_CPU_RUN_S, naming the recipe made for a CPU."""
+    left = seconds_per_step * steps_left
+    if device.type != "cpu" or left <= LONG_CPU_RUN_S:
+        return None
+    return (f"this run would take about {_duration(left)} more on this CPU ({steps_left:,} steps at "
+            f"{seconds_per_step:.3g} s each): on a CPU train with the recipe made for it, `mapdit train --recipe "
+            "fmnist-cpu` (Fashion-MNIST in about 15 minutes)")
+
+
+def disk_line(tc: TrainConfig, model, ema, params, snap_every: int) -> str:
+    """Start-up line: the size of a checkpoint and of an EMA snapshot, and what the run will write."""
+    ckpt = checkpoint_bytes(model, ema, params)
+    count = -(-tc.num_steps // tc.ckpt_every)
+    kept = min(count, tc.keep_last) if tc.keep_last else count
+    snap = sum(p.numel() for p in params) * getattr(torch, tc.snapshot_dtype).itemsize
+    snaps = (-(-tc.num_steps // snap_every) if snap_every else 0) * len(tc.ema_stds)
+    keep = f"--keep-last {tc.keep_last} keeps {kept}: " if tc.keep_last else ""
+    hint = "" if tc.keep_last else "; --keep-last N keeps the newest N"
+    return (f"disk: {human_bytes(ckpt)} per checkpoint, {count} over the run ({keep}{human_bytes(kept * ckpt)}{hint}); "
+            f"{snaps} EMA snapshots of {human_bytes(snap)} ({human_bytes(snaps * snap)})")
+
+
+class Scores:
+    """The residual magnitudes (cheap, this batch) and the FD of the EMA weights, on the steps asked for: the
+    values of metrics.csv's last two columns ("" otherwise). A statistics cache that cannot be written is
+    said once and scoring goes on without it (mapdit.evaluate.fid.reference_stats)."""
+
+    def __init__(self, tc: TrainConfig, data_meta: dict, writer: RunWriter):
+        self.tc, self.data_meta, self.writer = tc, data_meta, writer
+        self.fd_name = metric_name(default_features(data_meta))  # "fd_fmnist" on Fashion-MNIST, else "fid"
+        self.fd_label = "FID" if self.fd_name == "fid" else "FD_" + self.fd_name.removeprefix("fd_")
+
+    def __call__(self, step: int, model, ema, batch: Batch) -> tuple[str, str]:
+        tc, max_mag, fd = self.tc, "", ""
+        if tc.magnitude_every and step % tc.magnitude_every == 0:
+            mags = residual_magnitudes(model, batch.x[:16], batch.t[:16], batch.y[:16])
+            max_mag = f"{max(mags):.4g}"
+            self.writer.magnitudes_row(step, mags)
+        if tc.fid_every and step % tc.fid_every == 0:  # all ranks: sampling is sharded
+            weights = model_with_weights(model, ema.averaged(min(tc.ema_stds)))
+            fd = f"{quick_fid(weights, self.data_meta, tc.fid_samples):.5g}"
+            self.writer.log(f"step {step}: {self.fd_label} of the EMA (sigma_rel {min(tc.ema_stds)}) on "
+                            f"{tc.fid_samples} samples: {fd}")
+        return max_mag, fd
 
 
 def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = None, progress: bool = True) -> Path:
@@ -106,14 +145,15 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, s
     d = init_device(tc)
     device = d.device
     stop.stop_if_asked(run_dir, resume, d.enabled)  # a signal while mapdit started: before loading the data
-    data, model_cfg = load_data(s)
+    data, model_cfg, fingerprint = load_data(s)
     stream = IndexStream(len(data), tc.batch_size // d.world_size, tc.seed, d.rank, d.world_size)  # too small: stop
     stop.stop_if_asked(run_dir, resume, d.enabled)
     if run_dir is None and d.is_main:
         run_dir = new_run.path = create_run_dir(tc.results_dir, model_cfg.model)
     run_dir = Path(dist_utils.broadcast_object(d, str(run_dir) if run_dir else None))
 
-    writer = RunWriter(run_dir, d, Logger(run_dir / "log.txt", is_main=d.is_main), tc.snapshot_dtype)
+    log = Logger(run_dir / "log.txt", is_main=d.is_main)
+    writer = RunWriter(run_dir, d, log, tc.snapshot_dtype, tc.keep_last)
     with contextlib.ExitStack() as stack:
         stack.enter_context(writer.guard())
         if d.is_main:
@@ -122,9 +162,9 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, s
         # ---- model, optimizer, EMA (a resumed run: from its newest intact checkpoint) ---------------
         model, params, opt, ema = model_optimizer_ema(model_cfg, tc, device)
         start_step, skipped = writer.restore(model, ema, opt, tc.num_steps) if resume is not None else (0, 0)
-        writer.start(start_step, {
-            "model": model_cfg.to_dict(), "train": dataclasses.asdict(tc), "data": data.meta(),
-            "mapdit_version": __version__, "torch_version": torch.__version__, "world_size": d.world_size})
+        scores = Scores(tc, data.meta(), writer)
+        writer.start(start_step, run_record(s, model_cfg, data, fingerprint, start_step, d.world_size,
+                                            scores.fd_name))
 
         fwd = forward_of(model, d, tc.compile)
         diffusion = make_diffusion(model_cfg.num_train_steps, learn_sigma=model_cfg.learn_sigma)
@@ -132,14 +172,16 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, s
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
         snap_every = max(1, tc.num_steps // tc.ema_snapshots) if tc.ema_snapshots else 0
 
-        bar = tqdm(total=tc.num_steps, initial=start_step, disable=not (d.is_main and progress), dynamic_ncols=True,
-                   mininterval=1.0, unit="step")
+        bar = log.bar = tqdm(total=tc.num_steps, initial=start_step, disable=not (d.is_main and progress),
+                             dynamic_ncols=True, mininterval=1.0, unit="step")
         stack.callback(bar.close)  # also on an error, so that its one line starts on a line of its own
-        log = writer.log = Logger(run_dir / "log.txt", is_main=d.is_main, bar=bar)
+        side = SideOutputs(run_dir, d, log, tc.tensorboard, scores.fd_label)
+        stack.callback(side.close)
         log(f"{'resuming' if start_step else 'starting'} {run_dir} at step {start_step}/{tc.num_steps}: "
             f"{model_cfg.model} preset={model_cfg.preset or '-'} modulation={model_cfg.modulation} "
             f"params={parameter_breakdown(model)['total']:,} data={data.kind} {len(data)} images "
             f"{batches.shape} lr={tc.lr:g} batch={tc.batch_size} ranks={d.world_size} device={device}")
+        log(disk_line(tc, model, ema, params, snap_every))
         skipped_files = getattr(data, "skipped", None)
         if skipped_files:
             path0, why0 = skipped_files[0]
@@ -148,6 +190,7 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, s
 
         window = ReportWindow(device)
         run_start = time.perf_counter()
+        timed: list[float] = []  # seconds of the first steps after the first, for the run's estimate
         model.train()
         stop.stop_if_asked(run_dir, resume, d.enabled)  # a signal during set-up: the folder is removed
         new_run.started = True
@@ -160,6 +203,7 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, s
                 group["lr"] = lr
 
             # ---- step
+            began = time.perf_counter()
             batch = batches(step)
             result = train_step(model, fwd, diffusion, opt, ema, params, batch, done, grad_clip=tc.grad_clip,
                                 autocast=autocast, skip_nonfinite=tc.skip_nonfinite, d=d,
@@ -170,6 +214,10 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, s
             elif not tc.skip_nonfinite:  # noted now, acted on (one sync) before anything is written
                 writer.note_finite(result.finite, done)
             window.add(result)
+            if 0 < step - start_step <= TIMED_STEPS:
+                timed.append(time.perf_counter() - began)
+                if len(timed) == TIMED_STEPS and (line := long_run_line(min(timed), tc.num_steps - done, device)):
+                    log.warn(line)
 
             # ---- report (the ranks agree to stop at report steps only)
             stop_now = stop.signal is not None and not d.enabled
@@ -185,23 +233,31 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, s
                 writer.snapshot(done, ema, tc.ema_stds)
             if report:
                 loss_v, mse_v, vb_v, gn_v = window.means(d)
-                now = time.perf_counter()
-                elapsed = now - window.start
-                max_mag, fid = _evaluate(done, tc, model, ema, batch, data.meta(), writer)
+                seconds = window.seconds()  # training only: scoring, grids and plots are timed aside
+                with window.aside(bar):
+                    max_mag, fd = scores(done, model, ema, batch)
+                steps_per_s = window.steps / seconds
                 writer.metrics_row([done, f"{loss_v:.6g}", f"{mse_v:.6g}", f"{vb_v:.6g}", f"{lr:.6g}", f"{gn_v:.6g}",
-                                    f"{window.steps / elapsed:.4g}", f"{window.steps * tc.batch_size / elapsed:.4g}",
-                                    skipped, f"{now - run_start:.1f}", max_mag, fid])
+                                    f"{steps_per_s:.4g}", f"{steps_per_s * tc.batch_size:.4g}", skipped,
+                                    f"{time.perf_counter() - run_start:.1f}", max_mag, fd])
+                side.scalars(done, {"loss": loss_v, "mse": mse_v, "lr": lr, "grad_norm": gn_v,
+                                    "steps_per_s": steps_per_s, **({scores.fd_label: float(fd)} if fd else {})})
                 bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2g}", refresh=False)
                 window.reset()
 
             # ---- snapshot (a sample grid) / checkpoint
-            if tc.sample_every and done % tc.sample_every == 0 and d.is_main:
-                grid = sample_grid_from_model(model_with_weights(model, ema.averaged(min(tc.ema_stds))),
-                                              data.meta(), run_dir / "samples" / f"train-{done:07d}.png")
-                log(f"step {done}: sample grid {grid}")
+            if tc.sample_every and done % tc.sample_every == 0:
+                with window.aside(bar):
+                    grid = side.attempt("sample grids", lambda: sample_grid_from_model(
+                        model_with_weights(model, ema.averaged(min(tc.ema_stds))), data.meta(),
+                        run_dir / "samples" / f"train-{done:07d}.png"))
+                if grid is not None:
+                    log(f"step {done}: sample grid {grid}")
             bar.update(1)
             if ckpt_now:
                 writer.checkpoint(done, model, ema, opt, skipped)
+                with window.aside(bar):
+                    side.plot()
 
             # ---- stop
             if stop_now:
