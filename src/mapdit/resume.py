@@ -38,7 +38,7 @@ def stored_train_config(saved: dict, run_dir: Path) -> TrainConfig:
         raise UserError(f"{run_dir / 'config.json'} has unknown training keys {sorted(unknown)}: was it written "
                         "by a newer mapdit?")
     for key in _TUPLES:
-        if key in doc:
+        if doc.get(key) is not None:
             doc[key] = tuple(doc[key])
     return TrainConfig(**doc)
 
@@ -74,10 +74,10 @@ def resume_settings(run_dir: Path, given: Mapping[str, object], tc: TrainConfig)
     saved = load_run_config(run_dir)
     stored = stored_train_config(saved, run_dir)
     model = ModelConfig.from_dict(saved["model"])
-    problems = []
+    problems, model_problems = [], []
     typed_model = [k for k in MODEL_FLAGS if k in given]
     if "model" in given and given["model"] != model.model:
-        problems.append(f"--model {given['model']} (the run is {model.model})")
+        model_problems.append(f"--model {given['model']} (the run is {model.model})")
     elif typed_model:
         choices = {k: given[k] for k in typed_model if k not in ("model", "preset", "use_all_mp")}
         wanted = make_config(model.model, preset=given.get("preset"), use_all_mp=bool(given.get("use_all_mp")),
@@ -87,15 +87,17 @@ def resume_settings(run_dir: Path, given: Mapping[str, object], tc: TrainConfig)
         if set(given) & {"preset", "use_all_mp"}:  # a preset names the whole set of MP options
             compare |= set(MP_OPTIONS)
         shown = " ".join(flag_name(k) for k in typed_model)
-        for key in sorted(compare):
-            if getattr(wanted, key) != getattr(model, key):
-                problems.append(f"{shown} gives {key}={getattr(wanted, key)} (the run has {getattr(model, key)})")
+        model_problems = [f"{shown} gives {k}={getattr(wanted, k)} (the run has {getattr(model, k)})"
+                          for k in sorted(compare) if getattr(wanted, k) != getattr(model, k)]
+    if "results_dir" in given and Path(str(given["results_dir"])).resolve() != run_dir.resolve().parent:
+        problems.append(f"--results-dir {given['results_dir']} (the run is in {run_dir.parent})")
     for key in RESUME_MUST_MATCH:
         if key in given and not _same(given[key], getattr(stored, key)):
             mine, theirs = given[key], getattr(stored, key)
             if isinstance(mine, tuple):
                 mine, theirs = list(mine), list(theirs)
             problems.append(f"{flag_name(key)} {mine} (the run has {theirs})")
+    problems += model_problems  # after the training ones: a preset alone can name eight
     if problems:
         raise UserError(f"--resume {run_dir} continues the run as it was trained, but {'; '.join(problems[:3])}: "
                         "drop these options, or start a new run without --resume")

@@ -41,11 +41,17 @@ def new_run_configs(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig]
     return tc, model_cfg
 
 
+def resumed_run_configs(args: argparse.Namespace) -> tuple[Path, TrainConfig]:
+    """(the run folder, its settings with the options typed applied); an option that contradicts the run is
+    a one-line UserError (mapdit.resume)."""
+    run_dir = resolve_run_dir(from_args(TrainConfig, args).results_dir, args.resume)
+    typed = {**given(args, TrainConfig), **model_flags(args)}
+    return run_dir, resume_settings(run_dir, typed, TrainConfig())
+
+
 def run(args: argparse.Namespace) -> Path:
     if args.resume:
-        run_dir = resolve_run_dir(from_args(TrainConfig, args).results_dir, args.resume)
-        typed = {**given(args, TrainConfig), **model_flags(args)}
-        tc = resume_settings(run_dir, typed, TrainConfig())
+        run_dir, tc = resumed_run_configs(args)
         run_dir = train(tc, None, resume=str(run_dir))
     else:
         tc, model_cfg = new_run_configs(args)
