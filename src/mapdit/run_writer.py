@@ -231,7 +231,9 @@ class SideOutputs:
     def __init__(self, run_dir: Path, d: Dist, log: Logger, tensorboard: bool, fd_label: str):
         self.run_dir, self.d, self.log, self.fd_label = run_dir, d, log, fd_label
         self.failed: set[str] = set()
-        self.tb = TensorBoard.open(run_dir / "tensorboard", log.warn) if tensorboard and d.is_main else None
+        self.tb = None
+        if tensorboard:
+            self.tb = self.attempt("TensorBoard scalars", lambda: TensorBoard.open(run_dir / "tensorboard", log.warn))
 
     def attempt(self, what: str, write):
         """write(), unless `what` failed before; a failure of the surroundings is said once, then skipped."""
