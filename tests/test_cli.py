@@ -296,6 +296,16 @@ def test_a_checkpoint_file_passed_as_the_run_names_its_run(tiny_run, capsys):
     assert f"--ckpt {ckpt.name}" in line
 
 
+@needs_fmnist
+def test_resume_of_the_results_folder_or_a_checkpoint_names_the_run(tiny_run, capsys):
+    assert cli("train", "--resume", tiny_run.parent) == 2
+    assert f"holds runs but is not one: pass one of them, e.g. --resume {tiny_run} " in only_error_line(capsys)
+    ckpt = list_checkpoints(tiny_run)[-1][1]
+    assert cli("train", "--resume", ckpt) == 2
+    line = only_error_line(capsys)
+    assert line.endswith(f"is a checkpoint file, not a run folder: pass its run, --resume {tiny_run}")
+
+
 def test_a_missing_run_folder_suggests_a_close_one(tmp_path, capsys):
     (tmp_path / "003-DiT-S-2").mkdir()
     (tmp_path / "003-DiT-S-2" / "config.json").write_text("{}")

@@ -407,8 +407,8 @@ def check_run_folder(run_dir: str | Path, flag: str = "--run") -> Path:
     if run_dir.is_file():
         owner = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else None
         if owner is not None and (owner / "config.json").is_file():
-            raise UserError(f"{run_dir} is a checkpoint file, not a run folder: pass its run, {flag} {owner} "
-                            f"(add --ckpt {run_dir.name} for this checkpoint)")
+            pick = "" if flag == "--resume" else f" (add --ckpt {run_dir.name} for this checkpoint)"
+            raise UserError(f"{run_dir} is a checkpoint file, not a run folder: pass its run, {flag} {owner}{pick}")
         raise UserError(f"{run_dir} is a file, not a run folder: pass the folder a training run created "
                         "(e.g. results/000-DiT-S-2)")
     if not run_dir.is_dir():
