@@ -63,6 +63,10 @@ SAMPLE_BATCH = 4  # images per sampling run (8 model inputs per step with classi
 # ------------------------------------------------------------------------------------------------
 # Measurement helpers
 # ------------------------------------------------------------------------------------------------
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+clock = CLOCKS["wall"]  # the training steps' and the matmul's clock (--clock)
+
+
 def median(xs):
     return statistics.median(xs)
 
@@ -174,13 +178,13 @@ class TrainStep:
         self.step += 1
         t, noise = self._draw()
         rf = record_function if ranges else _null_range
-        marks = [time.perf_counter()]  # the start, then the end of each phase
+        marks = [clock()]  # the start, then the end of each phase
 
         @contextlib.contextmanager
         def phase(name: str):
             with rf(f"phase:{name}"):
                 yield
-            marks.append(time.perf_counter())
+            marks.append(clock())
 
         result = train_step(self.model, self.fwd, self.diffusion, self.opt, self.ema, self.params,
                             Batch(self.x, self.y, t, noise), self.step, phase=phase)
@@ -257,9 +261,9 @@ class Matmul:
     def __call__(self) -> float:
         best = math.inf
         for _ in range(self.reps):
-            t0 = time.perf_counter()
+            t0 = clock()
             torch.mm(self.a, self.b, out=self.c)
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, clock() - t0)
         return best
 
 
@@ -762,6 +766,117 @@ def section_baseline(rep: Report, args, results: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Which fast paths earn their place (issue 28: keep one only where it wins >= 3 % of the whole step)
+# ------------------------------------------------------------------------------------------------
+FASTPATH_SETTINGS = {  # name -> (model, preset, modulation, data)
+    "demo-E": (DEMO_MODEL, "E", "adaln", {k: DEMO[k] for k in ("input_size", "in_channels", "num_classes")}),
+    "demo-A": (DEMO_MODEL, "A", "adaln", {k: DEMO[k] for k in ("input_size", "in_channels", "num_classes")}),
+    "demo-E-scale+rotate": (DEMO_MODEL, "E", "scale+rotate",
+                            {k: DEMO[k] for k in ("input_size", "in_channels", "num_classes")}),
+    "S4-E": ("DiT-S/4", "E", "adaln", LATENT),
+    "S4-A": ("DiT-S/4", "A", "adaln", LATENT),
+}
+
+
+class WithPaths:
+    """A training step run inside `switch(*paths)` (a `reference_math` of this tree or of the baseline's)."""
+
+    def __init__(self, step: TrainStep, switch, paths: tuple[str, ...]):
+        self.step, self.switch, self.paths = step, switch, paths
+
+    def __call__(self) -> float:
+        with self.switch(*self.paths):
+            return self.step()
+
+
+def section_fastpaths(rep: Report, args, results: dict) -> None:
+    """The whole training step with and without each fast path, eager and compiled, paired per round.
+
+    'before': revision args.baseline's model code (the folded block forward: MP constants carried as
+    coefficients, fused gates and residuals through `mul_add`, fused scale-rotation). 'formula': this tree
+    (the block as the formula) with every remaining fast path; 'formula - X': the same inside
+    `reference_math(X)`. Under torch.compile every fast path of fused.py falls back to its plain formula by
+    construction, so the compiled pair measures the block forward alone."""
+    import importlib
+
+    rev = args.baseline or "e95bf9f"
+    old_dit = baseline_dit(rev)
+    old_switch = importlib.import_module("mapdit_baseline.fused").reference_math
+    from mapdit.fused import FAST_PATHS
+
+    rep(f"## Fast paths: the whole training step with and without each (this tree vs {rev})")
+    rep()
+    rep(f"Batch {BATCH}, {torch.get_num_threads()} threads, fp32, flush-denormal, fused Adam; the loop's "
+        f"`train_step`; {args.rounds} interleaved rounds after {args.warmup} warm-up steps (compiled: "
+        "compilation in the warm-up). Ratios: time ÷ 'formula' paired per round, median (min-max); "
+        "> 1 means the variant is slower, i.e. the fast path it lacks saves that fraction.")
+    rep()
+    rows = []
+    for name in args.fastpath_settings:
+        model, preset, mod, data = FASTPATH_SETTINGS[name]
+        mp = preset != "A"
+        log(f"fast paths: {name}")
+
+        def make(dit_cls=DiT):
+            return TrainStep(model, preset, mod, batch=BATCH, data=data, adam=args.adam, dit_cls=dit_cls)
+
+        items = {"formula": make(), "before": make(old_dit)}
+        if mp:
+            for path in FAST_PATHS:
+                if path not in ("mul_add", "rotation"):  # the formula does not use them
+                    items[f"formula - {path}"] = WithPaths(make(), reference_math, (path,))
+            items["before - mul_add"] = WithPaths(make(old_dit), old_switch, ("mul_add",))
+            if "rotate" in mod:
+                items["before - rotation"] = WithPaths(make(old_dit), old_switch, ("rotation",))
+        if not args.no_compile:
+            for key, cls in (("formula compiled", DiT), ("before compiled", old_dit)):
+                step = make(cls)
+                step.fwd = torch.compile(step.model, fullgraph=True)
+                items[key] = step
+        times = rounds(items, args.rounds, args.warmup, log)
+        for key in items:
+            ref = "formula compiled" if key == "before compiled" else "formula"
+            ratio = "1" if key in ("formula", "formula compiled") else fmt_range(paired(times, key, ref), "{:.3f}")
+            rows.append([name, key, f"{1e3 * median(times[key]):.0f}", ref if ratio != "1" else "", ratio])
+        results.setdefault("fastpaths", {})[name] = times
+        del items
+    rep.table(["setting", "variant", "ms/step (median)", "reference", "time ÷ reference (paired)"], rows)
+
+
+def section_ratios(rep: Report, args, results: dict) -> None:
+    """E ÷ A and the fraction of a same-run matmul, before (revision args.baseline's model code) and after
+    (this tree), all four configurations and the matmul probe in the same interleaved rounds."""
+    rev = args.baseline or "e95bf9f"
+    old_dit = baseline_dit(rev)
+    rep(f"## E ÷ A and the matmul probe: this tree against {rev}, in one run")
+    rep()
+    rep(f"Training step (the loop's `train_step`), batch {BATCH}, {args.rounds} interleaved rounds after "
+        f"{args.warmup} warm-up steps; ratios paired per round, median (min-max). Matmul: the MLP's first "
+        "linear over the batch, the fastest of 5 in each round; fraction = the step's FLOP/s (FlopCounterMode: "
+        "matmuls and attention, forward and backward) over the matmul's.")
+    rep()
+    rows = []
+    for name in args.fastpath_settings:
+        model, _, mod, data = FASTPATH_SETTINGS[name]
+        log(f"ratios: {name}")
+        items = {f"{p} {w}": TrainStep(model, p, mod, batch=BATCH, data=data, adam=args.adam, dit_cls=cls)
+                 for w, cls in (("before", old_dit), ("after", DiT)) for p in ("A", "E")}
+        flops = {k: s.count_flops() for k, s in items.items()}
+        mm = Matmul(*items["A after"].largest_matmul())
+        times = rounds({**items, "matmul": mm}, args.rounds, args.warmup, log)
+        peak = [mm.flops / t for t in times["matmul"]]
+        for w in ("before", "after"):
+            frac = {p: [flops[f"{p} {w}"] / t / pk for t, pk in zip(times[f"{p} {w}"], peak)] for p in ("A", "E")}
+            rows.append([model + (" (demo)" if name.startswith("demo") else ""), w,
+                         f"{1e3 * median(times[f'A {w}']):.0f}", f"{1e3 * median(times[f'E {w}']):.0f}",
+                         fmt_range(paired(times, f"E {w}", f"A {w}"), "{:.3f}"),
+                         fmt_range(frac["A"], "{:.3f}"), fmt_range(frac["E"], "{:.3f}")])
+        results.setdefault("ratios", {})[name] = times
+        del items
+    rep.table(["model", "code", "A ms", "E ms", "E ÷ A (paired)", "A ÷ matmul", "E ÷ matmul"], rows)
+
+
+# ------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds, smaller models and sampling runs")
@@ -769,7 +884,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sections", default="training,optimizer,breakdown,scaling,sampling,memory,gpu",
                    help="comma-separated: training, breakdown, scaling, sampling, memory, gpu, optimizer, "
-                        "ablation, compile, baseline (with --baseline REV)")
+                        "ablation, compile, fastpaths, ratios, baseline (with --baseline REV)")
     p.add_argument("--adam", choices=("foreach", "fused"), default="fused",
                    help="Adam implementation (the training loop uses fused on the CPU and GPU)")
     p.add_argument("--baseline", default=None, help="git revision for the before/after section")
@@ -780,10 +895,22 @@ def main(argv=None) -> int:
                                                     "(default: A-E adaln, E rotate variants)")
     p.add_argument("--no-demo", action="store_true", help="leave the demo model out of the training table")
     p.add_argument("--rounds", type=int, default=None, help="override the number of interleaved rounds")
+    p.add_argument("--fastpath-settings", default="demo-E,demo-A,S4-E",
+                   help=f"comma-separated settings of the fastpaths and ratios sections (ratios: the model of "
+                        f"each, both presets): {', '.join(FASTPATH_SETTINGS)}")
+    p.add_argument("--no-compile", action="store_true", help="fastpaths section: eager only")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="time training steps and the matmul by wall clock, or by the CPU time of the calling "
+                        "thread (with --threads 1 all work runs on it: robust on a machine shared with other "
+                        "processes, where wall time measures the scheduler)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
+    if args.clock == "thread" and args.threads != 1:
+        raise SystemExit("--clock thread needs --threads 1 (other threads' work would not be counted)")
     torch.set_flush_denormal(True)  # as the training loop: denormals cost ~10x per elementwise op on CPU
     if args.memory_child:
         memory_child(args.memory_child)
@@ -804,11 +931,12 @@ def main(argv=None) -> int:
     args.sample_steps_ddim = 5 if quick else 50
     args.sample_rounds = 2 if quick else 1
     args.baseline_models = ("DiT-S/4",) if quick else ("DiT-S/4", "DiT-S/2")
+    args.fastpath_settings = args.fastpath_settings.split(",")
     args.ablation_model = "DiT-XS/2" if quick else "DiT-S/4"
     args.compile_model = "DiT-XS/2" if quick else "DiT-S/4"
     args.optimizer_model = "DiT-S/4" if quick else "DiT-S/2"
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    if args.baseline and "baseline" not in sections:
+    if args.baseline and not {"baseline", "fastpaths", "ratios"} & set(sections):
         sections.append("baseline")
 
     rep = Report()
@@ -820,13 +948,14 @@ def main(argv=None) -> int:
     rep(f"- command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:] if argv is None else argv)}`")
     rep(f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}")
     rep(f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, fp32, flush-denormal on")
+        f"{torch.get_num_threads()} threads, fp32, flush-denormal on, {args.clock} clock")
     rep(f"- load average (1, 5, 15 min) at start: {load_start}")
     rep()
     funcs = {"training": section_training, "breakdown": section_breakdown, "scaling": section_scaling,
              "sampling": section_sampling, "memory": section_memory, "gpu": section_gpu,
              "ablation": section_ablation, "baseline": section_baseline, "compile": section_compile,
-             "optimizer": section_optimizer}
+             "optimizer": section_optimizer, "fastpaths": section_fastpaths,
+             "ratios": section_ratios}
     for name in sections:
         if name not in funcs:
             raise SystemExit(f"unknown section {name!r}; choose from {', '.join(funcs)}")
