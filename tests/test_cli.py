@@ -392,15 +392,18 @@ def test_old_spellings_of_the_run_folder_and_the_ema_width_are_accepted(tiny_run
 
 def test_one_flag_name_per_concept_across_subcommands():
     """The run folder is --run and the EMA width --ema-std wherever a command takes one (train's list of
-    widths is --ema-std too, once train's options take the name: see notes/H-to-A.md)."""
+    tracked widths too); the old spellings stay as aliases."""
     for command, sub in subcommands().items():
         by_dest = {a.dest: a.option_strings[0] for a in sub._actions if a.option_strings}
         if "run" in by_dest:
             assert by_dest["run"] == "--run", command
         for dest in ("result_dir", "std"):
             assert dest not in by_dest, (command, dest)
-        if "ema_std" in by_dest:
-            assert by_dest["ema_std"] == "--ema-std", command
+        for dest in ("ema_std", "ema_stds"):  # one width (sample, fid, ema, ...) or the tracked ones (train)
+            if dest in by_dest:
+                assert by_dest[dest] == "--ema-std", command
+    train = {s for a in subcommands()["train"]._actions if a.dest == "ema_stds" for s in a.option_strings}
+    assert train == {"--ema-std", "--ema-stds"}
 
 
 

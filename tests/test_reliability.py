@@ -414,7 +414,7 @@ def test_sample_class_label_out_of_range(tiny_run, tmp_path, capsys, label):
     (["--config", "A"], "--config gives cosine_attention=False (the run has True)"),
     (["--modulation", "scale"], "--modulation gives modulation=scale+gate (the run has adaln)"),
     (["--global-batch-size", "16"], "--global-batch-size 16 (the run has 8)"),
-    (["--ema-stds", "0.07"], "--ema-stds [0.07] (the run has [0.05, 0.1])"),
+    (["--ema-stds", "0.07"], "--ema-std [0.07] (the run has [0.05, 0.1])"),  # the old spelling is an alias
     (["--min-snr-gamma", "5"], "--min-snr-gamma 5.0 (the run has None)"),
 ])
 def test_resume_with_contradicting_options(run_copy, capsys, argv, expected):

@@ -121,7 +121,7 @@ def test_a_refusal_is_one_line_naming_the_options(tmp_path, capsys):
     run = fake_run(tmp_path)
     assert cli("train", "--resume", run, "--global-batch-size", 16, "--ema-stds", 0.2, "--config", "E") == 2
     line = error_line(capsys)
-    assert "--global-batch-size 16 (the run has 8)" in line and "--ema-stds [0.2]" in line and "--config" in line
+    assert "--global-batch-size 16 (the run has 8)" in line and "--ema-std [0.2]" in line and "--config" in line
 
 
 @needs_fmnist

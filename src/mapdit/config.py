@@ -416,7 +416,8 @@ class TrainConfig:
     min_snr_gamma: float | None = opt(None, "weight the eps-MSE by min(SNR_t, gamma) / SNR_t (Min-SNR, e.g. 5) "
                                       "(default: none, uniform, as DiT)")
     ema_stds: tuple[float, ...] = opt((0.05, 0.10), f"relative widths sigma_rel of the power EMAs tracked "
-                                      f"(EDM2), each in (0, {SIGMA_REL_MAX:.4f}]", metavar="SIGMA_REL")
+                                      f"(EDM2), each in (0, {SIGMA_REL_MAX:.4f}]", metavar="SIGMA_REL",
+                                      flag="--ema-std", aliases=("--ema-stds",))
     ema_snapshots: int = opt(100, "EMA snapshots per tracked width over the run (0: none)")
     snapshot_dtype: str = opt(DEFAULT_SNAPSHOT_DTYPE, "dtype of the EMA snapshots", choices=SNAPSHOT_DTYPES)
     ckpt_every: int | None = opt(None, "checkpoint every N steps (default: num_steps // 5)", resume="apply")
@@ -474,9 +475,9 @@ class TrainConfig:
                             f"of processes ({world_size})")
         check_choice(self.precision, "precision", PRECISIONS, "--precision")
         if not self.ema_stds or any(not 0 < s <= SIGMA_REL_MAX for s in self.ema_stds):
-            raise UserError(f"--ema-stds {list(self.ema_stds)}: each width must be in (0, {SIGMA_REL_MAX:.4f}]")
+            raise UserError(f"--ema-std {list(self.ema_stds)}: each width must be in (0, {SIGMA_REL_MAX:.4f}]")
         if len({f"{s:.3f}" for s in self.ema_stds}) != len(self.ema_stds):
-            raise UserError(f"--ema-stds {list(self.ema_stds)}: the widths must differ in the first 3 decimals")
+            raise UserError(f"--ema-std {list(self.ema_stds)}: the widths must differ in the first 3 decimals")
         if self.lr is not None and not positive(self.lr):
             raise UserError(f"--lr {self.lr} must be a positive number")
         if self.min_snr_gamma is not None and not positive(self.min_snr_gamma):
