@@ -412,7 +412,6 @@ class TrainConfig:
                                   resume="apply")
     seed: int = opt(0, "seed of the model's init, the data order and every draw of a step", flag="--global-seed",
                     aliases=("--seed",))
-    label_dropout: float = opt(0.1, "label dropout rate of training", cli=False)
     min_snr_gamma: float | None = opt(None, "weight the eps-MSE by min(SNR_t, gamma) / SNR_t (Min-SNR, e.g. 5) "
                                       "(default: none, uniform, as DiT)")
     ema_stds: tuple[float, ...] = opt((0.05, 0.10), f"relative widths sigma_rel of the power EMAs tracked "

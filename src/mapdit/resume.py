@@ -33,6 +33,13 @@ def stored_train_config(saved: dict, run_dir: Path) -> TrainConfig:
     """The TrainConfig a run folder's config.json records (the invocation's settings that older versions
     stored, device and compile, are left out: a resumed run takes them from its own invocation)."""
     doc = {k: v for k, v in saved["train"].items() if k not in INVOCATION}
+    # older config.json files also kept the label dropout here; the one field is now the model's
+    # class_dropout_prob (they were always equal: no option set either)
+    old_dropout = doc.pop("label_dropout", None)
+    if old_dropout is not None and old_dropout != saved["model"].get("class_dropout_prob", 0.1):
+        raise UserError(f"{run_dir / 'config.json'} trains with label dropout {old_dropout} but its model's "
+                        f"class_dropout_prob is {saved['model'].get('class_dropout_prob')}: this mapdit cannot "
+                        "continue such a run")
     unknown = set(doc) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise UserError(f"{run_dir / 'config.json'} has unknown training keys {sorted(unknown)}: was it written "

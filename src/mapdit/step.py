@@ -44,9 +44,9 @@ class BatchSource:
     `IndexStream` (a pure function of seed and step), so ranks and resumed runs see what one process would."""
 
     def __init__(self, data, stream: IndexStream, tc: TrainConfig, d: Dist, num_timesteps: int,
-                 null_class: int | None):
+                 null_class: int | None, label_dropout: float):
         self.data, self.stream, self.tc, self.device = data, stream, tc, d.device
-        self.num_timesteps, self.null_class = num_timesteps, null_class
+        self.num_timesteps, self.null_class, self.label_dropout = num_timesteps, null_class, label_dropout
         per_rank = tc.batch_size // d.world_size
         self.lo, self.hi = d.rank * per_rank, (d.rank + 1) * per_rank
         self.shape = (data.channels, data.resolution, data.resolution)
@@ -56,7 +56,7 @@ class BatchSource:
         g = step_generator(tc.seed, step, device)
         t = torch.randint(0, self.num_timesteps, (tc.batch_size,), generator=g, device=device)[lo:hi]
         noise = torch.randn((tc.batch_size, *self.shape), generator=g, device=device)[lo:hi]
-        drop = (torch.rand(tc.batch_size, generator=g, device=device) < tc.label_dropout)[lo:hi]
+        drop = (torch.rand(tc.batch_size, generator=g, device=device) < self.label_dropout)[lo:hi]
         x, y = self.data.batch(self.stream.indices(step), torch.Generator().manual_seed(tc.seed * 7919 + step))
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if self.null_class is not None:

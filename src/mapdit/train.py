@@ -168,7 +168,8 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, s
 
         fwd = forward_of(model, d, tc.compile)
         diffusion = make_diffusion(model_cfg.num_train_steps, learn_sigma=model_cfg.learn_sigma)
-        batches = BatchSource(data, stream, tc, d, diffusion.num_timesteps, model_cfg.null_class)
+        batches = BatchSource(data, stream, tc, d, diffusion.num_timesteps, model_cfg.null_class,
+                              model_cfg.class_dropout_prob)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
         snap_every = max(1, tc.num_steps // tc.ema_snapshots) if tc.ema_snapshots else 0
 
