@@ -337,7 +337,9 @@ def test_a_bad_setting_or_place_fails_before_any_run_trains_or_is_stored(tmp_pat
 # ------------------------------------------------------------------------------------------------ components
 def test_every_component_variant_differs_from_E_in_exactly_one_field():
     e = budgets.arm_config("DiT-XXS/4", budgets.BASE_ARMS["E"]).to_dict()
-    assert all(e[o] for o in MP_OPTIONS) and e["time_embedding"] is None and e["mlp_activation"] == "gelu"
+    # validate() resolves the defaults that depend on other options (806cb5e): E builds the Fourier embedding;
+    # an arm is compared with E in the fields it sets (a default that follows them changes along)
+    assert all(e[o] for o in MP_OPTIONS) and e["time_embedding"] == "fourier" and e["mlp_activation"] == "gelu"
     assert e["modulation_gains"] == "shared"
     # the modulation part's reference: E with per-modulator gains (one field off E); each other modulation
     # differs from that reference in the modulation only
@@ -348,7 +350,7 @@ def test_every_component_variant_differs_from_E_in_exactly_one_field():
     for name, arm in arms.items():
         cfg = budgets.arm_config("DiT-XXS/4", arm).to_dict()
         ref = pm if name.startswith("E-pm-") else e
-        changed = {k for k in ref if cfg[k] != ref[k]}
+        changed = {k for k in ref if cfg[k] != ref[k] and (k not in budgets.DEPENDENT or k in arm.overrides)}
         assert len(changed) == 1, (name, changed)
         field = changed.pop()
         if field in MP_OPTIONS:
@@ -358,6 +360,8 @@ def test_every_component_variant_differs_from_E_in_exactly_one_field():
             others[name] = (field, cfg[field])
         assert _parameters(cfg) > 0  # each variant builds
     assert _parameters(pm) > _parameters(e)  # a learned gain per modulator
+    # E without mp_embedding builds DiT's sinusoid, as at e95bf9f (not E's Fourier features, resolved first)
+    assert budgets.arm_config("DiT-XXS/4", budgets.arm_by_name("E-mp_embedding")).time_embedding == "sinusoid"
     assert sorted(turned_off) == sorted(MP_OPTIONS)  # each option left out exactly once
     assert others == {"E-table": ("time_embedding", "table"), "E-mp-sinusoid": ("time_embedding", "mp-sinusoid"),
                       "E-silu": ("mlp_activation", "silu"), "E-pm-scale": ("modulation", "scale+gate"),

@@ -37,8 +37,9 @@ from mapdit import config
 from mapdit.errors import UserError
 from mapdit.runio import atomic_write
 
-# Largest σ_rel any power profile has: at γ = φ^-1 - 1 ≈ -0.382, σ_rel² = φ^-5 (φ = golden ratio).
-SIGMA_REL_MAX = ((1.0 + math.sqrt(5.0)) / 2.0) ** -2.5
+# Largest σ_rel any power profile has: at γ = φ^-1 - 1 ≈ -0.382, σ_rel² = φ^-5 (φ = golden ratio); stated once,
+# in mapdit.config, where the training check uses it too.
+SIGMA_REL_MAX = config.SIGMA_REL_MAX
 
 # Relative L2 error of the fitted profile above which reconstruct() refuses: beyond a few percent the
 # weights are a visibly different average than the one asked for.

@@ -23,7 +23,6 @@ only) and the largest residual-stream magnitude over blocks at the last checkpoi
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import signal
@@ -41,7 +40,7 @@ from mapdit.distributed import on_main
 from mapdit.errors import Stopped, UserError
 from mapdit.evaluate.magnitudes import measure_run
 from mapdit.evaluate.scoring import DEFAULT_CACHE
-from mapdit.experiments.budgets import SETTINGS_KEYS, ScoreBudget, TrainBudget, settings
+from mapdit.experiments.budgets import SETTINGS_KEYS, ScoreBudget, TrainBudget, settings, with_overrides
 from mapdit.experiments.fid_run import fid_for_run
 from mapdit.log import Logger
 from mapdit.model import DiT, parameter_breakdown
@@ -164,8 +163,7 @@ def _run_variant(spec: dict, budget: TrainBudget, score: ScoreBudget, out: Path,
             # sizes follow the data (train() replaces them); placeholders until then
             model_cfg = make_config(budget.model, preset=spec["config"], modulation=spec["modulation"],
                                     input_size=make_config(budget.model).patch_size, in_channels=1, num_classes=1)
-            if overrides:  # ModelConfig fields set as given (an option can be turned off too)
-                model_cfg = dataclasses.replace(model_cfg, **overrides).validate()
+            model_cfg = with_overrides(model_cfg, overrides)  # fields set as given (an option can be turned off too)
             run_dir = train(tc, model_cfg, progress=progress)
     except RunStopped:
         raise
@@ -315,7 +313,8 @@ def _ablation(budget: TrainBudget, score: ScoreBudget, *, configs: list[str], mo
     wanted = settings(budget, score)
     overrides = dict(overrides or {})
     if overrides:
-        dataclasses.replace(make_config(budget.model), **overrides).validate()  # unknown fields fail now
+        for c in configs:  # unknown fields, or ones a preset cannot take, fail now
+            with_overrides(make_config(budget.model, preset=c), overrides)
     cache_dir = DEFAULT_CACHE if cache_dir is None else cache_dir
     specs = [{"config": c, "modulation": m, "seed": int(s), "variant": f"{c}-{m}", "name": f"{c}-{m}-seed{s}"}
              for c in configs for m in canonical for s in seeds]

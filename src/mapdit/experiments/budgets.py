@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from mapdit.config import MP_OPTIONS, ModelConfig, make_config
+from mapdit.config import MP_OPTIONS, ModelConfig, default_lr, make_config
 from mapdit.errors import UserError
 from mapdit.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 
@@ -184,9 +184,8 @@ QUICK = StudyBudget(model="DiT-XXS/4", num_steps=80, batch_size=16, seeds=(0,), 
 
 
 def paper_rate(model: str, config: str) -> float:
-    """The rate `train` picks when none is given (the paper's): 1e-2 with weight normalisation, else 1e-4."""
-    cfg = make_config(model, preset=config)
-    return 1e-2 if (cfg.weight_normalization or cfg.forced_weight_normalization) else 1e-4
+    """The rate `train` picks when none is given (the paper's; mapdit.config.default_lr)."""
+    return default_lr(make_config(model, preset=config))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,8 +239,20 @@ def arm_by_name(name: str) -> Arm:
     return arms[name]
 
 
+# ModelConfig fields whose default follows other options (`ModelConfig.validate` resolves them)
+DEPENDENT = ("time_embedding", "conditioning")
+
+
+def with_overrides(cfg: ModelConfig, overrides: dict) -> ModelConfig:
+    """`cfg` with ModelConfig fields set as given and the defaults that depend on other options resolved again
+    from the result (unless set): E without mp_embedding builds the sinusoid of a model without it, as the
+    study always has (make_config resolves them for the preset, before an option is turned off)."""
+    if not overrides:
+        return cfg
+    return dataclasses.replace(cfg, **{**{k: None for k in DEPENDENT}, **overrides}).validate()
+
+
 def arm_config(model: str, arm: Arm) -> ModelConfig:
-    """The ModelConfig an arm trains (as built: defaults that depend on other options stay unresolved), the
-    way `run_ablation` builds it: the preset with the modulation, then the overrides set as given."""
-    cfg = make_config(model, preset=arm.config, modulation=arm.modulation)
-    return dataclasses.replace(cfg, **arm.overrides).validate()
+    """The ModelConfig an arm trains, the way `run_ablation` builds it: the preset with the modulation, then the
+    overrides (`with_overrides`)."""
+    return with_overrides(make_config(model, preset=arm.config, modulation=arm.modulation), arm.overrides)
