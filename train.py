@@ -1,6 +1,7 @@
 """The seed paper's command, verbatim: `python train.py --data-path PATH --results-dir DIR --model DiT-S/2 ...`.
 
-Same options as `mapdit train` (see `mapdit train --help`); works from the repo root with or without install.
+Same options and defaults as `mapdit train` (the paper's; see `mapdit train --help`, generated from the config
+dataclasses); works from the repo root with or without install.
 """
 import sys
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""`mapdit model-info`: parameters, FLOPs and resolved options of a model (built on the meta device)."""
+"""`mapdit model-info`: parameters, FLOPs and resolved options of a model (built on the meta device); the model
+options are ModelConfig's, generated (mapdit.commands.add_model_args)."""
 from __future__ import annotations
 
 import argparse
@@ -44,5 +45,6 @@ def run(args: argparse.Namespace) -> None:
 def register(sub) -> None:
     p = sub.add_parser("model-info", help="parameters, FLOPs and resolved options of a model")
     add_model_args(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print everything as JSON, with the resolved config "
+                                                        "(default: a short table)")
     p.set_defaults(func=run)
