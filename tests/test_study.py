@@ -183,8 +183,9 @@ def test_workers_train_every_run_once_and_shared_runs_are_queued_once(tmp_path, 
 
 
 @needs_installed_fmnist
-def test_a_study_run_checkpoints_exactly_at_the_kept_steps(tmp_path):
+def test_a_study_run_checkpoints_exactly_at_the_kept_steps(tmp_path, monkeypatch):
     # --checkpoints 7,20 checkpointed every step (at their gcd, 1): 489 MB for a 20-step run, ~50 GB at full budget
+    monkeypatch.chdir(tmp_path)  # at e95bf9f the report went to ./RESULTS.md and ./docs/results
     out = tmp_path / "study"
     assert cli("study", "--studies", "rates", "--configs", "A", "--rates", "A=1e-2", "--model", "DiT-XXS/4",
                "--num-steps", 20, "--checkpoints", "7,20", "--batch-size", 8, "--fid-samples", 16, "--sampling-steps",
