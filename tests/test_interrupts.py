@@ -223,3 +223,18 @@ def test_workers_of_a_killed_study_checkpoint_once_and_exit(tmp_path):
     for run in runs:
         assert 0 < trained_steps(run) < STEPS  # the stop checkpoint (the budget's only checkpoint is the last step)
         assert (run / "log.txt").read_text().count("stopped by signal at step") == 1
+
+
+def test_a_signal_that_stopped_training_stays_pending_for_the_study():
+    # a signal in a run's last step stopped nothing (the run was done) and was lost: the study went on
+    from mapdit import signals
+    from mapdit.stopping import StopRequest
+
+    with signals.held():
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 10  # a safety net: the handler runs at the next bytecode
+            while stop.signal is None and time.monotonic() < deadline:
+                time.sleep(0.001)
+        assert signals.pending() == signal.SIGTERM
+    assert signals.pending() is None  # outside the held block nothing is pending

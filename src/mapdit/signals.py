@@ -66,6 +66,15 @@ def hold() -> None:
         _previous[sig] = signal.signal(sig, _remember)
 
 
+def hand_back(signum: int) -> None:
+    """A signal a graceful stop took over (`take_pending`, or its own handler) becomes pending again while
+    held, so that work above it learns of it too: a run stopped at its last step is finished, and its study
+    must still stop before the next run."""
+    global _pending
+    if _previous and _pending is None:
+        _pending = signum
+
+
 def pending() -> int | None:
     """The signal received while held and not handed over yet (None if none); it stays pending. Work that
     stops gracefully looks here between its units (runs of a study) and stops before the next one."""

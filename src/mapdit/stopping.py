@@ -35,6 +35,8 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        if self.signal is not None:  # e.g. at the last step: the caller (a study) stops before its next run
+            signals.hand_back(self.signal)
 
     def stop_if_asked(self, run_dir: Path | None, resume: str | None, distributed: bool) -> None:
         """Before step 1 a signal stops at once (exit code 0, nothing kept). Under torchrun the ranks agree on
