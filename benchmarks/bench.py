@@ -677,10 +677,7 @@ def section_compile(rep: Report, args, results: dict) -> None:
 ABLATION = {
     "all fast paths": (),
     "WN: autograd normalize(W) per forward": ("linear",),
-    "WN: no output-space path for few rows": ("linear_rows",),
-    "gate/residual/shift: autograd addcmul": ("mul_add",),
     "cosine attention: autograd normalize(q, k)": ("qk",),
-    "rotation: chunk/cat formula": ("rotation",),
 }
 
 
@@ -704,14 +701,14 @@ def section_ablation(rep: Report, args, results: dict) -> None:
     rep()
     rep("One fast path at a time replaced by the plain formula it computes (`fused.reference_math(path)`: "
         "identical values; autograd's generic backward). Step time relative to all fast paths, paired per "
-        "round: > 1 means the fast path saves that fraction. MP-SiLU folding and the carried MP-sum factor change "
-        "how the model is built; they are covered by the before/after section.")
+        "round: > 1 means the fast path saves that fraction. MP-SiLU folding changes how the model is built; "
+        "it is covered by the before/after section.")
     rep()
     rows = []
     for mod in ("adaln", "scale+rotate"):
         log(f"ablation: {model} E/{mod}")
         steps = {name: PlainPaths(TrainStep(model, "E", mod, adam=args.adam), paths)
-                 for name, paths in ABLATION.items() if mod != "adaln" or "rotation" not in paths}
+                 for name, paths in ABLATION.items()}
         times = rounds(steps, args.rounds, args.warmup, log)
         for name in steps:
             if name == "all fast paths":

@@ -4,12 +4,13 @@ import math
 import pytest
 import torch
 
-from mapdit.fused import FusedMPEmbedding, FusedMPLinear, project_mp_weights_
+from mapdit.fused import FusedMPLinear, project_mp_weights_
 from mapdit.nn import (
     MPEmbedding,
     MPLinear,
     cosine_attention,
     magnitude,
+    modulate,
     mp_silu,
     mp_sincos_pos_embed_2d,
     mp_sum,
@@ -69,9 +70,8 @@ def test_mp_linear_gain_zero_gives_zero_output(linear):
     assert torch.count_nonzero(layer(torch.randn(4, 32))) == 0
 
 
-@pytest.mark.parametrize("embedding", [MPEmbedding, FusedMPEmbedding], ids=["plain", "fused"])
-def test_mp_embedding_rows_have_unit_magnitude(embedding):
-    table = embedding(11, 128)
+def test_mp_embedding_rows_have_unit_magnitude():
+    table = MPEmbedding(11, 128)
     with torch.no_grad():
         table.weight.mul_(torch.rand(11, 1) * 10)
     out = table(torch.arange(11))
@@ -98,6 +98,39 @@ def test_rotation_keeps_every_token_norm(pairing):
     assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=0, atol=1e-12)
     assert not torch.allclose(y, x)
     assert torch.equal(rotate_pairs(x, torch.zeros_like(theta), pairing), x)
+
+
+@pytest.mark.parametrize("pairing", ["half", "interleaved"])
+def test_scaled_rotation_matches_chunk_and_concatenate(pairing):
+    """modulate's scale-then-rotate against the textbook formula (chunk or stride, rotate, concatenate):
+    values and gradients (this held the deleted fused scale-rotation to the same formula)."""
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    theta = torch.randn(3, 1, 8, requires_grad=True)
+    scale = torch.randn(3, 1, 16, requires_grad=True)
+    x2, theta2, scale2 = (v.detach().clone().requires_grad_() for v in (x, theta, scale))
+
+    def reference(x, theta, scale):  # the textbook formula
+        h = x * scale
+        if pairing == "half":
+            a, b = h.chunk(2, dim=-1)
+        else:
+            a, b = h[..., 0::2], h[..., 1::2]
+        c, s = torch.cos(theta), torch.sin(theta)
+        ra, rb = a * c - b * s, a * s + b * c
+        return torch.cat((ra, rb), -1) if pairing == "half" else torch.stack((ra, rb), -1).flatten(-2)
+
+    out, ref = modulate(x, scale=scale - 1, angle=theta, pairing=pairing), reference(x2, theta2, scale2)
+    assert torch.allclose(out, ref, atol=1e-6)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    for a, b in ((x, x2), (theta, theta2), (scale, scale2)):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(rotate_pairs(x, theta, pairing), reference(x, theta, torch.ones(16)), atol=1e-6)
+    d = torch.float64
+    args = (torch.randn(2, 3, 8, dtype=d, requires_grad=True), torch.randn(2, 1, 4, dtype=d, requires_grad=True),
+            torch.randn(2, 1, 8, dtype=d, requires_grad=True))
+    assert torch.autograd.gradcheck(lambda x, th, k: modulate(x, k, k, th, pairing), args)
 
 
 def test_rotation_pairings_differ_by_a_channel_permutation():

@@ -19,18 +19,12 @@ from mapdit.fused import (
     FAST_PATHS,
     FusedMPLinear,
     _CosineQKV,
-    _MulAdd,
-    _NormalizedLinearRows,
     _NormalizedWeight,
     _row_rms,
-    _RowNormalize,
-    mul_add,
     normalize_qk,
-    normalize_rows,
     project_mp_weights_,
     reference_enabled,
     reference_math,
-    scale_rotate_pairs,
 )
 from mapdit.model import DiT
 from mapdit.nn import (
@@ -43,7 +37,6 @@ from mapdit.nn import (
     mp_silu,
     mp_sum,
     normalize,
-    rotate_pairs,
 )
 
 MODULATIONS = ["adaln", "scale", "shift", "rotate", "scale+rotate"]
@@ -136,30 +129,12 @@ def test_custom_functions_pass_gradcheck():
         return _NormalizedWeight.apply(w, rms, 1 / (rms + EPS), gain, 0.3)
 
     assert torch.autograd.gradcheck(weight_fn, (w, gain))
-    x = torch.randn(4, 7, dtype=d, requires_grad=True)
-
-    def rows_fn(x, w, gain):  # the output-space variant for few input rows
-        rms = _row_rms(w)
-        return _NormalizedLinearRows.apply(x, w, rms, 1 / (rms + EPS), gain, 0.3)
-
-    assert torch.autograd.gradcheck(rows_fn, (x, w, gain))
-    assert torch.autograd.gradcheck(_RowNormalize.apply, (torch.randn(3, 4, 6, dtype=d, requires_grad=True),))
     qkv = torch.randn(2, 5, 3 * 8, dtype=d, requires_grad=True)
     assert torch.autograd.gradcheck(lambda q: _CosineQKV.apply(q, 2, False), (qkv,))
     assert torch.autograd.gradcheck(lambda q: _CosineQKV.apply(q * 1.0, 2, True), (qkv,))  # in place
-    base, y, k = (torch.randn(*shape, dtype=d, requires_grad=True) for shape in ((2, 5, 6), (2, 5, 6), (2, 1, 6)))
-    assert torch.autograd.gradcheck(lambda b, y, k: _MulAdd.apply(b, y, k, 0.7), (base, y, k))
-    shift = torch.randn(2, 1, 6, dtype=d, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda b, y, k: _MulAdd.apply(b, y, k, 1.0), (shift, y, k))
-    for pairing in ("half", "interleaved"):
-        x = torch.randn(2, 3, 8, dtype=d, requires_grad=True)
-        theta = torch.randn(2, 1, 4, dtype=d, requires_grad=True)
-        k = torch.randn(2, 1, 8, dtype=d, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda x, th, k: scale_rotate_pairs(x, th, k, pairing), (x, theta, k))
-        assert torch.autograd.gradcheck(lambda x, th: scale_rotate_pairs(x, th, 0.8, pairing), (x, theta))
 
 
-@pytest.mark.parametrize("rows", [30, 6])  # per token (W scaled) and few rows (output scaled)
+@pytest.mark.parametrize("rows", [30, 6])  # per token and few rows (per-sample conditioning)
 @pytest.mark.parametrize("forced,on_use,gain", [(True, True, None), (True, True, 0.5), (False, True, 1.3),
                                                 (True, False, None), (True, True, 0.0)])
 def test_mp_linear_fast_training_path_matches_plain_normalize(forced, on_use, gain, rows):
@@ -215,33 +190,6 @@ def test_cosine_attention_fast_paths_match_plain_formula():
     assert torch.allclose(cosine_attention(q, k, v), torch.softmax(logits, -1) @ v, atol=1e-5)
 
 
-@pytest.mark.parametrize("pairing", ["half", "interleaved"])
-def test_fused_scale_rotation_matches_chunk_and_concatenate(pairing):
-    x = torch.randn(3, 7, 16, requires_grad=True)
-    theta = torch.randn(3, 1, 8, requires_grad=True)
-    scale = torch.randn(3, 1, 16, requires_grad=True)
-    x2, theta2, scale2 = (v.detach().clone().requires_grad_() for v in (x, theta, scale))
-
-    def reference(x, theta, scale):  # the textbook formula, no fusion
-        h = x * scale
-        if pairing == "half":
-            a, b = h.chunk(2, dim=-1)
-        else:
-            a, b = h[..., 0::2], h[..., 1::2]
-        c, s = torch.cos(theta), torch.sin(theta)
-        ra, rb = a * c - b * s, a * s + b * c
-        return torch.cat((ra, rb), -1) if pairing == "half" else torch.stack((ra, rb), -1).flatten(-2)
-
-    out, ref = scale_rotate_pairs(x, theta, scale, pairing), reference(x2, theta2, scale2)
-    assert torch.allclose(out, ref, atol=1e-6)
-    g = torch.randn_like(out)
-    (out * g).sum().backward()
-    (ref * g).sum().backward()
-    for a, b in ((x, x2), (theta, theta2), (scale, scale2)):
-        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(rotate_pairs(x, theta, pairing), reference(x, theta, torch.ones(16)), atol=1e-6)
-
-
 # ------------------------------------------------------------------------------------------------
 # The switch, and the block against its reference
 # ------------------------------------------------------------------------------------------------
@@ -260,34 +208,28 @@ def _graph(out: torch.Tensor) -> set[str]:
 
 def test_reference_math_switches_named_paths_and_restores_them(tiny_size):
     assert not any(reference_enabled(p) for p in FAST_PATHS)
-    with reference_math("mul_add"):
-        assert reference_enabled("mul_add") and not reference_enabled("qk")
+    with reference_math("qk"):
+        assert reference_enabled("qk") and not reference_enabled("linear")
         with reference_math():
             assert all(reference_enabled(p) for p in FAST_PATHS)
-        assert reference_enabled("mul_add") and not reference_enabled("qk")
+        assert reference_enabled("qk") and not reference_enabled("linear")
     assert not any(reference_enabled(p) for p in FAST_PATHS)
     with pytest.raises(ValueError, match="unknown fast path"):
         with reference_math("mlp"):
             pass
 
     # every path switched on really leaves its custom Function for the plain formula
-    x, k, y = (torch.randn(2, 3, 16, requires_grad=True) for _ in range(3))
-    theta = torch.randn(2, 1, 8, requires_grad=True)
+    x = torch.randn(2, 3, 16, requires_grad=True)
     layer = FusedMPLinear(16, 8).train()
-    cases = {  # path: (computation, the custom Function it uses, the one it uses when switched, or None)
-        "mul_add": (lambda: mul_add(x, y, k), "_MulAddBackward", None),
-        "qk": (lambda: normalize_qk(x.reshape(2, 4, 12) * 1.0, 2), "_CosineQKVBackward", None),
-        "rotation": (lambda: scale_rotate_pairs(x, theta, k), "_PairMixBackward", None),
-        "rows": (lambda: normalize_rows(x), "_RowNormalizeBackward", None),
-        "linear": (lambda: layer(x.repeat(1, 4, 1)), "_NormalizedWeightBackward", None),  # 24 rows > 16 / 2
-        "linear_rows": (lambda: layer(x[:, :1]), "_NormalizedLinearRowsBackward", "_NormalizedWeightBackward"),
+    cases = {  # path: (computation, the custom Function it uses)
+        "qk": (lambda: normalize_qk(x.reshape(2, 4, 12) * 1.0, 2), "_CosineQKVBackward"),
+        "linear": (lambda: layer(x), "_NormalizedWeightBackward"),
     }
     assert set(cases) == set(FAST_PATHS)
-    for path, (compute, fast, switched) in cases.items():
+    for path, (compute, fast) in cases.items():
         assert fast in _graph(compute()), path
         with reference_math(path):
-            graph = _graph(compute())
-        assert fast not in graph and (switched is None or switched in graph), path
+            assert fast not in _graph(compute()), path
 
     # the model: with every path switched, no custom Function at all
     model = tiny_model(tiny_size, "E", "scale+rotate").train()

@@ -1,16 +1,12 @@
 """Fast paths of the MP building blocks: the formulas of `mapdit.nn`, computed with fewer operators.
 
-Eager PyTorch pays one pass over memory, and on a busy CPU one thread rendezvous, per operator, so the hot
-paths are written as few operators as possible (measured in benchmarks/bench.py, see BENCHMARKS.md):
-  * row normalisation (of weights, and of q/k in cosine attention) is a custom autograd Function whose
-    forward is one multiply and whose backward is one row dot product and one multiply-add, instead of
-    the ~10 operators autograd records for x / (||x|| / sqrt(n) + eps);
+Only the two that win >= 3 % of the whole eager training step are kept (BENCHMARKS.md, "Fast paths: which
+earn their place"; the others were deleted):
   * an MP linear whose weight was just projected onto the sphere (forced weight normalisation) reuses
-    the row norms of that projection: its forward is a single multiply, computed once per optimizer step;
-    in eval mode without autograd its effective weight is cached until the weight changes;
-  * pair rotation (optionally fused with a per-channel scale) is one Function: two multiplies and two
-    multiply-adds forward, the same backward, no concatenation;
-  * gates, residuals and the modulation's shift are one multiply-add with a lean backward.
+    the row norms of that projection: its forward is a single multiply of W, its backward one row dot
+    product and one multiply-add, instead of the ~10 operators autograd records for normalize(W); in eval
+    mode without autograd its effective weight is cached until the weight changes;
+  * cosine attention normalises q and k of the fused qkv tensor in one Function, in place.
 
 Every dispatcher here falls back to the plain formula of `mapdit.nn` under torch.compile (Inductor fuses
 it by itself; nothing on that path reads `_version` or a Python-side cache, so models compile without graph
@@ -27,18 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import EPS, MPEmbedding, MPLinear, _compiling, _pair_views, normalize, rotate_pairs
+from .nn import EPS, MPEmbedding, MPLinear, _compiling, normalize
 
 # ------------------------------------------------------------------------------------------------
 # The switch: plain formulas instead of fast paths
 # ------------------------------------------------------------------------------------------------
-FAST_PATHS = {
-    "linear": "FusedMPLinear: custom weight-normalisation Functions and eval cache -> MPLinear.forward",
-    "linear_rows": "FusedMPLinear: output-space normalisation for few input rows -> the weight-space Function",
-    "rows": "normalize_rows (MPEmbedding lookups): custom backward -> normalize",
-    "mul_add": "gates, residuals and shifts: custom backward -> torch.addcmul",
+FAST_PATHS = {  # name -> what it is, and the plain formula it falls back to
+    "linear": "FusedMPLinear: custom weight-normalisation Function and eval cache -> MPLinear.forward",
     "qk": "normalize_qk (cosine attention on the fused qkv tensor): custom Function -> normalize",
-    "rotation": "scale_rotate_pairs: fused pair mix -> rotate_pairs(x * scale)",
 }
 _reference: frozenset[str] = frozenset()
 
@@ -49,7 +41,7 @@ def reference_math(*paths: str) -> Iterator[None]:
 
         with reference_math():                  # the whole model as written in mapdit.nn
             expected = model(x, t, y)
-        with reference_math("mul_add"):          # one fast path off (the benchmark's ablation)
+        with reference_math("qk"):               # one fast path off (the benchmark's ablation)
             ...
     Values agree with the fast paths to rounding; nesting adds paths; not thread-local. (Under torch.compile
     every path is plain anyway.)
@@ -77,7 +69,7 @@ def _plain(path: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
-# Row normalisation
+# Row statistics; cosine attention on the fused qkv tensor
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def _row_rms(x: torch.Tensor) -> torch.Tensor:
@@ -91,180 +83,16 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b).unsqueeze(-1)
 
 
-class _RowNormalize(torch.autograd.Function):
-    """y = x * inv with inv = 1 / (rms(x) + eps) per row: `normalize` along the last dim.
-
-    Backward of the exact formula, written on the output: dx = inv * g - y * (g . y) / (n * rms), one row dot
-    and two fused elementwise operators (autograd of `normalize` records about ten).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        rms = _row_rms(x)
-        inv = (rms + EPS).reciprocal_()
-        y = x * inv.to(x.dtype)
-        ctx.save_for_backward(y, inv, rms)
-        return y
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
-        y, inv, rms = ctx.saved_tensors
-        coef = _rowdot(g, y).div_(rms * y.shape[-1])
-        return torch.addcmul(g * inv.to(g.dtype), y, coef.to(g.dtype), value=-1)
-
-
-def normalize_rows(x: torch.Tensor) -> torch.Tensor:
-    """`normalize(x)` along the last dim, equal within rounding, with a cheap backward (see `_RowNormalize`)."""
-    if _plain("rows") or not (torch.is_grad_enabled() and x.requires_grad):
-        return normalize(x)
-    return _RowNormalize.apply(x)
-
-
-# ------------------------------------------------------------------------------------------------
-# Fused multiply-add (gates, residuals, modulation)
-# ------------------------------------------------------------------------------------------------
-class _MulAdd(torch.autograd.Function):
-    """out = base * alpha + y * k, k (and base) broadcast against y; alpha a Python float.
-
-    Forward: one addcmul (plus one scale when alpha != 1). Backward: grad*k for y, sum(grad*y) for k,
-    grad (*alpha, summed to base's shape) for base. Autograd's own addcmul formula computes
-    grad * (y * value) for k: an extra full-size multiply by the scalar, here avoided.
-    """
-
-    @staticmethod
-    def forward(ctx, base, y, k, alpha: float):
-        if alpha == 1.0:
-            out = torch.addcmul(base, y, k)
-        else:
-            out = torch.mul(base, alpha)
-            out = out.addcmul_(y, k) if out.shape == torch.broadcast_shapes(out.shape, y.shape) else out + y * k
-        ctx.save_for_backward(y, k)
-        ctx.alpha, ctx.base_shape = alpha, base.shape
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        y, k = ctx.saved_tensors
-        grad_base = grad_y = grad_k = None
-        if ctx.needs_input_grad[0]:
-            grad_base = _sum_to(g if ctx.alpha == 1.0 else g * ctx.alpha, ctx.base_shape)
-        if ctx.needs_input_grad[1]:
-            grad_y = _sum_to(g * k, y.shape)
-        if ctx.needs_input_grad[2]:
-            grad_k = _sum_to(g * y, k.shape)
-        return grad_base, grad_y, grad_k, None
-
-
-def mul_add(base: torch.Tensor, y: torch.Tensor, k: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """base * alpha + y * k in one fused operator with a lean backward (see `_MulAdd`).
-
-    Used for gated residuals (base = stream, y = branch, k = per-sample gate (N, 1, D)) and for the
-    modulation h * (1 + scale) + shift (base = shift (N, 1, D), y = h, k = 1 + scale).
-    """
-    if _plain("mul_add"):  # the formula itself, autograd's generic backward
-        return torch.addcmul(base if alpha == 1.0 else base * alpha, y, k)
-    if not torch.is_grad_enabled():  # sampling: at most one new buffer
-        if alpha == 1.0:
-            return torch.addcmul(base, y, k)
-        out = base * alpha
-        return out.addcmul_(y, k) if out.shape == torch.broadcast_shapes(out.shape, y.shape) else out + y * k
-    return _MulAdd.apply(base, y, k, alpha)
-
-
-
-# ------------------------------------------------------------------------------------------------
-# Rotation of channel pairs, fused with a per-channel scale
-# ------------------------------------------------------------------------------------------------
-def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Reduce a broadcast result back to `shape` (sum over the broadcast dimensions)."""
-    lead = t.dim() - len(shape)
-    dims = list(range(lead)) + [lead + i for i, s in enumerate(shape) if s == 1 and t.shape[lead + i] != 1]
-    return t.sum(dims, keepdim=True).reshape(shape) if dims else t
-
-
-class _PairMix(torch.autograd.Function):
-    """out_a = a*ca + b*sa, out_b = b*cb + a*sb for every channel pair (a, b) of x.
-
-    With ca = ka*cos, cb = kb*cos, sa = -kb*sin, sb = ka*sin this is a rotation by theta of x scaled by k.
-    Coefficients (..., D/2) broadcast against the pair views. Two multiplies and two multiply-adds
-    into one output buffer, forward and backward; no chunk/cat copies.
-    """
-
-    @staticmethod
-    def forward(ctx, x, ca, cb, sa, sb, pairing: str):
-        a, b = _pair_views(x, pairing)
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        oa, ob = _pair_views(out, pairing)
-        torch.mul(a, ca, out=oa)
-        oa.addcmul_(b, sa)
-        torch.mul(b, cb, out=ob)
-        ob.addcmul_(a, sb)
-        ctx.save_for_backward(x, ca, cb, sa, sb)
-        ctx.pairing = pairing
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        x, ca, cb, sa, sb = ctx.saved_tensors
-        pairing = ctx.pairing
-        a, b = _pair_views(x, pairing)
-        g = g.contiguous()
-        ga, gb = _pair_views(g, pairing)
-        gx = None
-        if ctx.needs_input_grad[0]:  # the transpose of the 2x2 map of every pair
-            gx = torch.empty_like(x, memory_format=torch.contiguous_format)
-            gxa, gxb = _pair_views(gx, pairing)
-            torch.mul(ga, ca, out=gxa)
-            gxa.addcmul_(gb, sb)
-            torch.mul(gb, cb, out=gxb)
-            gxb.addcmul_(ga, sa)
-        grads = [None] * 4
-        if any(ctx.needs_input_grad[1:5]):
-            same = g * x  # (ga*a | gb*b): grads of ca, cb
-            cross = torch.empty_like(same)  # (ga*b | gb*a): grads of sa, sb
-            xa, xb = _pair_views(cross, pairing)
-            torch.mul(ga, b, out=xa)
-            torch.mul(gb, a, out=xb)
-            s_a, s_b = _pair_views(same, pairing)
-            grads = [_sum_to(s_a, ca.shape), _sum_to(s_b, cb.shape), _sum_to(xa, sa.shape), _sum_to(xb, sb.shape)]
-        return (gx, *grads, None)
-
-
-def scale_rotate_pairs(x: torch.Tensor, theta: torch.Tensor, scale: torch.Tensor | float | None = None,
-                       pairing: str = "half") -> torch.Tensor:
-    """rotate_pairs(x * scale, theta, pairing) in one fused operator (scale: (..., D), a float, or None).
-
-    theta (..., D/2) broadcasts against x (..., D) minus its last dim; so does scale. With scale a per-sample
-    (N, 1, D) tensor, all coefficient algebra happens on (N, 1, D/2) tensors; the token-sized work is the
-    four multiply(-add)s of `_PairMix`.
-    """
-    if _plain("rotation"):
-        return rotate_pairs(x if scale is None else x * scale, theta, pairing)
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    if scale is None or isinstance(scale, (int, float)):
-        k = 1.0 if scale is None else float(scale)
-        ca = cb = cos if k == 1.0 else cos * k
-        sb = sin if k == 1.0 else sin * k
-        sa = -sb
-    else:
-        ka, kb = _pair_views(scale, pairing)
-        ca, cb, sa, sb = ka * cos, kb * cos, -(kb * sin), ka * sin
-    return _PairMix.apply(x, ca, cb, sa, sb, pairing)
-
-
-
-# ------------------------------------------------------------------------------------------------
-# Cosine attention on the fused qkv tensor
-# ------------------------------------------------------------------------------------------------
 class _CosineQKV(torch.autograd.Function):
     """qkv (N, T, 3D) -> the same with q and k normalised per head (heads h, d_h = D / h); v unchanged.
 
     The per-row factors of q and k (and 1 for v) form a small (N, T, 3, h, 1) tensor, so forward and
     backward are whole-buffer operators on contiguous memory (measured ~2x faster on the CPU than the
     same work on the strided q/k slice). Forward: the norms and one multiply, in place when the input is
-    a fresh non-leaf tensor (the qkv projection's output: its backward does not need it). Backward: the
-    `_RowNormalize` formula on q and k, v's gradient multiplied by 1. q, k and v stay in one buffer, so
-    autograd's gradient of the qkv projection is a single tensor.
+    a fresh non-leaf tensor (the qkv projection's output: its backward does not need it). Backward: that
+    of normalize on q and k, written on the output, dx = inv * g - y * (g . y) / (n * rms); v's gradient
+    multiplied by 1. q, k and v stay in one buffer, so autograd's gradient of the qkv projection is a
+    single tensor.
     """
 
     @staticmethod
@@ -356,51 +184,11 @@ class _NormalizedWeight(torch.autograd.Function):
         return grad_w, None, None, grad_gain, None
 
 
-class _NormalizedLinearRows(torch.autograd.Function):
-    """y = x @ (W * c)^T computed as (x @ W^T) * c, c = k * inv per output: for few input rows.
-
-    When x has fewer rows than W has columns (the modulation linears see one conditioning vector per
-    sample, not per token), scaling the small output is cheaper than scaling W, and the backward of the
-    normalisation can be taken in output space: with z = x @ W^T, (G . W)_i = sum_rows g_i z_i, so
-        dW = (g * c)^T @ x - W * (k * inv^2 * dot / (n * rho)),   dx = (g * c) @ W
-    i.e. one matmul and one multiply-add over W, nothing else of W's size. Same values as
-    `_NormalizedWeight` followed by F.linear.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, rms, inv, gain, scale: float):
-        k = scale if gain is None else gain.detach() * scale
-        c = (inv * k).reshape(-1).to(x.dtype)  # (out,)
-        z = F.linear(x, weight)
-        ctx.save_for_backward(x, weight, rms, inv, gain, z, c)
-        ctx.scale = scale
-        return z * c
-
-    @staticmethod
-    def backward(ctx, g):
-        x, weight, rms, inv, gain, z, c = ctx.saved_tensors
-        scale = ctx.scale
-        g2, z2, x2 = g.reshape(-1, g.shape[-1]), z.reshape(-1, z.shape[-1]), x.reshape(-1, x.shape[-1])
-        gc = g2 * c
-        dot = (g2 * z2).sum(0).unsqueeze(-1)  # (out, 1): G . W per row, from the small output space
-        grad_x = grad_w = grad_gain = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (gc @ weight).reshape(x.shape)
-        if ctx.needs_input_grad[1]:
-            k = scale if gain is None else gain * scale
-            radial = dot * inv * inv * k / (rms * weight.shape[-1])
-            grad_w = (gc.t() @ x2).addcmul_(weight, radial.to(weight.dtype), value=-1)
-        if gain is not None and ctx.needs_input_grad[4]:
-            grad_gain = (dot * inv).sum().mul_(scale).to(gain.dtype)
-        return grad_x, grad_w, None, None, grad_gain, None
-
-
 class FusedMPLinear(MPLinear):
     """`nn.MPLinear` (same parameters, same values) with fast training and eval paths.
 
     Training: the forced projection measures W's row norms once per optimizer step and keeps them; the
-    forward is then one multiply of W (`_NormalizedWeight`), or, for fewer input rows than W has columns,
-    a scale of the small output (`_NormalizedLinearRows`); the backward is one row dot and one multiply-add.
+    forward is then one multiply of W (`_NormalizedWeight`); the backward is one row dot and one multiply-add.
     Eval without autograd: W_eff is computed once and reused until W or g change (keyed on their version
     counters). Under torch.compile or `reference_math("linear")`: `MPLinear.forward`, the plain formula.
     """
@@ -441,11 +229,6 @@ class FusedMPLinear(MPLinear):
         return _NormalizedWeight.apply(self.weight, rms, inv, self.gain, self.scale)
 
     def _training_forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // max(1, x.shape[-1])
-        if (self.normalize_on_use and 2 * rows <= self.in_features and x.dtype == self.weight.dtype
-                and not reference_enabled("linear_rows")):
-            rms, inv = self._row_stats()  # few rows (per-sample conditioning): normalise in output space
-            return _NormalizedLinearRows.apply(x, self.weight, rms, inv, self.gain, self.scale)
         return F.linear(x, self._training_weight().to(x.dtype))
 
     def _cached_weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -466,14 +249,6 @@ class FusedMPLinear(MPLinear):
         if torch.is_grad_enabled():
             return self._training_forward(x)
         return F.linear(x, self._cached_weight(x.dtype))
-
-
-class FusedMPEmbedding(MPEmbedding):
-    """`nn.MPEmbedding` whose looked-up rows are normalised with the cheap backward of `normalize_rows`."""
-
-    def forward(self, index: torch.Tensor) -> torch.Tensor:
-        self._project_if_stale()
-        return normalize_rows(self.weight[index])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,11 +24,12 @@ from torch import nn
 
 from .config import MODULATION_PARTS, ModelConfig
 from .diffusion import linear_betas
-from .fused import FusedMPEmbedding, FusedMPLinear, normalize_qk, project_mp_weights_
+from .fused import FusedMPLinear, normalize_qk, project_mp_weights_
 from .nn import (
     GELU_RMS,
     SILU_RMS,
     MPActivation,
+    MPEmbedding,
     modulate,
     mp_fourier,
     mp_sincos_pos_embed_2d,
@@ -100,7 +101,7 @@ class Layers:
 
     def embedding(self, num: int, dim: int) -> nn.Module:
         if self.cfg.mp_embedding:
-            return FusedMPEmbedding(num, dim)
+            return MPEmbedding(num, dim)
         table = nn.Embedding(num, dim)
         table.dit_std = 0.02
         return table
@@ -267,7 +268,7 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         kind = layers.cfg.time_embedding_kind
         if kind == "table":  # upstream MaP-DiT: a learned row of magnitude 1 per integer step
-            self.table = FusedMPEmbedding(num_train_steps, FREQ_DIM)
+            self.table = MPEmbedding(num_train_steps, FREQ_DIM)
         elif kind == "fourier":
             self.table = NoiseLevelFourier(num_train_steps)
         else:
