@@ -206,7 +206,6 @@ class RunWriter:
                 csv.writer(f).writerow([step, *(f"{m:.5g}" for m in mags)])
 
 
-
 def checkpoint_bytes(model: DiT, ema: PowerEMA, params: list[torch.Tensor]) -> int:
     """The size of one checkpoint: the model's state, the EMA's, and Adam's two moments per parameter."""
     def size(tensors) -> int:
@@ -215,11 +214,12 @@ def checkpoint_bytes(model: DiT, ema: PowerEMA, params: list[torch.Tensor]) -> i
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    """1234567 -> '1.2 MB' (decimal units, as disks are sold)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            break
         n /= 1000
-    return f"{n:.1f} TB"
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
 
 
 class SideOutputs:
