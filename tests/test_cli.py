@@ -215,6 +215,22 @@ def test_every_base_argv_of_the_contract_test_is_valid(contract_world, monkeypat
         assert rc == 0, (command, err[-2000:])
 
 
+@pytest.mark.parametrize("argv", [
+    ["fid", "--run", "R", "--ref", "fmnist"],  # another name of the installed Fashion-MNIST
+    ["train", "--data-path", "FASHION-MNIST"],
+    ["fid", "--run", "R", "--inception-weights", "~/w.pth", "--cache-dir", "~/cache"],  # ~ is the home folder
+])
+def test_the_input_checks_accept_what_the_library_accepts(tmp_path, monkeypatch, argv):
+    from mapdit.commands.parsing import check_inputs
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "w.pth").write_bytes(b"x")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.run = None  # the run folder is not what is tried here
+    check_inputs(parser, args)  # no UserError
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. option mistakes found while parsing (moved from test_robustness.py and test_reliability.py)
 # ------------------------------------------------------------------------------------------------

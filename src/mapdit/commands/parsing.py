@@ -145,23 +145,26 @@ def _existing(path: Path, flag: str) -> None:
 
 
 def existing_file(value, flag: str) -> None:
-    path = Path(value)
+    path = Path(value).expanduser()
     _existing(path, flag)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder: give a file")
 
 
 def existing_folder(value, flag: str) -> None:
-    path = Path(value)
+    path = Path(value).expanduser()
     _existing(path, flag)
     if not path.is_dir():
         raise UserError(f"{flag} {path} is a file: give a folder")
 
 
 def data_source(value, flag: str) -> None:
-    """'fashion-mnist' (the installed copy) or a path that exists (an IDX folder, images, latents, an npz)."""
-    if value != "fashion-mnist":
-        _existing(Path(value), flag)
+    """'fashion-mnist' (or another name of the installed copy) or a path that exists (an IDX folder, images,
+    latents, an npz)."""
+    from ..data import fashion_mnist
+
+    if not fashion_mnist.is_alias(value):
+        _existing(Path(value).expanduser(), flag)
 
 
 def run_folder(value, flag: str) -> None:
@@ -178,7 +181,7 @@ def run_or_latest(value, flag: str) -> None:
 def writable_place(value, flag: str) -> None:
     """A file or folder a command will create (or add to): its nearest existing folder must take files.
     Nothing is created here; the command makes the folders when it writes."""
-    path = Path(value).absolute()
+    path = Path(value).expanduser().absolute()
     ancestor = path
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
