@@ -376,6 +376,13 @@ def test_a_misspelt_subcommand_gets_a_close_match(capsys):
     assert "did you mean 'sample'?" in capsys.readouterr().err
 
 
+def test_a_missing_ref_or_data_path_says_what_to_pass(tmp_path, capsys):
+    assert cli("fid", "--run", tmp_path, "--ref", tmp_path / "nothing.npz") == 2
+    assert "does not exist: pass 'fashion-mnist', an image folder" in only_error_line(capsys, "fid")
+    assert cli("train", "--data-path", tmp_path / "nothing") == 2
+    assert "does not exist: pass 'fashion-mnist', a folder of IDX files" in only_error_line(capsys, "train")
+
+
 @needs_fmnist
 @pytest.mark.parametrize("ref", ["missing.npz", "bad.npz", "emptydir"])
 def test_a_bad_fid_ref_is_reported_before_sampling(tiny_run, tmp_path, monkeypatch, capsys, ref):

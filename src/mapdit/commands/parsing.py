@@ -135,13 +135,13 @@ def positive(value, flag: str) -> None:
         raise UserError(f"{flag} {value} must be a positive number")
 
 
-def _existing(path: Path, flag: str) -> None:
+def _existing(path: Path, flag: str, what: str = "") -> None:
     if not path.exists():
         parent = path.parent if str(path.parent) not in ("", ".") else Path(".")
         near = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=1) \
             if parent.is_dir() else []
         hint = f" (did you mean {parent / near[0]}?)" if near else ""
-        raise UserError(f"{flag} {path} does not exist{hint}")
+        raise UserError(f"{flag} {path} does not exist{hint}" + (f": {what}" if what else ""))
 
 
 def existing_file(value, flag: str) -> None:
@@ -158,13 +158,14 @@ def existing_folder(value, flag: str) -> None:
         raise UserError(f"{flag} {path} is a file: give a folder")
 
 
-def data_source(value, flag: str) -> None:
-    """'fashion-mnist' (or another name of the installed copy) or a path that exists (an IDX folder, images,
-    latents, an npz)."""
-    from ..data import fashion_mnist
+def data_source(what: str) -> Callable[[object, str], None]:
+    """'fashion-mnist' (or another name of the installed copy) or a path that exists; `what` says what to pass."""
+    def check(value, flag: str) -> None:
+        from ..data import fashion_mnist
 
-    if not fashion_mnist.is_alias(value):
-        _existing(Path(value).expanduser(), flag)
+        if not fashion_mnist.is_alias(value):
+            _existing(Path(value).expanduser(), flag, what)
+    return check
 
 
 def run_folder(value, flag: str) -> None:
@@ -209,7 +210,10 @@ POSITIVE = Kind("number", finite_float, positive)
 NUMBER = Kind("number", finite_float)
 FILE = Kind("path", text, existing_file)
 FOLDER = Kind("path", text, existing_folder)
-DATA = Kind("path", text, data_source)
+DATA = Kind("path", text, data_source("pass 'fashion-mnist', a folder of IDX files, a folder of class subfolders "
+                                      "or prepared latents"))
+REF = Kind("path", text, data_source("pass 'fashion-mnist', an image folder, a prepared latent folder or an ADM "
+                                     "reference batch .npz"))
 OUTPUT = Kind("path", text, writable_place)
 DEVICE = Kind("device", text, device)
 RUN = Kind("run folder", text, run_folder)
@@ -220,13 +224,14 @@ KINDS: dict[str, Kind] = {
     **dict.fromkeys(("batch_size", "num_steps", "steps", "num_samples", "fid_samples", "sample_batch_size",
                      "magnitude_batch_size", "log_every", "ckpt_every", "epochs", "threads", "workers", "num_ref",
                      "shard_size", "resolution", "sampling_steps", "heldout_images", "guide_channels",
-                     "input_size", "in_channels", "num_classes", "image_size", "per_class"), COUNT),
+                     "input_size", "in_channels", "num_classes", "image_size", "per_class", "decay_start"), COUNT),
     **dict.fromkeys(("seed", "ema_snapshots", "sample_every", "fid_every", "magnitude_every", "num_workers",
-                     "warmup_steps", "decay_start", "step", "t"), NATURAL),
+                     "warmup_steps", "step", "t"), NATURAL),
     "class_label": INTEGER,
     **dict.fromkeys(("lr", "grad_clip", "ema_std", "ema_stds", "wait_timeout", "adam_eps"), POSITIVE),
     "cfg_scale": NUMBER,
-    **dict.fromkeys(("data_path", "ref"), DATA),
+    "data_path": DATA,
+    "ref": REF,
     **dict.fromkeys(("inception_weights",), FILE),
     **dict.fromkeys(("image_folder",), FOLDER),
     **dict.fromkeys(("out", "results_dir", "cache_dir", "docs_dir", "results_md"), OUTPUT),
