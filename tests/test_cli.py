@@ -377,7 +377,10 @@ def test_a_misspelt_subcommand_gets_a_close_match(capsys):
 
 
 def test_a_missing_ref_or_data_path_says_what_to_pass(tmp_path, capsys):
-    assert cli("fid", "--run", tmp_path, "--ref", tmp_path / "nothing.npz") == 2
+    run = tmp_path / "000-DiT-S-2"
+    run.mkdir()
+    (run / "config.json").write_text("{}")  # a run as far as the options are checked
+    assert cli("fid", "--run", run, "--ref", tmp_path / "nothing.npz") == 2
     assert "does not exist: pass 'fashion-mnist', an image folder" in only_error_line(capsys, "fid")
     assert cli("train", "--data-path", tmp_path / "nothing") == 2
     assert "does not exist: pass 'fashion-mnist', a folder of IDX files" in only_error_line(capsys, "train")
