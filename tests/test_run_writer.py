@@ -38,6 +38,19 @@ def test_keep_last_keeps_the_newest_checkpoints_and_resume_goes_on(tmp_path):
 
 
 @needs_fmnist
+def test_keep_last_never_removes_the_checkpoints_a_study_chose(tmp_path):
+    # checkpoints at 2, 4, 6 (every 2), 1 and 3 (chosen); --keep-last 1 keeps 6 and the chosen 1 and 3
+    run = train(tiny_train(tmp_path, num_steps=6, ckpt_every=2, keep_last=1, ckpt_steps=(1, 3, 9), ema_snapshots=0),
+                tiny_model(), progress=False)
+    assert [s for s, _ in list_checkpoints(run)] == [1, 3, 6]
+    disk = [line for line in (run / "log.txt").read_text().splitlines() if "disk: " in line]
+    assert len(disk) == 1 and "5 over the run (--keep-last 1 and the 2 chosen steps keep 3: " in disk[0], disk
+    resumed = train(tiny_train(tmp_path, num_steps=8, ckpt_every=2, keep_last=1, ckpt_steps=(1, 3, 7),
+                               ema_snapshots=0), None, resume=str(run), progress=False)
+    assert [s for s, _ in list_checkpoints(resumed)] == [1, 3, 7, 8]
+
+
+@needs_fmnist
 def test_fd_column_plot_and_config_name_the_metric(tmp_path):
     assert METRIC_FIELDS[-1] == "fd"
     run = train(tiny_train(tmp_path), tiny_model(), progress=False)

@@ -1,7 +1,8 @@
 """What training writes into its run folder and reads back from it (`RunWriter`): checkpoints (model, EMA and
-optimizer tensors plus a JSON sidecar; with --keep-last only the newest N), EMA snapshots, metrics.csv and
-residual_magnitudes.csv, with every failure around them: the fall-back to an older checkpoint, non-finite
-values, a full disk or an unwritable place (one line naming the file and the last good checkpoint).
+optimizer tensors plus a JSON sidecar; with --keep-last only the newest N and the steps a study chose), EMA
+snapshots, metrics.csv and residual_magnitudes.csv, with every failure around them: the fall-back to an older
+checkpoint, non-finite values, a full disk or an unwritable place (one line naming the file and the last good
+checkpoint).
 
 `SideOutputs`: what training writes for people to look at (metrics.png, TensorBoard scalars, sample
 grids). These never stop training: a failure is said once per kind and training goes on without it.
@@ -87,8 +88,10 @@ class RunWriter:
     Files are written on rank 0 only; `last_ckpt` (the newest checkpoint written or resumed from) is kept on
     every rank."""
 
-    def __init__(self, run_dir: Path, d: Dist, log: Logger, snapshot_dtype: str, keep_last: int = 0):
+    def __init__(self, run_dir: Path, d: Dist, log: Logger, snapshot_dtype: str, keep_last: int = 0,
+                 keep_steps=()):
         self.run_dir, self.d, self.log, self.keep_last = run_dir, d, log, keep_last
+        self.keep_steps = frozenset(keep_steps or ())  # TrainConfig.ckpt_steps: never removed by --keep-last
         self.snapshot_dtype = getattr(torch, snapshot_dtype)
         self.metrics_path = run_dir / "metrics.csv"
         self.last_ckpt: int | None = None
@@ -173,11 +176,14 @@ class RunWriter:
         self.last_ckpt = step
 
     def prune(self) -> None:
-        """--keep-last N: remove all but the newest N checkpoints, after the newest (the one a resume takes)
-        was written whole. The sidecar goes first: a checkpoint without one is never resumed from."""
+        """--keep-last N: remove all but the newest N checkpoints and those at `keep_steps` (a study's chosen
+        steps), after the newest (the one a resume takes) was written whole. The sidecar goes first: a
+        checkpoint without one is never resumed from."""
         if not self.keep_last:
             return
-        for _, old in list_checkpoints(self.run_dir)[:-self.keep_last]:
+        for step, old in list_checkpoints(self.run_dir)[:-self.keep_last]:
+            if step in self.keep_steps:
+                continue
             old.with_suffix(".json").unlink(missing_ok=True)
             old.unlink(missing_ok=True)
 

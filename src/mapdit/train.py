@@ -82,14 +82,23 @@ def long_run_line(seconds_per_step: float, steps_left: int, device) -> str | Non
             "fmnist-cpu` (Fashion-MNIST in about 15 minutes)")
 
 
+def checkpoint_steps(tc: TrainConfig) -> list[int]:
+    """The steps a run checkpoints at (a stop by signal aside): every ckpt_every, the last, and ckpt_steps."""
+    every = set(range(tc.ckpt_every, tc.num_steps + 1, tc.ckpt_every)) | {tc.num_steps}
+    return sorted(every | {s for s in tc.ckpt_steps or () if s <= tc.num_steps})
+
+
 def disk_line(tc: TrainConfig, model, ema, params, snap_every: int) -> str:
     """Start-up line: the size of a checkpoint and of an EMA snapshot, and what the run will write."""
     ckpt = checkpoint_bytes(model, ema, params)
-    count = -(-tc.num_steps // tc.ckpt_every)
-    kept = min(count, tc.keep_last) if tc.keep_last else count
+    steps = checkpoint_steps(tc)
+    count = len(steps)
+    chosen = {s for s in tc.ckpt_steps or () if s <= tc.num_steps}  # never removed by --keep-last
+    kept = len(set(steps[-tc.keep_last:]) | chosen) if tc.keep_last else count
     snap = sum(p.numel() for p in params) * getattr(torch, tc.snapshot_dtype).itemsize
     snaps = (-(-tc.num_steps // snap_every) if snap_every else 0) * len(tc.ema_stds)
-    keep = f"--keep-last {tc.keep_last} keeps {kept}: " if tc.keep_last else ""
+    also = f" and the {len(chosen)} chosen steps" if chosen else ""
+    keep = f"--keep-last {tc.keep_last}{also} keep{'' if also else 's'} {kept}: " if tc.keep_last else ""
     hint = "" if tc.keep_last else "; --keep-last N keeps the newest N"
     return (f"disk: {human_bytes(ckpt)} per checkpoint, {count} over the run ({keep}{human_bytes(kept * ckpt)}{hint}); "
             f"{snaps} EMA snapshots of {human_bytes(snap)} ({human_bytes(snaps * snap)})")
@@ -153,7 +162,7 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, s
     run_dir = Path(dist_utils.broadcast_object(d, str(run_dir) if run_dir else None))
 
     log = Logger(run_dir / "log.txt", is_main=d.is_main)
-    writer = RunWriter(run_dir, d, log, tc.snapshot_dtype, tc.keep_last)
+    writer = RunWriter(run_dir, d, log, tc.snapshot_dtype, tc.keep_last, tc.ckpt_steps)
     with contextlib.ExitStack() as stack:
         stack.enter_context(writer.guard())
         if d.is_main:
