@@ -105,6 +105,7 @@ def test_a_study_stopped_mid_run_scores_nothing_and_the_rerun_continues_the_run(
     assert f"{STEPS} steps" in (results.parent / "ablation.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_signal_while_a_run_is_scored_lets_it_finish_then_stops_before_the_next_run(tmp_path):
     # today the signal kills the study (exit -15 / 143) half-way through scoring
     proc = _start(*_study(tmp_path, rates="A=1e-2/3e-2"))

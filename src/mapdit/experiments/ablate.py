@@ -3,17 +3,20 @@
 
 Out folder (--out):
     runs/<variant>-seed<s>/NNN-<model>/    each variant's training run (a normal run folder)
-    results/<variant>-seed<s>.json         its result; present = finished: a rerun skips it
+    results/<variant>-seed<s>.json         its result, written once the run reached its budget and was scored:
+                                           a rerun skips it (one emptied or cut short counts as not finished)
     ablation.md, ablation.csv              the table, one row per variant (config, modulation), seeds pooled
     log.txt                                what was trained, resumed, skipped
 <variant> is <config>-<modulation>, e.g. E-scale+rotate.
 
-Resumable: a variant whose result JSON exists is skipped (if it was made with the same settings; other
-settings are refused, use another --out); a variant with a run folder but no result continues that run
-(`train(..., resume=run_dir)`) and is then evaluated. Every variant gets the same budgets (`TrainBudget`,
-`ScoreBudget`); `overrides` (ModelConfig fields set on top of each preset, e.g. an MP option turned off)
-are recorded in each result, with the samples file it scored (RUN/eval/samples-*.npz, kept). Under
-torchrun all ranks train and sample together; rank 0 evaluates and writes.
+Resumable: a variant whose result JSON is whole (`finished_result`) is skipped (if it was made with the same
+settings; other settings are refused, use another --out); a variant with a run folder but no result continues
+that run (`train(..., resume=run_dir)`) and is then evaluated. SIGTERM/Ctrl-C: the run under way checkpoints
+and stops (`RunStopped`, exit 0 under the CLI); it is neither scored nor recorded, and the rerun continues it.
+Every variant gets the same budgets (`TrainBudget`, `ScoreBudget`); `overrides` (ModelConfig fields set on
+top of each preset, e.g. an MP option turned off) are recorded in each result, with the samples file it scored
+(RUN/eval/samples-*.npz, kept). Under torchrun all ranks train and sample together; rank 0 evaluates and
+writes.
 
 Table columns: variant, config, modulation, seeds, parameters (all, as model-info counts them), step time
 in ms (batch size / median images/s of metrics.csv, the first report left out when there are several),
