@@ -147,6 +147,12 @@ def test_one_ema_width_bound_the_peak_of_edm2s_sigma_rel():
         TrainConfig(ema_stds=(0.31,)).check()
 
 
+def test_default_learning_rate_follows_weight_normalisation():  # moved from test_train.py
+    assert TrainConfig().resolved(tiny_model("A")).lr == 1e-4
+    assert TrainConfig().resolved(tiny_model("C")).lr == 1e-2
+    assert TrainConfig(lr=3e-3).resolved(tiny_model("E")).lr == 3e-3
+
+
 def test_one_learning_rate_rule():
     for preset in PRESETS:
         cfg = tiny_model(preset)

@@ -33,12 +33,6 @@ def test_lr_schedule_warmup_then_inverse_sqrt():
     assert lr_multiplier(40, warmup=4, decay_start=10) == pytest.approx(0.5)
 
 
-def test_default_learning_rate_follows_weight_normalisation():
-    assert TrainConfig().resolved(tiny_model("A")).lr == 1e-4
-    assert TrainConfig().resolved(tiny_model("C")).lr == 1e-2
-    assert TrainConfig(lr=3e-3).resolved(tiny_model("E")).lr == 3e-3
-
-
 @needs_fmnist
 def test_run_folder_contents(tmp_path):
     run = train(tiny_train(tmp_path), tiny_model())
