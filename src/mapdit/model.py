@@ -34,7 +34,6 @@ from .nn import (
     mp_fourier,
     mp_sincos_pos_embed_2d,
     mp_sum,
-    mp_sum_coefficients,
     normalize,
     sincos_pos_embed_2d,
 )
@@ -117,12 +116,8 @@ class Layers:
         return self.cfg.residual_blend if self.cfg.mp_residual else None
 
 
-_HALF_MP = mp_sum_coefficients(0.5)[0]  # mp_sum(a, b, 0.5) = (a + b) * sqrt(1/2)
-
-
 def _mp_sum_half(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """mp_sum(a, b, 0.5) as one add and one in-place scale (no lerp, no division)."""
-    return torch.add(a, b).mul_(_HALF_MP)
+    return mp_sum(a, b, 0.5)
 
 
 def _balanced_sum(t_emb: torch.Tensor, y_emb: torch.Tensor) -> torch.Tensor:

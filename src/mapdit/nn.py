@@ -46,9 +46,11 @@ def normalize(x: torch.Tensor, dim: int | tuple[int, ...] = -1, eps: float = EPS
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """EDM2 eq. 88: (1-t)*a + t*b divided by sqrt((1-t)^2 + t^2), so that uncorrelated a, b of equal
     magnitude give that magnitude. t = 0.3 for block residuals (EDM2's res_balance), 0.5 for equal partners.
-    Mixed dtypes (an fp32 stream and a bf16 branch under autocast) promote as a + b would: lerp takes one dtype."""
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    return torch.lerp(a.to(dtype), b.to(dtype), t) / math.sqrt((1 - t) ** 2 + t**2)
+    Written alpha*a + beta*b: one multiply and one add, forward and backward (EDM2's lerp-then-divide costs a
+    third pass each way: the demo's Config E step 4 % slower, BENCHMARKS.md), and mixed dtypes (an fp32
+    stream and a bf16 branch under autocast) promote as in a + b."""
+    alpha, beta = mp_sum_coefficients(t)
+    return torch.add(a.to(torch.promote_types(a.dtype, b.dtype)) * alpha, b, alpha=beta)
 
 
 def mp_sum_coefficients(t: float) -> tuple[float, float]:
@@ -133,9 +135,11 @@ def modulate(x: torch.Tensor, shift: torch.Tensor | None = None, scale: torch.Te
 
     x (N, T, D); shift, scale (N, 1, D) and angle (N, 1, D/2) per sample; None: that modulator is absent.
     """
-    if scale is not None:
+    if scale is not None and shift is not None:
+        x = torch.addcmul(shift, x, 1 + scale)  # x * (1 + scale) + shift in one pass
+    elif scale is not None:
         x = x * (1 + scale)
-    if shift is not None:
+    elif shift is not None:
         x = x + shift
     return x if angle is None else rotate_pairs(x, angle, pairing)
 
