@@ -37,6 +37,7 @@ from helpers import (
     tiny_train,
 )
 from mapdit.errors import Diverged, UserError
+from mapdit.run_writer import METRIC_FIELDS
 from mapdit.runio import (
     checkpoint_path,
     create_run_dir,
@@ -48,7 +49,7 @@ from mapdit.runio import (
     trim_metrics,
     verify_checkpoint,
 )
-from mapdit.train import METRIC_FIELDS, train
+from mapdit.train import train
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 
 from . import distributed as dist_utils
+from .config import TrainConfig
 from .distributed import Dist
 from .ema import PowerEMA, save_snapshot
 from .errors import Diverged, UserError
@@ -201,10 +202,11 @@ class RunWriter:
             except ValueError as err:  # float16 overflow
                 raise UserError(f"EMA snapshot at step {step}: {err} (--snapshot-dtype float32)") from None
 
-    def metrics_row(self, row: list) -> None:
+    def metrics_row(self, values: dict) -> None:
+        """One row of metrics.csv: `values` by METRIC_FIELDS' names, each one given."""
         if self.d.is_main:
             with open(self.metrics_path, "a", newline="") as f:
-                csv.writer(f).writerow(row)
+                csv.writer(f).writerow([values[name] for name in METRIC_FIELDS])
 
     def magnitudes_row(self, step: int, mags: list[float]) -> None:
         if self.d.is_main:
@@ -226,6 +228,28 @@ def human_bytes(n: float) -> str:
             break
         n /= 1000
     return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+
+
+def checkpoint_steps(tc: TrainConfig) -> list[int]:
+    """The steps a run checkpoints at (a stop by signal aside): every ckpt_every, the last, and ckpt_steps."""
+    every = set(range(tc.ckpt_every, tc.num_steps + 1, tc.ckpt_every)) | {tc.num_steps}
+    return sorted(every | {s for s in tc.ckpt_steps or () if s <= tc.num_steps})
+
+
+def disk_line(tc: TrainConfig, model, ema, params, snap_every: int) -> str:
+    """Start-up line: the size of a checkpoint and of an EMA snapshot, and what the run will write."""
+    ckpt = checkpoint_bytes(model, ema, params)
+    steps = checkpoint_steps(tc)
+    count = len(steps)
+    chosen = {s for s in tc.ckpt_steps or () if s <= tc.num_steps}  # never removed by --keep-last
+    kept = len(set(steps[-tc.keep_last:]) | chosen) if tc.keep_last else count
+    snap = sum(p.numel() for p in params) * getattr(torch, tc.snapshot_dtype).itemsize
+    snaps = (-(-tc.num_steps // snap_every) if snap_every else 0) * len(tc.ema_stds)
+    also = f" and the {len(chosen)} chosen steps" if chosen else ""
+    keep = f"--keep-last {tc.keep_last}{also} keep{'' if also else 's'} {kept}: " if tc.keep_last else ""
+    hint = "" if tc.keep_last else "; --keep-last N keeps the newest N"
+    return (f"disk: {human_bytes(ckpt)} per checkpoint, {count} over the run ({keep}{human_bytes(kept * ckpt)}{hint}); "
+            f"{snaps} EMA snapshots of {human_bytes(snap)} ({human_bytes(snaps * snap)})")
 
 
 class SideOutputs:

@@ -44,7 +44,7 @@ from .evaluate.magnitudes import residual_magnitudes
 from .evaluate.scoring import default_features, quick_fid
 from .log import Logger
 from .model import parameter_breakdown
-from .run_writer import METRIC_FIELDS, RunWriter, SideOutputs, checkpoint_bytes, human_bytes
+from .run_writer import RunWriter, SideOutputs, disk_line
 from .runio import create_run_dir, run_lock
 from .sample import sample_grid_from_model
 from .setup import NewRun, forward_of, init_device, load_data, model_optimizer_ema, run_record, settings
@@ -52,8 +52,6 @@ from .step import Batch, BatchSource, ReportWindow, train_step
 from .stopping import StopRequest
 from .weights import model_with_weights
 
-# what other modules and benchmarks/bench.py import from here
-__all__ = ["METRIC_FIELDS", "Batch", "TrainConfig", "lr_multiplier", "train", "train_step"]
 LONG_CPU_RUN_S = 3 * 3600  # a CPU run estimated longer than this is told the CPU recipe
 TIMED_STEPS = 2  # steps timed (after the first, which warms up) for that estimate
 
@@ -80,28 +78,6 @@ def long_run_line(seconds_per_step: float, steps_left: int, device) -> str | Non
     return (f"this run would take about {_duration(left)} more on this CPU ({steps_left:,} steps at "
             f"{seconds_per_step:.3g} s each): on a CPU train with the recipe made for it, `mapdit train --recipe "
             "fmnist-cpu` (Fashion-MNIST in about 15 minutes)")
-
-
-def checkpoint_steps(tc: TrainConfig) -> list[int]:
-    """The steps a run checkpoints at (a stop by signal aside): every ckpt_every, the last, and ckpt_steps."""
-    every = set(range(tc.ckpt_every, tc.num_steps + 1, tc.ckpt_every)) | {tc.num_steps}
-    return sorted(every | {s for s in tc.ckpt_steps or () if s <= tc.num_steps})
-
-
-def disk_line(tc: TrainConfig, model, ema, params, snap_every: int) -> str:
-    """Start-up line: the size of a checkpoint and of an EMA snapshot, and what the run will write."""
-    ckpt = checkpoint_bytes(model, ema, params)
-    steps = checkpoint_steps(tc)
-    count = len(steps)
-    chosen = {s for s in tc.ckpt_steps or () if s <= tc.num_steps}  # never removed by --keep-last
-    kept = len(set(steps[-tc.keep_last:]) | chosen) if tc.keep_last else count
-    snap = sum(p.numel() for p in params) * getattr(torch, tc.snapshot_dtype).itemsize
-    snaps = (-(-tc.num_steps // snap_every) if snap_every else 0) * len(tc.ema_stds)
-    also = f" and the {len(chosen)} chosen steps" if chosen else ""
-    keep = f"--keep-last {tc.keep_last}{also} keep{'' if also else 's'} {kept}: " if tc.keep_last else ""
-    hint = "" if tc.keep_last else "; --keep-last N keeps the newest N"
-    return (f"disk: {human_bytes(ckpt)} per checkpoint, {count} over the run ({keep}{human_bytes(kept * ckpt)}{hint}); "
-            f"{snaps} EMA snapshots of {human_bytes(snap)} ({human_bytes(snaps * snap)})")
 
 
 class Scores:
@@ -247,9 +223,11 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, s
                 with window.aside(bar):
                     max_mag, fd = scores(done, model, ema, batch)
                 steps_per_s = window.steps / seconds
-                writer.metrics_row([done, f"{loss_v:.6g}", f"{mse_v:.6g}", f"{vb_v:.6g}", f"{lr:.6g}", f"{gn_v:.6g}",
-                                    f"{steps_per_s:.4g}", f"{steps_per_s * tc.batch_size:.4g}", skipped,
-                                    f"{time.perf_counter() - run_start:.1f}", max_mag, fd])
+                writer.metrics_row(dict(
+                    step=done, loss=f"{loss_v:.6g}", mse=f"{mse_v:.6g}", vb=f"{vb_v:.6g}", lr=f"{lr:.6g}",
+                    grad_norm=f"{gn_v:.6g}", steps_per_s=f"{steps_per_s:.4g}",
+                    images_per_s=f"{steps_per_s * tc.batch_size:.4g}", skipped=skipped,
+                    elapsed_s=f"{time.perf_counter() - run_start:.1f}", max_block_magnitude=max_mag, fd=fd))
                 side.scalars(done, {"loss": loss_v, "mse": mse_v, "lr": lr, "grad_norm": gn_v,
                                     "steps_per_s": steps_per_s, **({scores.fd_label: float(fd)} if fd else {})})
                 bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2g}", refresh=False)
