@@ -44,7 +44,7 @@ from .evaluate.magnitudes import residual_magnitudes
 from .evaluate.scoring import default_features, quick_fid
 from .log import Logger
 from .model import parameter_breakdown
-from .run_writer import RunWriter, SideOutputs, disk_line
+from .run_writer import RunWriter, SideOutputs, checkpoint_steps, disk_line
 from .runio import create_run_dir, run_lock
 from .sample import sample_grid_from_model
 from .setup import NewRun, forward_of, init_device, load_data, model_optimizer_ema, run_record, settings
@@ -157,6 +157,7 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, s
                               model_cfg.class_dropout_prob)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
         snap_every = max(1, tc.num_steps // tc.ema_snapshots) if tc.ema_snapshots else 0
+        ckpt_steps = set(checkpoint_steps(tc))  # every ckpt_every, the last, and a study's chosen steps
 
         bar = log.bar = tqdm(total=tc.num_steps, initial=start_step, disable=not (d.is_main and progress),
                              dynamic_ncols=True, mininterval=1.0, unit="step")
@@ -212,7 +213,7 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, s
                 flag = torch.tensor(float(stop.signal is not None), device=device)
                 stop_now = dist_utils.all_reduce_max_(d, flag).item() > 0
             snap_now = bool(snap_every) and (done % snap_every == 0 or done == tc.num_steps)
-            ckpt_now = done % tc.ckpt_every == 0 or done == tc.num_steps or stop_now or done in (tc.ckpt_steps or ())
+            ckpt_now = done in ckpt_steps or stop_now
             if report or snap_now or ckpt_now:
                 writer.check_finite()  # never a non-finite metric row, snapshot or checkpoint
             if snap_now:
