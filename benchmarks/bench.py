@@ -820,7 +820,7 @@ def section_fastpaths(rep: Report, args, results: dict) -> None:
         items = {"formula": make(), "before": make(old_dit)}
         if mp:
             for path in FAST_PATHS:
-                if path not in ("mul_add", "rotation"):  # the formula does not use them
+                if path != "rotation" or "rotate" in mod:  # (rotation: only with a rotating modulation)
                     items[f"formula - {path}"] = WithPaths(make(), reference_math, (path,))
             items["before - mul_add"] = WithPaths(make(old_dit), old_switch, ("mul_add",))
             if "rotate" in mod:

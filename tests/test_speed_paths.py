@@ -21,6 +21,7 @@ from mapdit.fused import (
     _CosineQKV,
     _NormalizedWeight,
     _row_rms,
+    modulate,
     normalize_qk,
     project_mp_weights_,
     reference_enabled,
@@ -32,12 +33,12 @@ from mapdit.nn import (
     MPEmbedding,
     MPLinear,
     cosine_attention,
-    modulate,
     mp_gelu,
     mp_silu,
     mp_sum,
     normalize,
 )
+from mapdit.nn import modulate as nn_modulate
 
 MODULATIONS = ["adaln", "scale", "shift", "rotate", "scale+rotate"]
 CASES = [(p, "adaln") for p in PRESETS] + [("E", m) for m in MODULATIONS if m != "adaln"]  # presets, modulations
@@ -132,6 +133,13 @@ def test_custom_functions_pass_gradcheck():
     qkv = torch.randn(2, 5, 3 * 8, dtype=d, requires_grad=True)
     assert torch.autograd.gradcheck(lambda q: _CosineQKV.apply(q, 2, False), (qkv,))
     assert torch.autograd.gradcheck(lambda q: _CosineQKV.apply(q * 1.0, 2, True), (qkv,))  # in place
+    for pairing in ("half", "interleaved"):  # the fused scale-rotation (_PairMix)
+        x = torch.randn(2, 3, 8, dtype=d, requires_grad=True)
+        theta = torch.randn(2, 1, 4, dtype=d, requires_grad=True)
+        k = torch.randn(2, 1, 8, dtype=d, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x, th, k: modulate(x, None, k, th, pairing), (x, theta, k))
+        assert torch.autograd.gradcheck(lambda x, th, k: modulate(x, k, k, th, pairing), (x, theta, k))
+        assert torch.autograd.gradcheck(lambda x, th: modulate(x, None, None, th, pairing), (x, theta))
 
 
 @pytest.mark.parametrize("rows", [30, 6])  # per token and few rows (per-sample conditioning)
@@ -190,6 +198,26 @@ def test_cosine_attention_fast_paths_match_plain_formula():
     assert torch.allclose(cosine_attention(q, k, v), torch.softmax(logits, -1) @ v, atol=1e-5)
 
 
+@pytest.mark.parametrize("pairing", ["half", "interleaved"])
+@pytest.mark.parametrize("parts", ["rotate", "scale+rotate", "shift+scale+rotate", "shift+rotate", "scale"])
+def test_fused_modulate_equals_the_formula(pairing, parts):
+    """fused.modulate (scale and rotation in one pair-mix Function) against nn.modulate: values and gradients."""
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    mods = {"shift": torch.randn(3, 1, 16), "scale": torch.randn(3, 1, 16), "rotate": torch.randn(3, 1, 8)}
+    mods = {k: v.requires_grad_() for k, v in mods.items() if k in parts.split("+")}
+    args = [mods.get(k) for k in ("shift", "scale", "rotate")]
+    plain = [x.detach().clone().requires_grad_()] + [None if a is None else a.detach().clone().requires_grad_()
+                                                     for a in args]
+    out, ref = modulate(x, *args, pairing), nn_modulate(*plain, pairing)
+    assert torch.allclose(out, ref, atol=1e-6)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    for a, b in zip([x] + args, plain):
+        if a is not None:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # The switch, and the block against its reference
 # ------------------------------------------------------------------------------------------------
@@ -219,11 +247,13 @@ def test_reference_math_switches_named_paths_and_restores_them(tiny_size):
             pass
 
     # every path switched on really leaves its custom Function for the plain formula
-    x = torch.randn(2, 3, 16, requires_grad=True)
+    x, k = torch.randn(2, 3, 16, requires_grad=True), torch.randn(2, 1, 16, requires_grad=True)
+    theta = torch.randn(2, 1, 8, requires_grad=True)
     layer = FusedMPLinear(16, 8).train()
     cases = {  # path: (computation, the custom Function it uses)
         "qk": (lambda: normalize_qk(x.reshape(2, 4, 12) * 1.0, 2), "_CosineQKVBackward"),
         "linear": (lambda: layer(x), "_NormalizedWeightBackward"),
+        "rotation": (lambda: modulate(x, None, k, theta), "_PairMixBackward"),
     }
     assert set(cases) == set(FAST_PATHS)
     for path, (compute, fast) in cases.items():
@@ -296,7 +326,7 @@ def test_config_e_block_equals_the_plain_formulas(tiny_size, modulation, activat
             for p, norm, branch in zip(block.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1),
                                        (block.norm1, block.norm2), (block.attn, block.mlp)):
                 shift, scale, angle, gate = block.site.unpack(p)
-                h = mp_sum(h, gate * branch(modulate(norm(h), shift, scale, angle, block.site.pairing)), 0.3)
+                h = mp_sum(h, gate * branch(nn_modulate(norm(h), shift, scale, angle, block.site.pairing)), 0.3)
         assert torch.allclose(h, expected, rtol=1e-10, atol=1e-12)
         assert torch.allclose(block(x, c), expected, rtol=1e-10, atol=1e-12)  # training path
         model.eval()

@@ -1,12 +1,14 @@
 """Fast paths of the MP building blocks: the formulas of `mapdit.nn`, computed with fewer operators.
 
-Only the two that win >= 3 % of the whole eager training step are kept (BENCHMARKS.md, "Fast paths: which
+Only those that win >= 3 % of the whole eager training step are kept (BENCHMARKS.md, "Fast paths: which
 earn their place"; the others were deleted):
   * an MP linear whose weight was just projected onto the sphere (forced weight normalisation) reuses
     the row norms of that projection: its forward is a single multiply of W, its backward one row dot
     product and one multiply-add, instead of the ~10 operators autograd records for normalize(W); in eval
     mode without autograd its effective weight is cached until the weight changes;
-  * cosine attention normalises q and k of the fused qkv tensor in one Function, in place.
+  * cosine attention normalises q and k of the fused qkv tensor in one Function, in place;
+  * a modulation with a rotation (MaP-DiT's scale+rotate) scales and rotates channel pairs in one Function:
+    two multiplies and two multiply-adds into one buffer, forward and backward, no chunk/cat copies.
 
 Every dispatcher here falls back to the plain formula of `mapdit.nn` under torch.compile (Inductor fuses
 it by itself; nothing on that path reads `_version` or a Python-side cache, so models compile without graph
@@ -23,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import EPS, MPEmbedding, MPLinear, _compiling, normalize
+from .nn import EPS, MPEmbedding, MPLinear, _compiling, _pair_views, normalize, rotate_pairs
+from .nn import modulate as nn_modulate
 
 # ------------------------------------------------------------------------------------------------
 # The switch: plain formulas instead of fast paths
@@ -31,6 +34,7 @@ from .nn import EPS, MPEmbedding, MPLinear, _compiling, normalize
 FAST_PATHS = {  # name -> what it is, and the plain formula it falls back to
     "linear": "FusedMPLinear: custom weight-normalisation Function and eval cache -> MPLinear.forward",
     "qk": "normalize_qk (cosine attention on the fused qkv tensor): custom Function -> normalize",
+    "rotation": "modulate with a rotation: scale and rotation as one pair-mix Function -> nn.modulate",
 }
 _reference: frozenset[str] = frozenset()
 
@@ -147,6 +151,92 @@ def normalize_qk(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     q5.mul_(factor.to(qkv.dtype))
     return qkv
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Modulation: scale and rotation of channel pairs in one operator
+# ------------------------------------------------------------------------------------------------
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce a broadcast result back to `shape` (sum over the broadcast dimensions)."""
+    lead = t.dim() - len(shape)
+    dims = list(range(lead)) + [lead + i for i, s in enumerate(shape) if s == 1 and t.shape[lead + i] != 1]
+    return t.sum(dims, keepdim=True).reshape(shape) if dims else t
+
+
+class _PairMix(torch.autograd.Function):
+    """out_a = a*ca + b*sa, out_b = b*cb + a*sb for every channel pair (a, b) of x.
+
+    With ca = ka*cos, cb = kb*cos, sa = -kb*sin, sb = ka*sin this is a rotation by theta of x scaled by k.
+    Coefficients (..., D/2) broadcast against the pair views. Two multiplies and two multiply-adds
+    into one output buffer, forward and backward; no chunk/cat copies.
+    """
+
+    @staticmethod
+    def forward(ctx, x, ca, cb, sa, sb, pairing: str):
+        a, b = _pair_views(x, pairing)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        oa, ob = _pair_views(out, pairing)
+        torch.mul(a, ca, out=oa)
+        oa.addcmul_(b, sa)
+        torch.mul(b, cb, out=ob)
+        ob.addcmul_(a, sb)
+        ctx.save_for_backward(x, ca, cb, sa, sb)
+        ctx.pairing = pairing
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, ca, cb, sa, sb = ctx.saved_tensors
+        pairing = ctx.pairing
+        a, b = _pair_views(x, pairing)
+        g = g.contiguous()
+        ga, gb = _pair_views(g, pairing)
+        gx = None
+        if ctx.needs_input_grad[0]:  # the transpose of the 2x2 map of every pair
+            gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+            gxa, gxb = _pair_views(gx, pairing)
+            torch.mul(ga, ca, out=gxa)
+            gxa.addcmul_(gb, sb)
+            torch.mul(gb, cb, out=gxb)
+            gxb.addcmul_(ga, sa)
+        grads = [None] * 4
+        if any(ctx.needs_input_grad[1:5]):
+            same = g * x  # (ga*a | gb*b): grads of ca, cb
+            cross = torch.empty_like(same)  # (ga*b | gb*a): grads of sa, sb
+            xa, xb = _pair_views(cross, pairing)
+            torch.mul(ga, b, out=xa)
+            torch.mul(gb, a, out=xb)
+            s_a, s_b = _pair_views(same, pairing)
+            grads = [_sum_to(s_a, ca.shape), _sum_to(s_b, cb.shape), _sum_to(xa, sa.shape), _sum_to(xb, sb.shape)]
+        return (gx, *grads, None)
+
+
+def scale_rotate_pairs(x: torch.Tensor, theta: torch.Tensor, scale: torch.Tensor | None = None,
+                       pairing: str = "half") -> torch.Tensor:
+    """rotate_pairs(x * scale, theta, pairing) in one fused operator (scale (..., D) or None).
+
+    theta (..., D/2) broadcasts against x (..., D) minus its last dim; so does scale. With scale a per-sample
+    (N, 1, D) tensor, all coefficient algebra happens on (N, 1, D/2) tensors; the token-sized work is the
+    four multiply(-add)s of `_PairMix`.
+    """
+    if _plain("rotation"):
+        return rotate_pairs(x if scale is None else x * scale, theta, pairing)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    if scale is None:
+        return _PairMix.apply(x, cos, cos, -sin, sin, pairing)
+    ka, kb = _pair_views(scale, pairing)
+    return _PairMix.apply(x, ka * cos, kb * cos, -(kb * sin), ka * sin, pairing)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+             angle: torch.Tensor | None = None, pairing: str = "half") -> torch.Tensor:
+    """`nn.modulate` (DiT's x * (1 + scale) + shift, then MaP-DiT's rotation of channel pairs by `angle`) with
+    the scale and the rotation as one fused operator when there is no shift between them. Same values."""
+    if angle is None or _plain("rotation"):
+        return nn_modulate(x, shift, scale, angle, pairing)
+    if shift is not None:
+        return scale_rotate_pairs(nn_modulate(x, shift, scale), angle, None, pairing)
+    return scale_rotate_pairs(x, angle, None if scale is None else 1 + scale, pairing)
 
 
 # ------------------------------------------------------------------------------------------------

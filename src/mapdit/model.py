@@ -24,16 +24,16 @@ from torch import nn
 
 from .config import MODULATION_PARTS, ModelConfig
 from .diffusion import linear_betas
-from .fused import FusedMPLinear, normalize_qk, project_mp_weights_
+from .fused import FusedMPLinear, modulate, normalize_qk, project_mp_weights_
 from .nn import (
     GELU_RMS,
     SILU_RMS,
     MPActivation,
     MPEmbedding,
-    modulate,
     mp_fourier,
     mp_sincos_pos_embed_2d,
     mp_sum,
+    mp_sum_coefficients,
     normalize,
     sincos_pos_embed_2d,
 )
@@ -147,8 +147,8 @@ class SiteModulation:
 
     Parameters arrive as one tensor (N, 1, K) holding, in order, the enabled chunks of
     [shift (D), scale (D), rotate (D/2), gate (D)]; `unpack` names them. The branch input is
-    `nn.modulate(h, shift, scale, angle)`; its output is multiplied by the gate: g (zero init, AdaLN-Zero)
-    or 1+g (identity init).
+    `modulate(h, shift, scale, angle)` (`nn.modulate`'s formula; `fused.modulate` scales and rotates in one
+    operator); its output is multiplied by the gate: g (zero init, AdaLN-Zero) or 1+g (identity init).
     """
 
     WIDTH = {"shift": 1.0, "scale": 1.0, "rotate": 0.5, "gate": 1.0}
@@ -327,7 +327,7 @@ class Mlp(nn.Module):
 
 class DiTBlock(nn.Module):
     """x <- x + gate * attn(modulate(norm(x))), then the same for the MLP (DiT's block). With `mp_residual`
-    the sums are EDM2's MP sums, mp_sum(x, branch, t) (eq. 88). x: (N, T, D), c: (N, D)."""
+    the sums are EDM2's MP sums, mp_sum(x, gate * branch, t) (eq. 88). x: (N, T, D), c: (N, D)."""
 
     def __init__(self, layers: Layers, dim: int, heads: int, mlp_ratio: float, site: SiteModulation):
         super().__init__()
@@ -337,18 +337,24 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(layers, dim, int(dim * mlp_ratio))
         self.adaLN_modulation = layers.modulation(dim, site.widths * 2)  # (N, D) -> (N, 2K): attn, mlp sites
         self.site = site
-        self.blend = layers.residual_blend
+        blend = layers.residual_blend
+        self.a, self.b = (1.0, 1.0) if blend is None else mp_sum_coefficients(blend)
 
-    def residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return x + y if self.blend is None else mp_sum(x, y, self.blend)
+    def residual(self, x: torch.Tensor, gate: torch.Tensor | float, y: torch.Tensor) -> torch.Tensor:
+        """x + gate * y, or the MP sum mp_sum(x, gate * y, t) = a*x + b*gate*y: one multiply-add over the
+        tokens (b joins the per-sample gate (N, 1, D); gate 1.0 without a gate)."""
+        x = x if self.a == 1.0 else x * self.a
+        if not isinstance(gate, torch.Tensor):
+            return torch.add(x, y, alpha=self.b * gate)
+        return torch.addcmul(x, y, gate if self.b == 1.0 else gate * self.b)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         pairing = self.site.pairing
         p_attn, p_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)  # 2 x (N, 1, K)
         shift, scale, angle, gate = self.site.unpack(p_attn)  # (N, 1, D), angle (N, 1, D/2); None if absent
-        x = self.residual(x, gate * self.attn(modulate(self.norm1(x), shift, scale, angle, pairing)))
+        x = self.residual(x, gate, self.attn(modulate(self.norm1(x), shift, scale, angle, pairing)))
         shift, scale, angle, gate = self.site.unpack(p_mlp)
-        return self.residual(x, gate * self.mlp(modulate(self.norm2(x), shift, scale, angle, pairing)))
+        return self.residual(x, gate, self.mlp(modulate(self.norm2(x), shift, scale, angle, pairing)))
 
 
 class FinalLayer(nn.Module):
