@@ -103,7 +103,8 @@ class DemoStep:
         self.model.train()
         self.diffusion = make_diffusion(self.cfg.num_train_steps, learn_sigma=self.cfg.learn_sigma)
         stream = IndexStream(len(data), self.tc.batch_size, self.tc.seed, 0, 1)
-        self.source = BatchSource(data, stream, self.tc, Dist(), self.diffusion.num_timesteps, self.cfg.null_class)
+        self.source = BatchSource(data, stream, self.tc, Dist(), self.diffusion.num_timesteps, self.cfg.null_class,
+                                  self.cfg.class_dropout_prob)
         self.clock = clock
         self.phases = Phases(clock)
         self.opt = Ranged(opt, "step", "adam", self.phases)
