@@ -600,3 +600,49 @@ def test_paper_section_is_written_from_the_numbers():
     text = results._paper_section({}, {}, {}, quick=False, effects=effects, noise=2.0)  # beyond: |Δ| > 4
     assert "1 of 3 changes make E worse (E-table), 0 make it better (none)" in text
     assert "no single change improves E" in text
+
+
+# ------------------------------------------------------------------------------------------------ command lines
+def _parser(command: str):
+    import argparse
+
+    from mapdit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+@pytest.mark.parametrize("command, classes", [("ablate", (budgets.TrainBudget, budgets.ScoreBudget)),
+                                              ("study", (budgets.StudyBudget, study.RunOptions))])
+def test_ablate_and_study_options_come_from_the_budgets_and_are_all_helped(command, classes):
+    from mapdit.options import options
+
+    actions = {a.dest: a for a in _parser(command)._actions if a.option_strings and a.dest != "help"}
+    for cls in classes:  # every command-line field of the dataclasses is an option, with its declared help
+        for o in options(cls, cli_only=True):
+            assert o.flag in actions[o.name].option_strings and o.help in actions[o.name].help, (cls, o.name)
+    for action in actions.values():  # every option helped, and its default shown
+        assert action.help, (command, action.option_strings)
+        if action.nargs != 0 and not action.required:
+            assert "default" in action.help, (command, action.option_strings)
+    if command == "ablate":  # the learning-rate rule is stated once, by mapdit.config.default_lr
+        assert "default_lr" in actions["lr"].help and not re.search(r"\d", actions["lr"].help)
+
+
+def test_study_options_show_the_full_and_the_quick_budget():
+    actions = {a.dest: a for a in _parser("study")._actions}
+    assert "(default: 2000) (--quick: 80)" in actions["num_steps"].help
+    assert "(default: 0,1,2) (--quick: 0)" in actions["seeds"].help  # as typed: comma-separated
+    assert "--quick" not in actions["model"].help  # the same in both
+    assert budgets.FULL == budgets.StudyBudget()  # the full study is the dataclass's defaults
+
+
+def test_study_list_options_are_one_comma_separated_word(capsys):
+    from mapdit.commands.options import given
+
+    args = _parser("study").parse_args(["--seeds", "0,1", "--checkpoints", "5,10", "--rates", "a=1e-2/3e-2"])
+    assert given(args, budgets.StudyBudget) == {"seeds": (0, 1), "checkpoints": (5, 10),
+                                                "rates": {"A": (1e-2, 3e-2)}}
+    for bad in (["--seeds", "0,x"], ["--checkpoints", "1,1"], ["--rates", "Q=1"]):
+        assert cli("study", *bad) == 2
+        assert bad[0] in only_error_line(capsys, "study")

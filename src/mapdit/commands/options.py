@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 from typing import Any, Iterable
 
+from ..errors import UserError
 from ..options import MISSING, Option, options
 
 
@@ -27,7 +28,10 @@ def help_text(o: Option) -> str:
     argparse."""
     text = o.help
     if "default" not in text and not o.required:
-        text = f"{text} (default: {o.default_text()})"
+        shown = o.default_text()
+        if _one_word(o) and isinstance(o.default, (tuple, list)):  # as it is typed: 0,1,2
+            shown = ",".join(str(v) for v in o.default)
+        text = f"{text} (default: {shown})"
     if o.aliases:
         text = f"{text} (also: {', '.join(o.aliases)})"
     return text.replace("%", "%%")
@@ -36,7 +40,8 @@ def help_text(o: Option) -> str:
 def add_options(parser, cls, *, group: str | None = None, skip: Iterable[str] = ()) -> None:
     """One option per field of `cls` declared with `opt(cli=True)`, except those named in `skip`: type,
     choices, nargs from the declaration; bool -> a switch (`--x` for a default-off setting, `--no-x` for a
-    default-on one; a setting a resumed run may change gets both); a required option is required."""
+    default-on one; a setting a resumed run may change gets both); a required option is required; a tuple
+    with its own `parse` is one word that `parse` splits (study's --seeds 0,1,2)."""
     target = parser.add_argument_group(group) if group else parser
     skip = set(skip)
     for o in options(cls, cli_only=True):
@@ -47,18 +52,35 @@ def add_options(parser, cls, *, group: str | None = None, skip: Iterable[str] = 
             _add_switch(target, o, names)
             continue
         kw: dict[str, Any] = {"dest": o.name, "default": UNSET, "help": help_text(o)}
-        kw["type"] = o.parse or o.base_type
+        kw["type"] = o.parse if isinstance(o.parse, type) else _parser_type(o.parse) if o.parse else o.base_type
         if o.choices is not None:
             kw["choices"] = o.choices
         if o.metavar is not None or o.choices is None:  # choices show themselves
             kw["metavar"] = o.metavar or o.flag.lstrip("-").upper().replace("-", "_")
         if o.nargs is not None:
             kw["nargs"] = o.nargs
-        elif o.is_tuple:  # tuple[float, ...] -> one or more; tuple[float, float] -> exactly two
+        elif o.is_tuple and not _one_word(o):  # tuple[float, ...] -> one or more; tuple[float, float] -> two
             kw["nargs"] = o.tuple_length or "+"
         if o.required:
             kw["required"] = True
         target.add_argument(*names, **kw)
+
+
+def _one_word(o: Option) -> bool:
+    """A tuple option with its own `parse` reads the whole tuple from one word (e.g. '0,1,2')."""
+    return o.is_tuple and o.parse is not None and o.nargs is None
+
+
+def _parser_type(parse):
+    """`parse` as an argparse type: its UserError (a library parse function's one-line message) becomes
+    argparse's one-line error, 'mapdit <command>: error: argument --x: <message>'."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except UserError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
 
 
 def _add_switch(target, o: Option, names: list[str]) -> None:

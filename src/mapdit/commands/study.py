@@ -8,28 +8,11 @@ import json
 import torch
 
 from .. import signals
-from ..errors import UserError
-from ..experiments.ablate import int_list, parse_list
-from ..experiments.budgets import CONFIGS, FULL, HELDOUT_IMAGES, MODULATIONS, PARTS, QUICK, component_arms
+from ..experiments.ablate import parse_list
+from ..experiments.budgets import CONFIGS, FULL, MODULATIONS, PARTS, QUICK, StudyBudget, component_arms, format_rates
 from ..experiments.results import check_study_folder, write_results_md
 from ..experiments.study import RunOptions, run_study
-from ..samplers import SAMPLER_CHOICES
-
-
-def parse_rates(text: str) -> dict[str, list[float]]:
-    """'A=1e-4/1e-2,E=1e-2' -> {"A": [1e-4, 1e-2], "E": [1e-2]}."""
-    rates = {}
-    for item in [t.strip() for t in str(text).split(",") if t.strip()]:
-        config, _, values = item.partition("=")
-        config = config.strip().upper()
-        try:
-            parsed = [float(v) for v in values.split("/") if v.strip()]
-        except ValueError:
-            parsed = []
-        if config not in CONFIGS or not parsed or config in rates or any(not (0 < v < 1) for v in parsed):
-            raise UserError(f"--rates {text!r}: give CONFIG=rate/rate/..., comma-separated, e.g. A=1e-4/1e-2,E=3e-2")
-        rates[config] = parsed
-    return rates
+from .options import add_options, from_args, given
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -42,24 +25,33 @@ def run(args: argparse.Namespace) -> dict:
         md = write_results_md(args.out, args.results_md, args.docs_dir, components, modulations)
         print(md)
         return {"studies": {}, "results_md": md}
-    opts = RunOptions(ema_snapshots=args.ema_snapshots, log_every=args.log_every,
-                      sample_batch_size=args.sample_batch_size, magnitude_batch_size=args.magnitude_batch_size,
-                      device=args.device, cache_dir=args.cache_dir)
     summary = run_study(
-        out=args.out, quick=args.quick, studies=parse_list(args.studies, "--studies"), model=args.model,
-        num_steps=args.num_steps, batch_size=args.batch_size,
-        seeds=None if args.seeds is None else int_list(args.seeds, "--seeds"), fid_samples=args.fid_samples,
-        sampler=args.sampler, sampling_steps=args.sampling_steps, cfg_scale=args.cfg_scale,
-        checkpoints=None if args.checkpoints is None else int_list(args.checkpoints, "--checkpoints"),
-        heldout_images=args.heldout_images, rates=None if args.rates is None else parse_rates(args.rates),
+        out=args.out, quick=args.quick, studies=parse_list(args.studies, "--studies"),
+        **given(args, StudyBudget),  # the budget options typed; the others are FULL's (QUICK's with --quick)
         configs=[c.upper() for c in parse_list(args.configs, "--configs")], components=components,
-        modulations=modulations, num_ref=args.num_ref, min_snr_gamma=args.min_snr_gamma, opts=opts,
-        workers=args.workers, results_md=True if args.results_md is None else args.results_md,
-        docs_dir=args.docs_dir)
+        modulations=modulations, opts=from_args(RunOptions, args), workers=args.workers,
+        results_md=True if args.results_md is None else args.results_md, docs_dir=args.docs_dir)
     print(json.dumps({k: {kk: len(vv) for kk, vv in v.items()} for k, v in summary["studies"].items()}))
     if summary["results_md"] is not None:
         print(summary["results_md"])
     return summary
+
+
+def _shown(value) -> str:
+    """A budget value as the option takes it."""
+    if isinstance(value, dict):
+        return format_rates(value)
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _quick_defaults(group) -> None:
+    """Each budget option whose --quick value differs from the full study's says so in its help."""
+    for action in group._group_actions:
+        quick, full = getattr(QUICK, action.dest, None), getattr(FULL, action.dest, None)
+        if quick != full:
+            action.help += f" (--quick: {_shown(quick).replace('%', '%%')})"
 
 
 def register(sub) -> None:
@@ -69,41 +61,21 @@ def register(sub) -> None:
                    help=f"a smoke test on 2 cores: {QUICK.num_steps} steps of batch {QUICK.batch_size}, one seed "
                         f"(not evidence); default: {FULL.model}, {FULL.num_steps} steps of batch {FULL.batch_size}, "
                         f"seeds {','.join(map(str, FULL.seeds))}")
-    p.add_argument("--out", default="results/study")
-    p.add_argument("--studies", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    p.add_argument("--seeds", default=None, help="seeds of the seeds part (the first one: every other part; "
-                                                 "default 0,1,2; --quick: 0)")
-    p.add_argument("--model", default=None, help=f"default {FULL.model}")
-    p.add_argument("--num-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--fid-samples", type=int, default=None, help=f"default {FULL.fid_samples}")
-    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None, help=f"default {FULL.sampler}")
-    p.add_argument("--sampling-steps", type=int, default=None, help=f"default {FULL.sampling_steps}")
-    p.add_argument("--cfg-scale", type=float, default=None, help=f"default {FULL.cfg_scale:g}, on every channel")
-    p.add_argument("--checkpoints", default=None,
-                   help="kept checkpoints (Figure 5), the last = --num-steps (default "
-                        f"{','.join(map(str, FULL.checkpoints))})")
-    p.add_argument("--heldout-images", type=int, default=None,
-                   help=f"test images of the held-out ε-MSE (default {HELDOUT_IMAGES})")
-    p.add_argument("--rates", default=None, help="rate brackets replacing the default ones, e.g. A=1e-4/1e-2,E=3e-2")
+    p.add_argument("--out", default="results/study",
+                   help="the study's folder: its runs, study.json, the report and its figures")
+    p.add_argument("--studies", default=",".join(PARTS), help="the parts to run, comma-separated")
     p.add_argument("--configs", default=",".join(CONFIGS), help="configs of the rates part")
     p.add_argument("--components", default=None, help="variants of the components part (default all: "
                                                       + ",".join(component_arms()) + ")")
     p.add_argument("--modulations", default=",".join(MODULATIONS),
                    help="modulations of the modulation part (per-modulator gains; adaln is the reference)")
-    p.add_argument("--num-ref", type=int, default=None, help="a fixed random subset of the test images")
-    p.add_argument("--min-snr-gamma", type=float, default=None,
-                   help=f"Min-SNR-gamma loss weighting of every run (default {FULL.min_snr_gamma}; 0: DiT's "
-                        "unweighted eps-MSE)")
-    p.add_argument("--ema-snapshots", type=int, default=RunOptions.ema_snapshots)
-    p.add_argument("--sample-batch-size", type=int, default=RunOptions.sample_batch_size)
-    p.add_argument("--magnitude-batch-size", type=int, default=RunOptions.magnitude_batch_size)
-    p.add_argument("--log-every", type=int, default=RunOptions.log_every)
+    budget = p.add_argument_group("budget (every run; study.json stores it, a rerun must match)")
+    add_options(budget, StudyBudget)
+    _quick_defaults(budget)
+    add_options(p, RunOptions, group="how the runs are executed (no result changes)")
     p.add_argument("--workers", type=int, default=1,
                    help="runs trained at once, each on its share of the cores (2 on 2 cores: ~1.25x the runs per "
                         "hour for the demo model; progress bars off, one line per run)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--cache-dir", default=None, help="reference statistics cache")
     p.add_argument("--results-md", default=None,
                    help="where the report goes (default: RESULTS.md inside --out); an existing file is replaced "
                         "only if this study wrote it (e.g. --results-md RESULTS.md to update the repository's)")

@@ -6,43 +6,56 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from mapdit.config import MP_OPTIONS, ModelConfig, default_lr, make_config
+from mapdit.config import MP_OPTIONS, PRECISIONS, ModelConfig, TrainConfig, default_lr, make_config
 from mapdit.errors import UserError
-from mapdit.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
+from mapdit.options import REQUIRED, opt, option
+from mapdit.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_CHOICES
+
+# Each budget field is declared once with `opt` (mapdit.options): `mapdit ablate` and `mapdit study` generate
+# their options, help texts and defaults from these declarations (mapdit.commands.options.add_options).
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainBudget:
-    """How every variant is trained."""
+    """How every variant is trained (`mapdit ablate`'s training options)."""
 
-    model: str
-    num_steps: int
-    batch_size: int = 256
-    lr: float | None = None  # None: the config's default (1e-4, or 1e-2 with weight normalisation)
-    data_path: str = "fashion-mnist"
-    ema_snapshots: int = 100
-    ckpt_every: int | None = None  # None: num_steps // 5 (one magnitude measurement per checkpoint)
-    ckpt_steps: tuple[int, ...] | None = None  # checkpoints at exactly these steps too
-    log_every: int = 10
-    precision: str = "fp32"
-    min_snr_gamma: float | None = None  # None: DiT's unweighted eps-MSE
+    model: str = opt("DiT-XS/2", option(ModelConfig, "model").help)
+    num_steps: int = opt(REQUIRED, "training steps of every variant")
+    batch_size: int = opt(256, option(TrainConfig, "batch_size").help, aliases=("--global-batch-size",))
+    lr: float | None = opt(None, "peak learning rate of every variant (default: each config's own, by the rule "
+                           "mapdit train uses: mapdit.config.default_lr)")
+    data_path: str = opt("fashion-mnist", "training data: 'fashion-mnist', a folder of IDX files, a folder of "
+                         "class subfolders, or prepared latents")
+    ema_snapshots: int = opt(100, option(TrainConfig, "ema_snapshots").help)
+    ckpt_every: int | None = opt(None, "checkpoint every N steps (default: num_steps // 5; the magnitudes are "
+                                 "measured at every checkpoint)")
+    ckpt_steps: tuple[int, ...] | None = opt(None, option(TrainConfig, "ckpt_steps").help, cli=False)
+    log_every: int = opt(10, option(TrainConfig, "log_every").help)
+    precision: str = opt("fp32", option(TrainConfig, "precision").help, choices=PRECISIONS)
+    min_snr_gamma: float | None = opt(None, "Min-SNR-gamma loss weighting (default: none, DiT's unweighted "
+                                      "eps-MSE)", cli=False)
 
 
 @dataclass(frozen=True)
 class ScoreBudget:
-    """How every variant is scored: the Fréchet distance of its samples and its residual magnitudes."""
+    """How every variant is scored: the Fréchet distance of its samples and its residual magnitudes
+    (`mapdit ablate`'s scoring options; the paper's sampler, ddpm at 250 steps without guidance, is its
+    explicit default here, not the CLI's few-step one)."""
 
-    fid_samples: int = 10_000
-    features: str | None = None  # None: fmnist for Fashion-MNIST, inception otherwise
-    ref: str | None = None  # None: the training data
-    num_ref: int | None = None
-    sampler: str = "ddpm"
-    sampling_steps: int = 250
-    cfg_scale: float = 1.0
-    weights: str = "ema"
-    ema_std: float | None = None
-    sample_batch_size: int = 64
-    magnitude_batch_size: int = 64
+    fid_samples: int = opt(10_000, "samples generated per variant for its Fréchet distance")
+    features: str | None = opt(None, "features of the distance: fmnist (FD_fmnist) or inception (FID) (default: "
+                               "fmnist for Fashion-MNIST, inception otherwise)", choices=("fmnist", "inception"))
+    ref: str | None = opt(None, "reference of the distance: 'fashion-mnist', an image folder, a prepared latent "
+                          "folder or an ADM reference batch .npz (default: the training data)")
+    num_ref: int | None = opt(None, "a fixed random subset of the reference of this many images (default: all)")
+    sampler: str = opt("ddpm", "ddpm/ancestral, ddim (ours) or dpm++2m, unipc, heun (diffusers' few-step solvers)",
+                       choices=SAMPLER_CHOICES)
+    sampling_steps: int = opt(250, "sampler steps")
+    cfg_scale: float = opt(1.0, "classifier-free guidance scale (1: none)")
+    weights: str = opt("ema", "sample from the EMA weights or the raw trained ones", choices=("ema", "raw"))
+    ema_std: float | None = opt(None, "EMA width sigma_rel sampled from (default: the smallest tracked one)")
+    sample_batch_size: int = opt(64, "samples per sampling batch (per rank)")
+    magnitude_batch_size: int = opt(64, "images per batch of the magnitude measurement")
 
 
 # the settings a stored result records; a stored result counts for an ablation only when they all match
@@ -79,27 +92,73 @@ RATES = {"A": (1e-4, 3e-3, 1e-2, 3e-2), "B": (1e-4, 3e-3, 1e-2, 3e-2), "C": (3e-
          "D": (1e-2, 3e-2, 1e-1, 3e-1), "E": (1e-2, 3e-2, 1e-1, 3e-1)}
 
 
+def comma_ints(text: str) -> tuple[int, ...]:
+    """'0,1,2' -> (0, 1, 2): a list option typed as one word (study's --seeds, --checkpoints)."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    try:
+        values = tuple(int(t) for t in items)
+    except ValueError:
+        values = ()
+    if not values:
+        raise UserError(f"{text!r}: give comma-separated whole numbers, e.g. 0,1,2")
+    if len(set(values)) != len(values):
+        raise UserError(f"{text!r} lists an entry twice")
+    return values
+
+
+def parse_rates(text: str) -> dict[str, tuple[float, ...]]:
+    """'A=1e-4/1e-2,E=1e-2' -> {"A": (1e-4, 1e-2), "E": (1e-2,)} (study's --rates)."""
+    rates = {}
+    for item in [t.strip() for t in str(text).split(",") if t.strip()]:
+        config, _, values = item.partition("=")
+        config = config.strip().upper()
+        try:
+            parsed = tuple(float(v) for v in values.split("/") if v.strip())
+        except ValueError:
+            parsed = ()
+        if config not in CONFIGS or not parsed or config in rates or any(not (0 < v < 1) for v in parsed):
+            raise UserError(f"{text!r}: give CONFIG=rate/rate/..., comma-separated, e.g. A=1e-4/1e-2,E=3e-2")
+        rates[config] = parsed
+    return rates
+
+
+def format_rates(rates: dict) -> str:
+    """The brackets as --rates takes them: A=0.0001/0.01,E=0.03."""
+    return ",".join(f"{c}={'/'.join(f'{r:g}' for r in v)}" for c, v in rates.items())
+
+
+def _unhashed(f):
+    """A field left out of the frozen dataclass's hash (a dict cannot be hashed)."""
+    f.hash = False
+    return f
+
+
 @dataclass(frozen=True)
 class StudyBudget:
     """What every run of `mapdit study` gets and how it is scored; study.json stores it (`to_dict`) and a
-    rerun with another one is refused. `seeds`: the seeds of the headline comparisons (every other part
-    uses the first); `checkpoints`: kept checkpoints (Figure 5), the last one `num_steps`; `rates`: each
-    config's bracket."""
+    rerun with another one is refused. The defaults are the full study (FULL); each field is also the study's
+    command-line option (mapdit.options.opt)."""
 
-    model: str
-    num_steps: int
-    batch_size: int
-    seeds: tuple[int, ...]
-    fid_samples: int
-    sampler: str
-    sampling_steps: int
-    cfg_scale: float
-    ema_std: float
-    heldout_images: int
-    checkpoints: tuple[int, ...]
-    rates: dict = field(hash=False)  # config -> tuple of rates
-    num_ref: int | None = None  # a fixed random subset of the test images (None: all 10k)
-    min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (None: unweighted eps-MSE)
+    model: str = opt("DiT-XXS/4", option(ModelConfig, "model").help)
+    num_steps: int = opt(2000, "training steps of every run")
+    batch_size: int = opt(32, "batch size of every run")
+    seeds: tuple[int, ...] = opt((0, 1, 2), "seeds of the headline comparisons (the seeds part), comma-separated; "
+                                 "every other part uses the first", parse=comma_ints, metavar="SEEDS")
+    fid_samples: int = opt(SCORE_SAMPLES, "samples per run scored (FD_fmnist and conditioning accuracy)")
+    sampler: str = opt(DEFAULT_SAMPLER, "sampler of the scoring", choices=SAMPLER_CHOICES)
+    sampling_steps: int = opt(DEFAULT_STEPS, "sampler steps of the scoring")
+    cfg_scale: float = opt(SCORE_CFG, "classifier-free guidance scale of the scoring, on every channel")
+    ema_std: float = opt(SCORE_EMA, "EMA width sigma_rel every run is scored with (a tracked one)", cli=False)
+    heldout_images: int = opt(HELDOUT_IMAGES, "test images of the held-out eps-MSE")
+    checkpoints: tuple[int, ...] = opt((500, 1000, 2000), "kept checkpoints (Figure 5), comma-separated, the "
+                                       "last one = --num-steps", parse=comma_ints, metavar="STEPS")
+    rates: dict = _unhashed(opt(RATES, "learning-rate brackets of the rates part, CONFIG=rate/rate/..., "
+                                "comma-separated; each config named gets this bracket instead "
+                                f"(default: {format_rates(RATES)})", parse=parse_rates, metavar="RATES"))
+    num_ref: int | None = opt(None, f"a fixed random subset of the Fashion-MNIST test images as the reference "
+                              f"(default: none, all {TEST_IMAGES})")
+    min_snr_gamma: float | None = opt(5.0, "Min-SNR-gamma loss weighting of every run (0: DiT's unweighted "
+                                      "eps-MSE)")
 
     def __post_init__(self):  # JSON lists and ints as given become the stored types
         set_ = object.__setattr__
@@ -166,21 +225,17 @@ class StudyBudget:
                            magnitude_batch_size=magnitude_batch_size)
 
 
-# FULL: the demo's recipe (DiT-XXS/4, batch 32, Min-SNR-5) at half its length: 2000 steps, about one epoch, where
-# Config A at 1e-2 already reaches conditioning accuracy 0.883 (FD 33.5; docs/recipe.md, lever
-# batch32+minsnr5@1000); seeds 0-2 for the headline comparisons, checkpoints at 500, 1000 and 2000 steps
-# (Figure 5). 47 runs: the plan estimates ~6.2 min per run on 2 idle cores (~4.7 hours one at a time, ~3.8
-# with --workers 2); measured 2026-12-02 on idle cores, 5.2 min per 2-thread run and 7.2-7.6 min per pair of
-# 1-thread runs (--workers 2), i.e. ~2.9 hours for all 47. QUICK: the same parts with everything smaller and
-# one seed (23 runs; the plan estimates 12 minutes, measured 6.1 on idle cores), a smoke test, not evidence.
-FULL = StudyBudget(model="DiT-XXS/4", num_steps=2000, batch_size=32, seeds=(0, 1, 2), fid_samples=SCORE_SAMPLES,
-                   sampler=DEFAULT_SAMPLER, sampling_steps=DEFAULT_STEPS, cfg_scale=SCORE_CFG, ema_std=SCORE_EMA,
-                   heldout_images=HELDOUT_IMAGES, checkpoints=(500, 1000, 2000), rates=RATES, min_snr_gamma=5.0)
-QUICK = StudyBudget(model="DiT-XXS/4", num_steps=80, batch_size=16, seeds=(0,), fid_samples=200,
-                    sampler=DEFAULT_SAMPLER, sampling_steps=10, cfg_scale=SCORE_CFG, ema_std=SCORE_EMA,
-                    heldout_images=500, checkpoints=(40, 80),
-                    rates={"A": (1e-4, 1e-2), "B": (1e-2,), "C": (1e-2,), "D": (3e-2,), "E": (1e-2, 3e-2)},
-                    min_snr_gamma=5.0)
+# FULL (StudyBudget's defaults): the demo's recipe (DiT-XXS/4, batch 32, Min-SNR-5) at half its length: 2000
+# steps, about one epoch, where Config A at 1e-2 already reaches conditioning accuracy 0.883 (FD 33.5;
+# docs/recipe.md, lever batch32+minsnr5@1000); seeds 0-2 for the headline comparisons, checkpoints at 500, 1000
+# and 2000 steps (Figure 5). 47 runs: the plan estimates ~6.2 min per run on 2 idle cores (~4.7 hours one at a
+# time, ~3.8 with --workers 2); measured 2026-12-02 on idle cores, 5.2 min per 2-thread run and 7.2-7.6 min per
+# pair of 1-thread runs (--workers 2), i.e. ~2.9 hours for all 47. QUICK: the same parts with everything smaller
+# and one seed (23 runs; the plan estimates 12 minutes, measured 6.1 on idle cores), a smoke test, not evidence.
+FULL = StudyBudget()
+QUICK = StudyBudget(num_steps=80, batch_size=16, seeds=(0,), fid_samples=200, sampling_steps=10, heldout_images=500,
+                    checkpoints=(40, 80),
+                    rates={"A": (1e-4, 1e-2), "B": (1e-2,), "C": (1e-2,), "D": (3e-2,), "E": (1e-2, 3e-2)})
 
 
 def paper_rate(model: str, config: str) -> float:

@@ -101,6 +101,7 @@ from mapdit.experiments.results import (
     write_results_md,
 )
 from mapdit.log import Logger
+from mapdit.options import opt
 from mapdit.runio import check_writable, read_json, write_json
 from mapdit.sample import save_png
 from mapdit.samplers import check_sampler
@@ -121,14 +122,16 @@ TWO_WORKER_SPEEDUP = 1.25
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How the runs are executed: nothing here changes a result (not part of the budget)."""
+    """How the runs are executed: nothing here changes a result (not part of the budget). The fields declared
+    with `opt` are also the study's command-line options."""
 
-    ema_snapshots: int = 10
-    log_every: int = 50
-    sample_batch_size: int = 250
-    magnitude_batch_size: int = 64
-    device: str | None = None
-    cache_dir: str | Path | None = None
+    ema_snapshots: int = opt(10, "EMA snapshots per tracked width of each run (0: none)")
+    log_every: int = opt(50, "a metrics.csv row every N steps of each run")
+    sample_batch_size: int = opt(250, "samples per sampling batch of the scoring")
+    magnitude_batch_size: int = opt(64, "images per batch of the magnitude measurement")
+    device: str | None = opt(None, "cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    cache_dir: str | Path | None = opt(None, "reference statistics cache (default: $MAPDIT_CACHE/fid-stats, else "
+                                       "~/.cache/mapdit/fid-stats)", parse=str)
     progress: bool = True
     log: Callable[[str], None] | None = None
 
