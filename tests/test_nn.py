@@ -44,6 +44,21 @@ def test_mp_sum_keeps_magnitude_of_independent_unit_inputs():
     assert magnitude(a + b).item() == pytest.approx(math.sqrt(2), abs=TOL)
 
 
+def test_mp_sum_and_modulate_compute_the_papers_formulas():
+    """mp_sum is EDM2's lerp(a, b, t) / sqrt((1-t)^2 + t^2) (written alpha*a + beta*b), modulate is DiT's
+    x * (1 + scale) + shift (written as one addcmul); mixed dtypes promote as a + b."""
+    a, b = torch.randn(4, 9, 16, dtype=torch.float64), torch.randn(4, 9, 16, dtype=torch.float64)
+    for t in (0.1, 0.3, 0.5, 0.9, 1.0):
+        expected = torch.lerp(a, b, t) / math.sqrt((1 - t) ** 2 + t**2)
+        assert torch.allclose(mp_sum(a, b, t), expected, rtol=1e-13, atol=1e-14)
+    assert mp_sum(a.float(), b.bfloat16(), 0.3).dtype == torch.float32
+    assert mp_sum(a.bfloat16(), b.float(), 0.3).dtype == torch.float32
+    shift, scale = torch.randn(4, 1, 16, dtype=torch.float64), torch.randn(4, 1, 16, dtype=torch.float64)
+    assert torch.allclose(modulate(a, shift, scale), a * (1 + scale) + shift, rtol=1e-13, atol=1e-14)
+    assert torch.equal(modulate(a, None, scale), a * (1 + scale))
+    assert torch.equal(modulate(a, shift, None), a + shift)
+
+
 def test_mp_silu_has_unit_magnitude_on_standard_normal():
     z = torch.randn(1_000_000)
     assert mp_silu(z).pow(2).mean().sqrt().item() == pytest.approx(1.0, abs=TOL)
