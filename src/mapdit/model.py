@@ -6,9 +6,11 @@ strided conv; `convert_dit_state_dict` maps the conv weight). Every option swaps
 when the model is built (`DiT.__init__`), so forwards contain no option checks.
 
 The blocks are written as the papers write them (DiT's `DiTBlock`, EDM2's `Block`): modulate the normalised
-stream, run the branch, gate it, add it back with a plain or an MP sum. One build-time choice keeps MP
-activations free: an MP SiLU/GELU in front of an MP linear is the plain activation with its 1/RMS folded
-into that linear's weight scale (`Layers.act_gain`), the same function.
+stream, run the branch, gate it, add it back with a plain or an MP sum (`DiTBlock.residual`). The fast paths
+that earn their place (BENCHMARKS.md) sit behind the primitives the blocks call: `fused.modulate`,
+`fused.FusedMPLinear`, `fused.normalize_qk`. One build-time choice keeps MP activations free: an MP SiLU/GELU
+in front of an MP linear is the plain activation with its 1/RMS folded into that linear's weight scale
+(`Layers.act_gain`), the same function.
 
 Shapes: N batch, C channels, H=W input side, p patch, T=(H/p)^2 tokens, D width.
 """
@@ -117,6 +119,7 @@ class Layers:
 
 
 def _mp_sum_half(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """EDM2 eq. 88 for two equal partners: (a + b) / sqrt(2)."""
     return mp_sum(a, b, 0.5)
 
 
