@@ -83,12 +83,13 @@ def test_a_study_stopped_mid_run_scores_nothing_and_the_rerun_continues_the_run(
     proc = _start(*args)
     run = _wait_for(tmp_path / "study", "runs/A/lr1e-02/runs/A-adaln-seed0/*/metrics.csv", proc, rows=1).parent
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    stdout, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     last = _last_line(err)
     stopped = re.fullmatch(rf"mapdit study: A at 0\.01: stopped by signal: A-adaln-seed0 at step (\d+) of {STEPS} "
                            r"\(checkpoint written, nothing scored\); continue with: mapdit study .*", last)
     assert stopped, last
+    assert "continue with --resume" not in stdout + err  # one way to continue: the study's (train's was printed too)
     step = int(stopped.group(1))
     assert 0 < step < STEPS and trained_steps(run) == step
     results = tmp_path / "study" / "runs" / "A" / "lr1e-02" / "results"
@@ -132,12 +133,13 @@ def test_ctrl_c_during_ablate_records_nothing_and_the_table_counts_the_steps_tra
     proc = _start(*args)
     run = _wait_for(out, "runs/A-adaln-seed0/*/metrics.csv", proc, rows=1).parent
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    stdout, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     stopped = re.fullmatch(rf"mapdit ablate: stopped by signal: A-adaln-seed0 at step (\d+) of {STEPS} \(checkpoint "
                            rf"written, nothing scored\); rerun the same command \(--out {re.escape(str(out))}\) to "
                            "continue", _last_line(err))
     assert stopped, err
+    assert "continue with --resume" not in stdout + err  # one way to continue: the ablation's rerun
     assert trained_steps(run) == int(stopped.group(1)) < STEPS
     assert not (out / "results").exists() and not (out / "ablation.md").exists()
 

@@ -104,18 +104,20 @@ class Scores:
         return max_mag, fd
 
 
-def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = None, progress: bool = True) -> Path:
+def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = None, progress: bool = True,
+          resume_hint: bool = True) -> Path:
     """Train; returns the run folder. `resume`: a run folder to continue ("latest": newest in results_dir).
 
     On resume the run's own model and training settings are used, except those `resume_config` takes
     from `tc`. `progress`: the step bar on stderr (off where several runs share a terminal; log.txt is
     written either way). SIGTERM/SIGINT during set-up: nothing is kept (a new run folder is removed) and
-    `Stopped` is raised.
+    `Stopped` is raised. `resume_hint`: a run stopped by a signal says "continue with --resume RUN" (off where
+    the caller says how to continue: ablate and study rerun their own command).
     """
     new_run = NewRun()
     with StopRequest() as stop:
         try:
-            return _train(tc, model_cfg, resume, stop, new_run, progress)
+            return _train(tc, model_cfg, resume, stop, new_run, progress, resume_hint)
         except BaseException:
             if new_run.path is not None and not new_run.started:
                 shutil.rmtree(new_run.path, ignore_errors=True)
@@ -123,7 +125,7 @@ def train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None = N
 
 
 def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, stop: StopRequest,
-           new_run: NewRun, progress: bool) -> Path:
+           new_run: NewRun, progress: bool, resume_hint: bool = True) -> Path:
     # ---- settings, process group, data, run folder --------------------------------------------------
     s = settings(tc, model_cfg, resume)
     tc, run_dir = s.tc, s.run_dir
@@ -250,7 +252,8 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, s
 
             # ---- stop
             if stop_now:
-                log(f"stopped by signal at step {done}; checkpoint written; continue with --resume {run_dir}")
+                log(f"stopped by signal at step {done}; checkpoint written"
+                    + (f"; continue with --resume {run_dir}" if resume_hint else ""))
                 break
         else:
             bar.close()

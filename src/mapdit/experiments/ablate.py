@@ -155,11 +155,12 @@ def _run_variant(spec: dict, budget: TrainBudget, score: ScoreBudget, out: Path,
     runs = out / "runs" / name
 
     existing = on_main(lambda: run_to_resume(runs))  # rank 0 looks; a Path, or None when nothing started
+    # train() stopped by a signal does not say "--resume RUN": the ablation's (or study's) own rerun continues it
     tc = train_config(budget, runs, spec["seed"], device)
     try:
         if existing:
             log(f"{name}: resuming {existing}")
-            run_dir = train(tc, None, resume=str(existing), progress=progress)
+            run_dir = train(tc, None, resume=str(existing), progress=progress, resume_hint=False)
         else:
             log(f"{name}: training {budget.model} config {spec['config']} modulation {spec['modulation']} "
                 f"seed {spec['seed']} for {budget.num_steps} steps")
@@ -167,7 +168,7 @@ def _run_variant(spec: dict, budget: TrainBudget, score: ScoreBudget, out: Path,
             model_cfg = make_config(budget.model, preset=spec["config"], modulation=spec["modulation"],
                                     input_size=make_config(budget.model).patch_size, in_channels=1, num_classes=1)
             model_cfg = with_overrides(model_cfg, overrides)  # fields set as given (an option can be turned off too)
-            run_dir = train(tc, model_cfg, progress=progress)
+            run_dir = train(tc, model_cfg, progress=progress, resume_hint=False)
     except RunStopped:
         raise
     except Stopped as err:  # a signal during train()'s set-up
