@@ -113,8 +113,8 @@ def test_fid_command_end_to_end(tiny_run, cache, capsys, monkeypatch):
     assert 0 <= result["conditioning_accuracy"] <= 1
     s = result["settings"]
     assert (s["weights"], s["ema_std"], s["cfg_scale"], s["sampler"], s["steps"], s["seed"], s["num_samples"],
-            s["features"], s["reference"], s["checkpoint_step"]) == ("ema", 0.05, 1.0, "dpm++2m", 3, 0, 16, "fmnist",
-                                                                     "fashion-mnist", 4)
+            s["features"], s["reference"], s["checkpoint_step"]) == ("ema", 0.05, 4.0, "dpm++2m", 3, 0, 16, "fmnist",
+                                                                     "fashion-mnist", 4)  # guidance: the one default
     assert result["num_reference"] == 200 and result["reference"]["split"] == "test"
 
     # a second run with the same settings reuses the samples and writes a new JSON

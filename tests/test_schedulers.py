@@ -192,8 +192,11 @@ def test_missing_diffusers_gives_one_line_and_exit_2(tmp_path):
             " sampler='ddim', steps=3)\n"
             "print('ddim ok', tuple(x.shape)); sys.exit(rc)\n")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    run = tmp_path / "run"  # passes the command line's run-folder check; its config is never read
+    run.mkdir()
+    (run / "config.json").write_text("{}")
     for which in ("sample", "fid"):
-        done = subprocess.run([sys.executable, "-c", code, which, str(tmp_path / "no-run")], capture_output=True,
+        done = subprocess.run([sys.executable, "-c", code, which, str(run)], capture_output=True,
                               text=True, env=env, timeout=300)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2, done.stderr

@@ -15,11 +15,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import distributed as dist_utils
-from .data import clip_denoised_for, decoder_for
+from .data import decoder_for
 from .errors import UserError
 from .runio import atomic_write, check_writable, load_run_config
-from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
-from .samplers import sample as run_sampler
+from .samplers import Sampler, SamplerSpec
 from .weights import check_weight_choice, load_model
 
 
@@ -28,27 +27,20 @@ def batch_generator(seed: int, batch_index: int, device: torch.device) -> torch.
 
 
 @torch.no_grad()
-def generate(model, labels: torch.Tensor, *, sampler: str = "ddpm", steps: int = 250, cfg_scale: float = 1.0,
-             seed: int = 0, batch_size: int = 64, guide_channels: int | None = None, eta: float = 0.0,
-             progress: bool = False, rank: int = 0, world_size: int = 1,
-             clip_denoised: bool = False) -> dict[int, torch.Tensor]:
-    """Samples in model space for `labels` (N,): {batch index: (B, C, H, W)} for this rank's batches
-    (batches rank, rank + world_size, ...). `clip_denoised`: clip x0 estimates to [-1, 1] (pixel data)."""
+def generate(model, labels: torch.Tensor, sampler: Sampler, *, seed: int = 0, batch_size: int = 64,
+             progress: bool = False, rank: int = 0, world_size: int = 1) -> dict[int, torch.Tensor]:
+    """Samples in model space for `labels` (N,) with a `Sampler` bound to `model`: {batch index: (B, C, H, W)}
+    for this rank's batches (batches rank, rank + world_size, ...). One sampler (one scheduler) for all."""
     cfg = model.config
     device = next(model.parameters()).device
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    if cfg_scale != 1.0 and cfg.null_class is None:
-        raise UserError("this model was trained without label dropout (no null class): use --cfg-scale 1")
     out = {}
     batches = range(rank, math.ceil(len(labels) / batch_size), world_size)
     for b in tqdm(batches, disable=not progress, unit="batch", desc="sampling"):
         y = labels[b * batch_size:(b + 1) * batch_size].to(device)
         g = batch_generator(seed, b, device)
         noise = torch.randn((len(y), *shape), generator=g, device=device)
-        out[b] = run_sampler(model, shape=(len(y), *shape), y=y, sampler=sampler, steps=steps, eta=eta,
-                             cfg_scale=cfg_scale, null_class=cfg.null_class, guide_channels=guide_channels,
-                             generator=g, noise=noise, num_train_steps=cfg.num_train_steps,
-                             learn_sigma=cfg.learn_sigma, clip_denoised=clip_denoised).cpu()
+        out[b] = sampler(model, y=y, noise=noise, generator=g).cpu()
     return out
 
 
@@ -58,25 +50,34 @@ def sample_labels(num_samples: int, num_classes: int, seed: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def sample_images(model, data_meta: dict, labels: torch.Tensor, *, sampler: str = "ddpm", steps: int = 250,
-                  cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 64, progress: bool = False):
-    """uint8 images (N, H, W, C) numpy for `labels` on rank 0 (None on other ranks): every rank samples
-    and decodes its own batches, then they are gathered once. The model's train/eval mode is restored."""
-    rank, world = dist_utils.rank_and_world()
+def sample_images(model, data_meta: dict, labels: torch.Tensor, spec: SamplerSpec | None = None, *,
+                  seed: int = 0, batch_size: int = 64, progress: bool = False, shard: bool = True,
+                  **spec_fields):
+    """THE sampling path (`mapdit sample`, `mapdit fid`, the study, scores and grids during training, the
+    Python API): uint8 images (N, H, W, C) numpy of `model` for `labels` (N,) with `spec` (default: the
+    default SamplerSpec, `spec_fields` replaced). Sample i gets the noise of batch i // batch_size seeded by
+    (seed, batch), so the images do not depend on how batches are spread over ranks.
+
+    shard=True: under torchrun every rank samples and decodes its own batches, rank 0 gets them all (None on
+    other ranks); shard=False: this process samples everything (a grid on rank 0 during training).
+    The model's train/eval mode is restored."""
+    spec = SamplerSpec.of(spec, **spec_fields)
+    run = Sampler.for_model(spec, model, data_meta)
+    rank, world = dist_utils.rank_and_world() if shard else (0, 1)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         decode = decoder_for(data_meta, device)
-        parts = generate(model, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                         batch_size=batch_size, progress=progress and rank == 0, rank=rank, world_size=world,
-                         clip_denoised=clip_denoised_for(data_meta))
+        parts = generate(model, labels, run, seed=seed, batch_size=batch_size, progress=progress and rank == 0,
+                         rank=rank, world_size=world)
         parts = {b: decode(x.to(device)).cpu().numpy() for b, x in parts.items()}
     finally:
         model.train(was_training)
-    parts = dist_utils.gather_on_main(parts)
-    if parts is None:
-        return None
+    if shard:
+        parts = dist_utils.gather_on_main(parts)
+        if parts is None:
+            return None
     return np.concatenate([parts[b] for b in sorted(parts)])
 
 
@@ -123,47 +124,55 @@ def unused_path(path: Path) -> Path:
     raise UserError(f"too many files named like {path}")
 
 
+def grid_name(spec: SamplerSpec, cfg_scale: float, *, step: int, ema_std: float | None,
+              prefix: str = "grid") -> str:
+    """A grid's file name that says what it shows: checkpoint step, weights (raw, or the EMA width), sampler
+    and guidance, e.g. grid-step0004000-ema0.100-dpm++2m20-cfg4.png."""
+    weights = "raw" if ema_std is None else f"ema{ema_std:.3f}"
+    return f"{prefix}-step{step:07d}-{weights}-{spec.tag(cfg_scale)}.png"
+
+
+def class_rows(num_classes: int, classes: list[int] | None = None) -> list[int]:
+    """The classes of a grid's rows: `classes`, or up to 10 spread over the label range."""
+    if classes is not None:
+        return list(classes)
+    k = min(num_classes, 10)
+    return sorted({round(i * (num_classes - 1) / max(k - 1, 1)) for i in range(k)})
+
+
 def sample_grid_from_model(model, data_meta: dict, path: str | Path, *, per_class: int = 8,
-                           classes: list[int] | None = None, sampler: str = "ddpm", steps: int = 50,
-                           cfg_scale: float | None = None, seed: int = 0, batch_size: int = 64) -> Path:
+                           classes: list[int] | None = None, spec: SamplerSpec | None = None, seed: int = 0,
+                           batch_size: int = 64, step: int | None = None, ema_std: float | None = None,
+                           **spec_fields) -> Path:
     """A PNG grid, one row per class (default: up to 10 classes spread over the label range), from `model`
-    (the plain DiT with the weights to show, e.g. `model_with_weights(model, ema.averaged(s))`).
-    cfg_scale None: 4 when the model has a null class, else 1. Single process (call it on rank 0);
-    returns the written path (`path`, or path-1.png, ... if it exists)."""
-    cfg = model.config
-    if classes is None:
-        k = min(cfg.num_classes, 10)
-        classes = sorted({round(i * (cfg.num_classes - 1) / max(k - 1, 1)) for i in range(k)})
-    labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(per_class)
-    scale = (4.0 if cfg.null_class is not None else 1.0) if cfg_scale is None else cfg_scale
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        parts = generate(model, labels, sampler=sampler, steps=steps, cfg_scale=scale, seed=seed,
-                         batch_size=batch_size, clip_denoised=clip_denoised_for(data_meta))
-        x = torch.cat([parts[b] for b in sorted(parts)])
-        images = decoder_for(data_meta, device)(x.to(device)).cpu().numpy()
-    finally:
-        model.train(was_training)
+    (the plain DiT with the weights to show, e.g. `model_with_weights(model, ema.averaged(s))`) with `spec`
+    (default: the default SamplerSpec). `path`: the file, or (with `step`; `ema_std` None = raw weights) the
+    folder that gets a `grid_name`. Single process (call it on rank 0); returns the written path (`path`, or
+    path-1.png, ... if it exists)."""
+    spec = SamplerSpec.of(spec, **spec_fields)
+    labels = torch.tensor(class_rows(model.config.num_classes, classes), dtype=torch.long)
+    images = sample_images(model, data_meta, labels.repeat_interleave(per_class), spec, seed=seed,
+                           batch_size=batch_size, shard=False)
+    path = Path(path)
+    if step is not None:
+        path = path / grid_name(spec, spec.guidance(model.config.null_class), step=step, ema_std=ema_std)
     upscale = max(1, 64 // images.shape[1])
-    return save_png(Path(path), image_grid(images, nrow=per_class), upscale=upscale, new=True)
+    return save_png(path, image_grid(images, nrow=per_class), upscale=upscale, new=True)
 
 
 # ------------------------------------------------------------------------------------------------
 # Sampling a run (`mapdit sample`, `mapdit demo`)
 # ------------------------------------------------------------------------------------------------
 def sample_run(result_dir: str | Path, *, class_label: int | None = None, num_samples: int | None = None,
-               out: str | None = None, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
-               cfg_scale: float | None = None,
-               guide_channels: int | None = None, clip_denoised: str = "auto", seed: int = 0,
-               batch_size: int = 64, weights: str = "ema", ema_std: float | None = None, ckpt: str | None = None,
-               device: str | None = None) -> Path:
-    """A grid (PNG: one row per class, or one class) or an ADM-layout npz (`out` ending in .npz) from a run;
-    returns the path written (on every rank but 0: the run folder). `out` None: a PNG in run/samples/.
+               out: str | None = None, spec: SamplerSpec | None = None, seed: int = 0, batch_size: int = 64,
+               weights: str = "ema", ema_std: float | None = None, ckpt: str | None = None,
+               device: str | None = None, **spec_fields) -> Path:
+    """A grid (PNG: one row per class, or one class) or an ADM-layout npz (`out` ending in .npz) from a run,
+    drawn with `spec` (default: the default SamplerSpec, `spec_fields` replaced); returns the path written (on
+    every rank but 0: the run folder). `out` None: a PNG in run/samples/ named by `grid_name`.
     Under torchrun the ranks sample their batches and rank 0 writes."""
-    check_sampler(sampler)  # an unknown name or a missing diffusers: one line before anything is loaded
-    for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--num-samples", num_samples)):
+    spec = SamplerSpec.of(spec, **spec_fields)  # a bad sampler or a missing diffusers: one line, nothing loaded
+    for flag, value in (("--batch-size", batch_size), ("--num-samples", num_samples)):
         if value is not None and value < 1:
             raise UserError(f"{flag} {value} must be at least 1")
     check_weight_choice(weights, ema_std)
@@ -175,15 +184,16 @@ def sample_run(result_dir: str | Path, *, class_label: int | None = None, num_sa
         check_writable(run_dir / "samples", "the run's samples folder", "pass --out FILE to write elsewhere")
     d = dist_utils.init(device)
     torch.set_flush_denormal(True)  # CPU: denormal floats make every op ~10x slower
-    model, config, desc = load_model(run_dir, weights=weights, ema_std=ema_std, ckpt=ckpt, device=d.device)
+    loaded: dict = {}
+    model, config, desc = load_model(run_dir, weights=weights, ema_std=ema_std, ckpt=ckpt, device=d.device,
+                                     info=loaded)
     cfg = model.config
     names = config["data"].get("class_names") or [str(i) for i in range(cfg.num_classes)]
     if class_label is not None and not 0 <= class_label < cfg.num_classes:
         raise UserError(f"--class-label {class_label} is out of range: this model has classes "
                         f"0..{cfg.num_classes - 1}")
     npz = out is not None and out.endswith(".npz")
-    clip = clip_denoised_for(config["data"]) if clip_denoised == "auto" else clip_denoised == "yes"
-    cfg_scale = cfg_scale if cfg_scale is not None else (1.0 if npz else 4.0)
+    cfg_scale = spec.guidance(cfg.null_class)
     if npz:
         n = num_samples or 1000
         if class_label is not None:
@@ -197,25 +207,22 @@ def sample_run(result_dir: str | Path, *, class_label: int | None = None, num_sa
         per = num_samples or 8
         labels = torch.arange(cfg.num_classes).repeat_interleave(per)
     if d.is_main:
-        print(f"sampling {len(labels)} images from {run_dir} ({desc}); {sampler} {steps} steps, "
-              f"cfg {cfg_scale}", file=sys.stderr)
-    parts = generate(model, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                     batch_size=batch_size, guide_channels=guide_channels, progress=d.is_main,
-                     rank=d.rank, world_size=d.world_size, clip_denoised=clip)
-    parts = dist_utils.gather_on_main(parts)  # every rank's batches on rank 0, once
+        print(f"sampling {len(labels)} images from {run_dir} ({desc}); {spec.sampler} {spec.steps} steps, "
+              f"cfg {cfg_scale:g}", file=sys.stderr)
+    images = sample_images(model, config["data"], labels, spec, seed=seed, batch_size=batch_size,
+                           progress=d.is_main)  # (N, H, W, C) uint8 on rank 0, None elsewhere
     if not d.is_main:
         dist_utils.shutdown(d)
         return run_dir
-    x = torch.cat([parts[b] for b in sorted(parts)])
-    images = decoder_for(config["data"], d.device)(x).numpy()  # (N, H, W, C) uint8
     if npz:
         path = save_npz(Path(out), images, labels.numpy(), new=True)
     else:
         if out:
             path = Path(out)
         else:
-            tag = f"class{class_label}" if class_label is not None else "per-class"
-            path = run_dir / "samples" / f"{tag}-{sampler}{steps}-cfg{cfg_scale:g}.png"
+            prefix = f"class{class_label}" if class_label is not None else "grid"
+            path = run_dir / "samples" / grid_name(spec, cfg_scale, step=loaded["step"],
+                                                   ema_std=loaded["ema_std"], prefix=prefix)
         nrow = len(labels) if class_label is not None else (num_samples or 8)
         upscale = max(1, 64 // images.shape[1])
         path = save_png(path, image_grid(images, nrow=min(nrow, 16)), upscale=upscale, new=True)

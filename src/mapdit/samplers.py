@@ -1,38 +1,142 @@
-"""Samplers for a GaussianDiffusion: ancestral DDPM, DDIM, and classifier-free guidance; `sample` also
-dispatches to the few-step diffusers samplers of `mapdit.schedulers` (dpm++2m, unipc, heun).
+"""Samplers for a GaussianDiffusion: ancestral DDPM, DDIM, and classifier-free guidance; `Sampler` also
+runs the few-step diffusers samplers of `mapdit.schedulers` (dpm++2m, unipc, heun).
+
+What to sample with is one value, a `SamplerSpec` (name, steps, guidance, eta, ...): it is validated when it
+is made, and its defaults are the one default of `mapdit sample`, `mapdit fid`, the Python API, the study and
+the scores and grids written during training. A `Sampler` is a spec bound to a model's diffusion: its
+schedule (integer steps) and its diffusers scheduler are built once per call, however many batches follow.
 
 All randomness comes from the passed torch.Generator (which must live on the sampling device);
-the model is always called as model_fn(x, original_t, y).
+the model is always called as model_fn(x, original_t, y) with integer steps t in [0, num_train_steps).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from dataclasses import dataclass
+
 import torch
 from tqdm.auto import tqdm
 
-from mapdit.diffusion import GaussianDiffusion, ModelFn, make_diffusion
+from mapdit.data import clip_denoised_for
+from mapdit.diffusion import GaussianDiffusion, ModelFn, make_diffusion, space_timesteps
 from mapdit.errors import UserError
-from mapdit.schedulers import DIFFUSERS_SAMPLERS, diffusers_schedulers, sample_diffusers
+from mapdit.schedulers import (
+    DIFFUSERS_SAMPLERS,
+    diffusers_schedulers,
+    make_scheduler,
+    model_evaluations,
+    sample_with_scheduler,
+    trailing_timesteps,
+)
 
 # --sampler name -> the sampler it runs (ours: ddpm, ddim; diffusers': see mapdit.schedulers)
 SAMPLER_NAMES = {"ddpm": "ddpm", "ancestral": "ddpm", "ddim": "ddim", **{n: n for n in DIFFUSERS_SAMPLERS}}
 SAMPLER_CHOICES = tuple(SAMPLER_NAMES)  # for argparse `choices`
+CLIP_CHOICES = ("auto", "yes", "no")
 
-# The default of `mapdit sample`, `mapdit fid`, the demo's grid and the study: DPM-Solver++(2M) at 20 model
-# evaluations reached the FD_fmnist of 250-step ancestral sampling (within or below its seed spread) on two
-# trained models, at 1/12.5 of its cost (BENCHMARKS.md, "Few-step samplers").
-DEFAULT_SAMPLER, DEFAULT_STEPS = "dpm++2m", 20
+# The one default: DPM-Solver++(2M) at 20 model evaluations reached the FD_fmnist of 250-step ancestral
+# sampling (within or below its seed spread) on two trained models, at 1/12.5 of its cost (BENCHMARKS.md,
+# "Few-step samplers"); guidance 4 (DiT's default for its grids; docs/recipe.md: at 500 samples 3 -> 4 raised
+# the conditioning accuracy 0.86 -> 0.89 at equal FD) wherever the model has a null class.
+DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_CFG = "dpm++2m", 20, 4.0
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """How to sample: validated once, here; `sampler` is stored under its canonical name (ancestral -> ddpm).
+
+    cfg_scale None: DEFAULT_CFG for a model trained with label dropout (it has a null class), else 1 (no
+    guidance). eta: DDIM's noise (Song et al. 2021, eq. 16; 0 = deterministic), for ddim only.
+    guide_channels: guide the first K eps channels only (3 reproduces the original DiT); None = all.
+    clip_denoised: clip x0 estimates to [-1, 1]; auto = yes for pixel data (as ADM), no for latents (as DiT).
+    """
+
+    sampler: str = DEFAULT_SAMPLER
+    steps: int = DEFAULT_STEPS
+    cfg_scale: float | None = None
+    eta: float = 0.0
+    guide_channels: int | None = None
+    clip_denoised: str = "auto"
+
+    def __post_init__(self):
+        kind = SAMPLER_NAMES.get(self.sampler)
+        if kind is None:
+            raise UserError(f"unknown sampler {self.sampler!r}; valid names: {', '.join(SAMPLER_CHOICES)}")
+        if kind in DIFFUSERS_SAMPLERS:
+            diffusers_schedulers()  # a missing diffusers: one line now, before any loading
+        object.__setattr__(self, "sampler", kind)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int):
+            raise UserError(f"--steps {self.steps!r} must be a whole number")
+        if self.steps < 1:
+            raise UserError(f"--steps {self.steps} must be at least 1")
+        if self.cfg_scale is not None:
+            if not (isinstance(self.cfg_scale, (int, float)) and math.isfinite(self.cfg_scale)
+                    and self.cfg_scale >= 0):
+                raise UserError(f"--cfg-scale {self.cfg_scale} must be a finite number >= 0 (1: no guidance)")
+            object.__setattr__(self, "cfg_scale", float(self.cfg_scale))
+        if not (isinstance(self.eta, (int, float)) and 0 <= self.eta <= 1):
+            raise UserError(f"--eta {self.eta} must be in [0, 1]")
+        if self.eta != 0 and kind != "ddim":
+            raise UserError(f"--eta applies to --sampler ddim only, not {kind}: drop it or use ddim")
+        object.__setattr__(self, "eta", float(self.eta))
+        if self.guide_channels is not None and (isinstance(self.guide_channels, bool)
+                                                or not isinstance(self.guide_channels, int)
+                                                or self.guide_channels < 1):
+            raise UserError(f"--guide-channels {self.guide_channels} must be at least 1")
+        if self.clip_denoised not in CLIP_CHOICES:
+            raise UserError(f"--clip-denoised {self.clip_denoised!r}: use one of {', '.join(CLIP_CHOICES)}")
+
+    @classmethod
+    def of(cls, spec: SamplerSpec | None = None, **fields) -> SamplerSpec:
+        """`spec` (default: the default spec) with `fields` replaced; None values leave a field as it is."""
+        given = {k: v for k, v in fields.items() if v is not None}
+        if spec is not None and not given:
+            return spec
+        return cls(**{**(dataclasses.asdict(spec) if spec is not None else {}), **given})  # validated once
+
+    def guidance(self, null_class: int | None) -> float:
+        """The guidance scale for a model with this null class (None: trained without label dropout)."""
+        if self.cfg_scale is None:
+            return DEFAULT_CFG if null_class is not None else 1.0
+        if self.cfg_scale != 1 and null_class is None:
+            raise UserError(f"guidance (--cfg-scale {self.cfg_scale:g}) needs a model trained with label dropout "
+                            "(a null class, null_class); this one has none: use --cfg-scale 1")
+        return self.cfg_scale
+
+    def clip(self, data_meta: dict | None) -> bool:
+        """Whether x0 estimates are clipped for this data (auto: pixel data yes, latents no)."""
+        if self.clip_denoised == "auto":
+            return clip_denoised_for(data_meta or {})
+        return self.clip_denoised == "yes"
+
+    def tag(self, cfg_scale: float) -> str:
+        """The part of file names that says how samples were drawn, e.g. 'dpm++2m20-cfg4'."""
+        return f"{self.sampler}{self.steps}-cfg{cfg_scale:g}"
+
+    def model_calls(self) -> int:
+        """Model evaluations per image (a guided call, cond + uncond batched, counts once)."""
+        return model_evaluations(self.sampler, self.steps)
+
+
+# `mapdit ablate`'s scoring keeps the paper's sampler, explicitly: 250 ancestral steps, no guidance.
+PAPER_SPEC = SamplerSpec("ddpm", 250, cfg_scale=1.0)
 
 
 def check_sampler(name: str) -> str:
-    """The sampler `name` runs (ancestral -> ddpm), or a one-line UserError for an unknown name or a diffusers
-    sampler without diffusers installed. Call it before loading anything, so a bad choice fails at once."""
-    kind = SAMPLER_NAMES.get(name)
-    if kind is None:
-        raise UserError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLER_CHOICES)}")
-    if kind in DIFFUSERS_SAMPLERS:
-        diffusers_schedulers()
-    return kind
+    """The sampler `name` runs (ancestral -> ddpm), or a one-line UserError: SamplerSpec's own check."""
+    return SamplerSpec(sampler=name).sampler
+
+
+def model_timesteps(sampler: str, steps: int, num_train_steps: int = 1000) -> list[int]:
+    """The integer training steps the model is evaluated at, in order, for `steps` steps of `sampler`
+    (canonical name): ours run the evenly strided respacing (`space_timesteps`, 0 and T-1 kept), diffusers'
+    the trailing spacing (`trailing_timesteps`; heun evaluates each step but the first twice)."""
+    if sampler in ("ddpm", "ddim"):
+        return space_timesteps(num_train_steps, steps)[::-1]
+    ts = trailing_timesteps(steps, num_train_steps)
+    return [ts[0], *[t for t in ts[1:] for _ in range(2)]] if sampler == "heun" else ts
 
 
 def classifier_free_guidance(model_fn: ModelFn, cfg_scale: float, null_class: int,
@@ -121,28 +225,63 @@ def sample_ddim(model_fn: ModelFn, diffusion: GaussianDiffusion, shape, y: torch
     return x
 
 
-def sample(model_fn: ModelFn, *, shape, y: torch.Tensor, sampler: str = "ddpm", steps: int = 250, eta: float = 0.0,
-           cfg_scale: float = 1.0, null_class: int | None = None, guide_channels: int | None = None,
-           generator: torch.Generator | None = None, noise: torch.Tensor | None = None, progress: bool = False,
-           num_train_steps: int = 1000, learn_sigma: bool = True, clip_denoised: bool = False) -> torch.Tensor:
-    """Sample x0 (N, C, H, W) with `steps` steps of `sampler`, optionally with CFG: ddpm/ancestral and ddim run a
+class Sampler:
+    """A SamplerSpec bound to one model's diffusion: guidance scale, integer schedule and (for diffusers'
+    samplers) the scheduler are resolved and built once; each call samples one batch from its noise."""
+
+    def __init__(self, spec: SamplerSpec, *, num_train_steps: int = 1000, learn_sigma: bool = True,
+                 null_class: int | None = None, channels: int | None = None, clip_denoised: bool = False):
+        if not 1 <= spec.steps <= num_train_steps:
+            raise UserError(f"--steps {spec.steps} must be between 1 and {num_train_steps}, the model's "
+                            "training steps")
+        if spec.guide_channels is not None and channels is not None and spec.guide_channels > channels:
+            raise UserError(f"--guide-channels {spec.guide_channels} is more than the model's {channels} channels")
+        self.spec, self.null_class, self.learn_sigma = spec, null_class, learn_sigma
+        self.cfg_scale = spec.guidance(null_class)
+        self.clip_denoised = bool(clip_denoised)
+        if spec.sampler in DIFFUSERS_SAMPLERS:
+            self.timesteps = trailing_timesteps(spec.steps, num_train_steps)
+            self.scheduler = make_scheduler(spec.sampler, num_train_steps=num_train_steps,
+                                            clip_denoised=self.clip_denoised)
+        else:
+            self.diffusion = make_diffusion(num_train_steps, sampling_steps=spec.steps, learn_sigma=learn_sigma)
+
+    @classmethod
+    def for_model(cls, spec: SamplerSpec, model, data_meta: dict | None = None) -> Sampler:
+        """Bound to a DiT `model` (its config) and its data (for clip_denoised auto)."""
+        cfg = model.config
+        return cls(spec, num_train_steps=cfg.num_train_steps, learn_sigma=cfg.learn_sigma,
+                   null_class=cfg.null_class, channels=cfg.in_channels, clip_denoised=spec.clip(data_meta))
+
+    @torch.no_grad()
+    def __call__(self, model_fn: ModelFn, *, y: torch.Tensor, noise: torch.Tensor,
+                 generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        """x0 (N, C, H, W) from `noise` (N, C, H, W) for labels `y` (N,)."""
+        spec = self.spec
+        if self.cfg_scale != 1:
+            model_fn = classifier_free_guidance(model_fn, self.cfg_scale, self.null_class, spec.guide_channels)
+        if spec.sampler in DIFFUSERS_SAMPLERS:
+            return sample_with_scheduler(model_fn, self.scheduler, shape=noise.shape, y=y, steps=spec.steps,
+                                         noise=noise, generator=generator, learn_sigma=self.learn_sigma,
+                                         progress=progress, timesteps=self.timesteps)
+        if spec.sampler == "ddim":
+            return sample_ddim(model_fn, self.diffusion, noise.shape, y, eta=spec.eta, noise=noise,
+                               generator=generator, progress=progress, clip_denoised=self.clip_denoised)
+        return sample_ddpm(model_fn, self.diffusion, noise.shape, y, noise=noise, generator=generator,
+                           progress=progress, clip_denoised=self.clip_denoised)
+
+
+def sample(model_fn: ModelFn, *, shape, y: torch.Tensor, spec: SamplerSpec | None = None,
+           null_class: int | None = None, generator: torch.Generator | None = None,
+           noise: torch.Tensor | None = None, progress: bool = False, num_train_steps: int = 1000,
+           learn_sigma: bool = True, clip_denoised: bool = False, **spec_fields) -> torch.Tensor:
+    """Sample x0 (N, C, H, W) of `shape` from a model function with `spec` (or the default spec with
+    `spec_fields` replaced: sampler, steps, cfg_scale, eta, guide_channels). ddpm/ancestral and ddim run a
     `steps`-step respacing of the DiT diffusion; dpm++2m, unipc and heun run diffusers' schedulers
-    (`mapdit.schedulers`; `eta` does not apply to them, and heun makes 2*steps-1 model calls)."""
-    kind = check_sampler(sampler)
-    if not 1 <= steps <= num_train_steps:
-        raise UserError(f"steps must be between 1 and {num_train_steps}, got {steps}")
-    if cfg_scale != 1 and null_class is None:
-        raise UserError("classifier-free guidance (cfg_scale != 1) needs null_class, "
-                        "the label of the unconditional class")
-    if cfg_scale != 1:
-        model_fn = classifier_free_guidance(model_fn, cfg_scale, null_class, guide_channels)
-    if kind in DIFFUSERS_SAMPLERS:
-        return sample_diffusers(model_fn, kind, shape=shape, y=y, steps=steps, noise=noise, generator=generator,
-                                num_train_steps=num_train_steps, learn_sigma=learn_sigma,
-                                clip_denoised=clip_denoised, progress=progress)
-    diffusion = make_diffusion(num_train_steps, sampling_steps=steps, learn_sigma=learn_sigma)
-    if kind == "ddim":
-        return sample_ddim(model_fn, diffusion, shape, y, eta=eta, noise=noise, generator=generator, progress=progress,
-                           clip_denoised=clip_denoised)
-    return sample_ddpm(model_fn, diffusion, shape, y, noise=noise, generator=generator, progress=progress,
-                       clip_denoised=clip_denoised)
+    (`mapdit.schedulers`; heun makes 2*steps-1 model calls)."""
+    spec = SamplerSpec.of(spec, **spec_fields)
+    device = noise.device if noise is not None else y.device
+    x_T = _initial_noise(shape, noise, generator, device)
+    run = Sampler(spec, num_train_steps=num_train_steps, learn_sigma=learn_sigma, null_class=null_class,
+                  channels=shape[1], clip_denoised=clip_denoised)
+    return run(model_fn, y=y, noise=x_T, generator=generator, progress=progress)

@@ -14,9 +14,12 @@ Common to all (the DiT diffusion of `mapdit.diffusion`):
   * learned-range variance: the model returns eps and v; the adapter hands the schedulers the eps half only
     (diffusers' own `variance_type="learned_range"` slices a fixed 3 channels, which is wrong for our 1- and
     4-channel data, so it is left unset);
-  * timestep_spacing="trailing": integer steps from 999 down, evenly spaced (Lin et al. 2023, Table 2), so
-    the first evaluation sees the model's noisiest training step and every step is one the model was
-    trained on (our MP embedding is a table indexed by the integer step: fractional steps are not defined);
+  * integer steps built here (`trailing_timesteps`): the "trailing" spacing of Lin et al. 2023, Table 2,
+    from 999 down, evenly spaced, so the first evaluation sees the model's noisiest training step and every
+    step is one the model was trained on (our MP embedding is a table indexed by the integer step: fractional
+    steps are not defined). They are handed to the scheduler (`set_integer_timesteps`) rather than left to
+    diffusers' own float arange, which for 62 step counts (61, 103, 121, ...) yields one step too many,
+    ending at t = -1;
   * x0 clipping for pixel data (`clip_denoised`): DPM-Solver++ and UniPC through `thresholding=True` with
     `sample_max_value=1.0`, which bounds the dynamic threshold s to exactly 1, i.e. a hard clip of the
     x0 estimate to [-1, 1] (their multistep updates use only x0, so this is ADM's clip with the eps
@@ -34,6 +37,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -84,6 +88,36 @@ def make_scheduler(name: str, *, num_train_steps: int = 1000, clip_denoised: boo
     return cls(**config)
 
 
+def trailing_timesteps(steps: int, num_train_steps: int = 1000) -> list[int]:
+    """`steps` integer training steps from T-1 down, evenly spaced ("trailing", Lin et al. 2023, Table 2):
+    t_k = round(k T / steps) - 1 for k = steps, ..., 1, rounded half up in integer arithmetic. For
+    1 <= steps <= T: strictly decreasing (consecutive k T / steps differ by T / steps >= 1), first T-1,
+    last round(T / steps) - 1 >= 0. Equals diffusers' float spacing wherever that has `steps` entries, up to
+    exact halves (e.g. 48 steps: 937.5 -> 937 here, 936 there)."""
+    if not 1 <= steps <= num_train_steps:
+        raise ValueError(f"steps must be in 1..{num_train_steps}, got {steps}")
+    return [(2 * k * num_train_steps + steps) // (2 * steps) - 1 for k in range(steps, 0, -1)]
+
+
+def set_integer_timesteps(scheduler, timesteps: list[int]) -> None:
+    """Give `scheduler` exactly these integer steps (descending). DPM-Solver++ and Heun take them as
+    `timesteps=`; UniPC takes none, so its own set-up runs (resetting its solver state) and its timesteps and
+    sigmas are then replaced by the ones of these steps, computed as its set_timesteps computes them."""
+    if "timesteps" in inspect.signature(scheduler.set_timesteps).parameters:
+        scheduler.set_timesteps(timesteps=list(timesteps))
+        return
+    if not hasattr(scheduler, "sigmas"):
+        raise ValueError(f"{type(scheduler).__name__} cannot be given integer timesteps")
+    scheduler.set_timesteps(len(timesteps))
+    # sigma_t = sqrt((1 - abar_t) / abar_t) at the steps, then the scheduler's own final sigma
+    table = (((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod) ** 0.5).numpy()
+    sigmas = np.interp(np.asarray(timesteps, dtype=np.int64), np.arange(len(table)), table)
+    last = scheduler.sigmas[-1:].numpy().astype(np.float64)
+    scheduler.sigmas = torch.from_numpy(np.concatenate([sigmas, last]).astype(np.float32))
+    scheduler.timesteps = torch.tensor(list(timesteps), dtype=torch.int64)
+    scheduler.num_inference_steps = len(timesteps)
+
+
 def model_evaluations(name: str, steps: int) -> int:
     """Model calls per image for `steps` scheduler steps (a guided call, cond + uncond batched, counts once)."""
     return 2 * steps - 1 if name == "heun" else steps
@@ -94,7 +128,8 @@ def sample_with_scheduler(model_fn: ModelFn, scheduler, *, shape, y: torch.Tenso
                           noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
                           learn_sigma: bool = True, progress: bool = False, step_kwargs: dict | None = None,
                           timesteps: list[int] | None = None) -> torch.Tensor:
-    """Run a diffusers `scheduler` for `steps` steps (or the given `timesteps`) with `model_fn(x, t, y)`
+    """Run a diffusers `scheduler` for the given integer `timesteps` (None: `steps` of its own spacing) with
+    `model_fn(x, t, y)`
     (already guided if wanted) from `noise` (N, C, H, W) (drawn from `generator` if None). Returns x0.
 
     `model_fn` receives the integer training step (N,) int64, like our own samplers; its output's eps half
@@ -105,15 +140,19 @@ def sample_with_scheduler(model_fn: ModelFn, scheduler, *, shape, y: torch.Tenso
         noise = torch.randn(tuple(shape), generator=generator, device=device)
     elif tuple(noise.shape) != tuple(shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
-    if timesteps is None:
+    if timesteps is None:  # the scheduler's own spacing (checked below)
         scheduler.set_timesteps(steps)  # CPU timesteps: reading them never waits for the device
     else:
-        scheduler.set_timesteps(timesteps=list(timesteps))
+        set_integer_timesteps(scheduler, timesteps)
     schedule = scheduler.timesteps.cpu()
     as_int = schedule.round().to(torch.int64)
     if not torch.equal(as_int.to(schedule.dtype), schedule):
         raise ValueError(f"{type(scheduler).__name__} produced fractional timesteps {schedule.tolist()[:4]}...: "
                          "the model is conditioned on integer steps")
+    num_train = scheduler.config.num_train_timesteps
+    if int(as_int.min()) < 0 or int(as_int.max()) >= num_train:
+        raise ValueError(f"{type(scheduler).__name__} produced timesteps outside 0..{num_train - 1} "
+                         f"({as_int.tolist()[-3:]} at the end)")
     channels = shape[1]
     expected = 2 * channels if learn_sigma else channels
     x = noise.float() * scheduler.init_noise_sigma
@@ -142,9 +181,12 @@ def sample_diffusers(model_fn: ModelFn, name: str, *, shape, y: torch.Tensor, st
                      noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
                      num_train_steps: int = 1000, learn_sigma: bool = True, clip_denoised: bool = False,
                      progress: bool = False) -> torch.Tensor:
-    """Sample with the diffusers sampler `name` (one of DIFFUSERS_SAMPLERS); `model_fn` already guided."""
+    """Sample with a fresh diffusers sampler `name` on `trailing_timesteps` (diffusers-ddim, which takes no
+    timesteps: its own trailing spacing); `model_fn` already guided. `samplers.Sampler` is the
+    one-scheduler-per-call way the library samples; this is for checking the adapter."""
     scheduler = make_scheduler(name, num_train_steps=num_train_steps, clip_denoised=clip_denoised)
-    step_kwargs = {"use_clipped_model_output": True} if name == "diffusers-ddim" else None
+    ddim = name == "diffusers-ddim"
     return sample_with_scheduler(model_fn, scheduler, shape=shape, y=y, steps=steps, noise=noise,
                                  generator=generator, learn_sigma=learn_sigma, progress=progress,
-                                 step_kwargs=step_kwargs)
+                                 step_kwargs={"use_clipped_model_output": True} if ddim else None,
+                                 timesteps=None if ddim else trailing_timesteps(steps, num_train_steps))

@@ -232,8 +232,9 @@ def check_weight_choice(weights: str, ema_std: float | None) -> None:
 
 
 def load_model(run_dir: str | Path, weights: str = "ema", ema_std: float | None = None, ckpt: str | None = None,
-               device: str | torch.device = "cpu", log=print) -> tuple[DiT, dict, str]:
-    """Build the run's model and load weights. Returns (model in eval mode, run config, description).
+               device: str | torch.device = "cpu", log=print, info: dict | None = None) -> tuple[DiT, dict, str]:
+    """Build the run's model and load weights. Returns (model in eval mode, run config, description);
+    `info`, when given, receives "step" (the checkpoint's) and "ema_std" (None for raw weights).
 
     weights="raw": the trained parameters; "ema": an EMA of width `ema_std` (default: the smallest
     tracked width), taken from the checkpoint when tracked, else reconstructed post hoc from snapshots.
@@ -259,4 +260,6 @@ def load_model(run_dir: str | Path, weights: str = "ema", ema_std: float | None 
         copy_weights_(model, ema, "EMA weights")
     elif weights != "raw":
         raise UserError(f"--weights {weights!r}: use 'ema' or 'raw'")
+    if info is not None:
+        info.update(step=step, ema_std=sigma if weights == "ema" else None)
     return model.to(device).eval(), config, desc

@@ -31,7 +31,8 @@ def add_fid_args(p: argparse.ArgumentParser) -> None:
                    help="EMA width (default the smallest tracked one; others are reconstructed post hoc)")
     p.add_argument("--ckpt", default=None, help="a checkpoint: a path, a name in the run's checkpoints/ or a step "
                                                    "(default: the newest complete one)")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="guidance scale (default 4 for a model trained with label dropout, else 1)")
     p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=DEFAULT_SAMPLER,
                    help="ddpm/ancestral, ddim (ours) or dpm++2m, unipc, heun (diffusers; few steps, e.g. --steps 20)")
     p.add_argument("--steps", "--num-sampling-steps", dest="steps", type=int, default=DEFAULT_STEPS,

@@ -29,7 +29,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
                         "(few-step: e.g. --sampler dpm++2m --steps 20; heun makes 2*steps-1 model calls)")
     p.add_argument("--steps", "--num-sampling-steps", dest="steps", type=int, default=DEFAULT_STEPS,
                    help=f"sampler steps (default {DEFAULT_STEPS}; the paper's FID used --sampler ddpm --steps 250)")
-    p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default 4 for grids, 1 for npz)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="guidance scale (default 4 for a model trained with label dropout, else 1)")
     p.add_argument("--guide-channels", type=int, default=None,
                    help="guide only the first K channels (3 reproduces the original DiT); default all")
     p.add_argument("--clip-denoised", choices=("auto", "yes", "no"), default="auto",

@@ -1,5 +1,6 @@
 """Scoring a model in memory: which features and which reference a run's data asks for, and `quick_fid`
-(sample, then the Fréchet distance; what training logs every --fid-every steps).
+(sample with a SamplerSpec -- the default one unless told -- then the Fréchet distance; what training logs
+every --fid-every steps).
 
 Feature rule: "inception" (FID, 2048-d Inception-v3 pool features via torch-fidelity) when Inception
 weights are given or the data is not Fashion-MNIST; "fmnist" (FD_fmnist with our classifier, plus the
@@ -15,7 +16,7 @@ from mapdit.distributed import on_main
 from mapdit.errors import UserError
 from mapdit.evaluate.fid import FeatureExtractor, ModuleFeatures, default_cache_dir, evaluate_samples, get_extractor
 from mapdit.sample import sample_images, sample_labels
-from mapdit.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
+from mapdit.samplers import SamplerSpec
 
 DEFAULT_CACHE = object()  # "use fid.default_cache_dir()" (None disables the cache)
 
@@ -43,14 +44,12 @@ def reference_options(data_meta: dict) -> dict:
     return {k: data_meta[k] for k in ("image_size", "patch_size") if data_meta.get(k) is not None}
 
 
-def check_sampling(num_samples: int, sampler: str, steps: int, batch_size: int) -> str:
+def check_sampling(num_samples: int, batch_size: int) -> None:
+    """The sample counts of a score (the sampler is checked by its SamplerSpec)."""
     if num_samples < 2:
         raise UserError(f"--num-samples {num_samples}: a Fréchet distance needs at least 2 samples")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if steps < 1:
-        raise UserError(f"--steps must be at least 1, got {steps}")
-    return check_sampler(sampler)  # the canonical name; a missing diffusers fails here, before any loading
 
 
 def extractor(features, inception_weights, device):
@@ -64,22 +63,22 @@ def extractor(features, inception_weights, device):
 
 
 def quick_fid(model, data_meta: dict, num_samples: int, *, ref: str | None = None, features=None,
-              sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, cfg_scale: float = 1.0, seed: int = 0,
-              batch_size: int = 64, num_ref: int | None = None, cache_dir=DEFAULT_CACHE,
-              inception_weights: str | None = None) -> float:
+              spec: SamplerSpec | None = None, seed: int = 0, batch_size: int = 64, num_ref: int | None = None,
+              cache_dir=DEFAULT_CACHE, inception_weights: str | None = None, **spec_fields) -> float:
     """The Fréchet distance of `num_samples` samples of `model` (the plain DiT with the weights to score)
-    to the reference (default: the data's own; features by the module's rule). Nothing is written but
-    the cached reference statistics. Under torchrun call it on every rank: sampling is sharded, rank 0
-    evaluates, every rank returns the same value."""
-    sampler = check_sampling(num_samples, sampler, steps, batch_size)
+    drawn with `spec` (default: the default SamplerSpec, `spec_fields` replaced) to the reference (default:
+    the data's own; features by the module's rule). Nothing is written but the cached reference statistics.
+    Under torchrun call it on every rank: sampling is sharded, rank 0 evaluates, every rank returns the same
+    value."""
+    spec = SamplerSpec.of(spec, **spec_fields)
+    check_sampling(num_samples, batch_size)
     device = next(model.parameters()).device
     features = default_features(data_meta, inception_weights) if features is None else features
     ref = default_reference(data_meta) if ref is None else ref
     cache = default_cache_dir() if cache_dir is DEFAULT_CACHE else cache_dir
     ext = on_main(lambda: extractor(features, inception_weights, device), share=False)
     labels = sample_labels(num_samples, model.config.num_classes, seed)
-    images = sample_images(model, data_meta, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                           seed=seed, batch_size=batch_size)
+    images = sample_images(model, data_meta, labels, spec, seed=seed, batch_size=batch_size)
 
     def evaluate() -> float:
         result = evaluate_samples(images, labels, ref, ext, cache, num_ref=num_ref,

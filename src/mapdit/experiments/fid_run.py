@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from mapdit import distributed as dist_utils
+from mapdit.config import ModelConfig
 from mapdit.distributed import on_main
 from mapdit.ema import weights_identity
 from mapdit.evaluate.fid import default_cache_dir, evaluate_samples, reference_stats
@@ -50,7 +51,7 @@ from mapdit.runio import (
     write_new_json,
 )
 from mapdit.sample import sample_images, sample_labels, save_npz
-from mapdit.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
+from mapdit.samplers import SamplerSpec
 from mapdit.weights import check_weight_choice, load_model, resolve_checkpoint
 
 DEFAULT_NUM_SAMPLES = 10_000
@@ -79,7 +80,8 @@ def load_if_reusable(path: Path, labels: np.ndarray) -> np.ndarray | None:
 
 def fid_for_run(run_dir: str | Path, num_samples: int = DEFAULT_NUM_SAMPLES, *, ref: str | None = None,
                 features=None, weights: str = "ema", ema_std: float | None = None, ckpt: str | None = None,
-                cfg_scale: float = 1.0, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, seed: int = 0,
+                spec: SamplerSpec | None = None, cfg_scale: float | None = None, sampler: str | None = None,
+                steps: int | None = None, seed: int = 0,
                 batch_size: int = 64, inception_weights: str | None = None, cache_dir=DEFAULT_CACHE,
                 num_ref: int | None = None, split: str = "test", device: str | None = None,
                 progress: bool = True, write: bool = True, log: Callable[[str], None] | None = None) -> dict:
@@ -90,15 +92,19 @@ def fid_for_run(run_dir: str | Path, num_samples: int = DEFAULT_NUM_SAMPLES, *, 
     ["conditioning_accuracy"], "features", "reference", ...) plus "value" (the distance), "settings",
     "samples_npz", "samples_reused" and "result_json" (None with write=False).
 
+    spec: how to sample (default: the default SamplerSpec; cfg_scale, sampler, steps replace its fields).
     features: "fmnist" | "inception" | a FeatureExtractor / module (None: the rule in the module doc).
     ref: None (the run's data) or what `evaluate_samples` takes. cache_dir None: no reference cache.
     """
     d = dist_utils.init(device)
     torch.set_flush_denormal(True)
     say = (log or (lambda m: print(m, file=sys.stderr))) if d.is_main else (lambda m: None)
-    sampler = check_sampling(num_samples, sampler, steps, batch_size)
+    spec = SamplerSpec.of(spec, sampler=sampler, steps=steps, cfg_scale=cfg_scale)  # checked before any loading
+    check_sampling(num_samples, batch_size)
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
+    sampler, steps = spec.sampler, spec.steps
+    cfg_scale = spec.guidance(ModelConfig.from_dict(config["model"]).null_class)
     check_weight_choice(weights, ema_std)
     data_meta = config["data"]
     if features is None:
@@ -121,13 +127,15 @@ def fid_for_run(run_dir: str | Path, num_samples: int = DEFAULT_NUM_SAMPLES, *, 
                 if weights == "ema" else None, "cfg_scale": float(cfg_scale), "sampler": sampler,
                 "steps": int(steps), "seed": int(seed), "num_samples": int(num_samples),
                 "batch_size": int(batch_size), "checkpoint_step": int(step), "checkpoint": str(ckpt_path),
+                "eta": spec.eta, "guide_channels": spec.guide_channels, "clip_denoised": spec.clip(data_meta),
                 "features": getattr(ext, "name", None) or str(features),  # ext lives on rank 0 only
                 "reference": str(ref), "num_reference": num_ref, "split": split}
     key = on_main(lambda: cache_key({
         "checkpoint_sha256": checkpoint_identity(ckpt_path),
         **weights_identity(run_dir / "ema", config["train"]["ema_stds"], weights, ema_std,
                            step if ckpt is not None else None),
-        **{k: settings[k] for k in ("cfg_scale", "sampler", "steps", "seed", "num_samples", "batch_size")},
+        **{k: settings[k] for k in ("cfg_scale", "sampler", "steps", "seed", "num_samples", "batch_size", "eta",
+                                    "guide_channels", "clip_denoised")},
         "model": config["model"], "data": data_meta}))
     settings["cache_key"] = key
     tag = f"{settings_tag(settings)}-k{key}"
@@ -149,8 +157,7 @@ def fid_for_run(run_dir: str | Path, num_samples: int = DEFAULT_NUM_SAMPLES, *, 
         settings["model_weights"] = desc
         say(f"sampling {num_samples} images from {run_dir} ({desc}) on {d.world_size} rank(s): {sampler} "
             f"{steps} steps, cfg {cfg_scale:g}, seed {seed}")
-        images = sample_images(model, data_meta, labels, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                               seed=seed, batch_size=batch_size, progress=progress)
+        images = sample_images(model, data_meta, labels, spec, seed=seed, batch_size=batch_size, progress=progress)
         del model
         if d.is_main:  # same key, same images: a damaged or stale file of this name is replaced, never multiplied
             npz_path = save_npz(npz_path, images, labels.numpy())

@@ -1,0 +1,221 @@
+"""One sampling path: the SamplerSpec (one default, validated once), the integer schedules every sampler
+evaluates the model at (every step count 1-1000), one scheduler per call, and today's samples kept."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mapdit import sample as sample_module
+from mapdit import samplers as samplers_module
+from mapdit.config import make_config
+from mapdit.errors import UserError
+from mapdit.model import DiT
+from mapdit.samplers import (
+    DEFAULT_CFG,
+    PAPER_SPEC,
+    SAMPLER_CHOICES,
+    SAMPLER_NAMES,
+    Sampler,
+    SamplerSpec,
+    model_timesteps,
+    sample,
+)
+from mapdit.schedulers import (
+    DIFFUSERS_SAMPLERS,
+    make_scheduler,
+    model_evaluations,
+    set_integer_timesteps,
+    trailing_timesteps,
+)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "sampler_reference.safetensors"
+SAMPLERS = sorted(set(SAMPLER_NAMES.values()))  # ddim, ddpm, dpm++2m, heun, unipc
+T = 1000
+
+
+# ------------------------------------------------------------------------------------------------ the spec
+def test_one_default_spec():
+    spec = SamplerSpec()
+    assert (spec.sampler, spec.steps, spec.cfg_scale, spec.eta, spec.guide_channels, spec.clip_denoised) == (
+        "dpm++2m", 20, None, 0.0, None, "auto")
+    assert spec.guidance(null_class=10) == DEFAULT_CFG == 4.0  # a model trained with label dropout
+    assert spec.guidance(null_class=None) == 1.0  # one without: no guidance
+    assert spec.tag(4.0) == "dpm++2m20-cfg4"
+    # ablate scores with the paper's sampler, spelled out
+    assert (PAPER_SPEC.sampler, PAPER_SPEC.steps, PAPER_SPEC.cfg_scale) == ("ddpm", 250, 1.0)
+
+
+def test_spec_canonical_names_and_replacement():
+    assert SamplerSpec("ancestral").sampler == "ddpm"
+    base = SamplerSpec("ddim", 50, cfg_scale=2.0)
+    assert SamplerSpec.of(base) is base
+    assert SamplerSpec.of(base, steps=7) == SamplerSpec("ddim", 7, cfg_scale=2.0)
+    assert SamplerSpec.of(None, steps=None, sampler="heun") == SamplerSpec("heun")  # None: not given
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"sampler": "lms"}, "unknown sampler 'lms'; valid names"),
+    ({"steps": 0}, "--steps 0 must be at least 1"),
+    ({"steps": 2.5}, "--steps 2.5 must be a whole number"),
+    ({"cfg_scale": -1.0}, "--cfg-scale -1.0 must be a finite number >= 0"),
+    ({"cfg_scale": float("nan")}, "--cfg-scale nan must be a finite number"),
+    ({"eta": 0.5}, "--eta applies to --sampler ddim only, not dpm++2m"),
+    ({"sampler": "ddim", "eta": 2.0}, "--eta 2.0 must be in [0, 1]"),
+    ({"guide_channels": 0}, "--guide-channels 0 must be at least 1"),
+    ({"clip_denoised": "maybe"}, "--clip-denoised 'maybe': use one of auto, yes, no"),
+])
+def test_spec_refuses_bad_values_in_one_line(fields, message):
+    with pytest.raises(UserError) as err:
+        SamplerSpec(**fields)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_spec_checks_against_the_model():
+    with pytest.raises(UserError, match="needs a model trained with label dropout"):
+        SamplerSpec(cfg_scale=2.0).guidance(null_class=None)
+    with pytest.raises(UserError, match="--steps 1001 must be between 1 and 1000"):
+        Sampler(SamplerSpec(steps=1001))
+    with pytest.raises(UserError, match="--guide-channels 5 is more than the model's 4 channels"):
+        Sampler(SamplerSpec(guide_channels=5), channels=4)
+
+
+def test_cli_defaults_are_the_spec_defaults():
+    from mapdit.cli import build_parser
+
+    parser = build_parser()
+    default = SamplerSpec()
+    for command in ("sample", "fid"):
+        args = parser.parse_args([command, "--run", "somewhere"])
+        assert (args.sampler, args.steps, args.cfg_scale) == (default.sampler, default.steps, default.cfg_scale)
+        assert set(SAMPLER_CHOICES) >= set(DIFFUSERS_SAMPLERS) | {"ddpm", "ddim", "ancestral"}
+
+
+# ------------------------------------------------------------------------------------------------ schedules
+def test_trailing_timesteps_every_count():
+    """Integer, in [0, T-1], strictly decreasing, `steps` of them, first T-1, for every count 1..T."""
+    for n in range(1, T + 1):
+        ts = np.asarray(trailing_timesteps(n, T))
+        assert len(ts) == n and ts[0] == T - 1 and ts[-1] >= 0, n
+        assert (np.diff(ts) < 0).all(), n
+    assert trailing_timesteps(20, T) == list(range(999, 0, -50))  # the default: diffusers' own 20 steps
+    # diffusers' float arange gives 62 steps for 61: [999, 983, ..., 32, 15, -1]
+    assert len(trailing_timesteps(61, T)) == 61 and trailing_timesteps(61, T)[-3:] == [48, 32, 15]
+    with pytest.raises(ValueError):
+        trailing_timesteps(T + 1, T)
+
+
+def test_trailing_matches_diffusers_where_diffusers_is_right():
+    """Where diffusers' float spacing yields `steps` valid steps, ours are the same but at exact halves."""
+    differ = []
+    for n in range(1, T + 1):
+        theirs = np.arange(T, 0, -T / n).round().astype(np.int64) - 1
+        if len(theirs) != n or theirs.min() < 0:
+            continue  # the 62 counts (61, 103, ...) where it gains a step at t = -1
+        ours = np.asarray(trailing_timesteps(n, T))
+        if not np.array_equal(ours, theirs):
+            differ.append(n)
+            assert np.abs(ours - theirs).max() == 1, n  # one step at a k T / n that is exactly x.5
+            assert ((np.arange(n, 0, -1) * 2 * T) % n == 0).any(), n
+    assert 20 not in differ and 50 not in differ and 25 not in differ
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_model_timesteps_every_count(name):
+    """What the model is called at, for every step count: integer steps in [0, 999], the expected count,
+    strictly decreasing (heun: each step but the first is evaluated twice, predictor and corrector). For the
+    diffusers samplers, the scheduler (one, reused for all counts) is set to them and must agree."""
+    scheduler = make_scheduler(name) if name in DIFFUSERS_SAMPLERS else None
+    for n in range(1, T + 1):
+        calls = model_timesteps(name, n, T)
+        assert len(calls) == model_evaluations(name, n), (name, n)
+        assert all(isinstance(t, int) and 0 <= t <= T - 1 for t in calls), (name, n)
+        distinct = calls if name != "heun" else [calls[0], *calls[1::2]]
+        # first T-1; ours at 1 step: the respacing keeps step 0 alone (IDDPM's space_timesteps does too)
+        assert calls[0] == (0 if n == 1 and name in ("ddpm", "ddim") else T - 1), (name, n)
+        assert all(a > b for a, b in zip(distinct, distinct[1:])), (name, n)
+        if name == "heun":
+            assert calls[1::2] == calls[2::2]
+        if scheduler is not None:
+            set_integer_timesteps(scheduler, trailing_timesteps(n, T))
+            assert scheduler.timesteps.round().long().tolist() == calls, (name, n)
+            assert len(scheduler.sigmas) == len(scheduler.timesteps) + 1
+
+
+class Calls:
+    """A cheap model_fn (eps = 0.1 x, v = 0) that records the steps it is called at."""
+
+    def __init__(self):
+        self.t = []
+
+    def __call__(self, x, t, y):
+        assert t.dtype == torch.int64 and len(set(t.tolist())) == 1
+        self.t.append(int(t[0]))
+        return torch.cat([0.1 * x, torch.zeros_like(x)], dim=1)
+
+
+COUNTS = [1, 2, 3, 7, 20, 48, 61, 103, 121, 122, 201, 333, 999, 1000]
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_sampler_loop_calls_the_model_at_the_schedule(name):
+    """The whole loop, on counts that include diffusers' extra-step ones: the model sees exactly
+    model_timesteps, never -1; one Sampler (one scheduler) serves every batch."""
+    runner = {n: Sampler(SamplerSpec(name, n)) for n in COUNTS}
+    for n in COUNTS:
+        for batch in range(2):  # the same scheduler twice: its state is reset each batch
+            fn = Calls()
+            x = runner[n](fn, y=torch.zeros(1, dtype=torch.long), noise=torch.randn(1, 1, 2, 2))
+            assert torch.isfinite(x).all()
+            assert fn.t == model_timesteps(name, n, T), (name, n, batch)
+
+
+def test_one_scheduler_per_call(monkeypatch):
+    """sample_images builds one diffusers scheduler for all its batches (was: one per batch)."""
+    made = []
+    real = samplers_module.make_scheduler
+    monkeypatch.setattr(samplers_module, "make_scheduler", lambda *a, **k: made.append(a) or real(*a, **k))
+    model = tiny(preset="E", channels=1)
+    images = sample_module.sample_images(model, {"kind": "fashion-mnist"}, torch.arange(7) % 3, steps=3,
+                                         batch_size=2, shard=False)
+    assert images.shape == (7, 8, 8, 1) and images.dtype == np.uint8 and len(made) == 1
+
+
+# ------------------------------------------------------------------------------------------------ same samples
+def tiny(preset: str, channels: int) -> DiT:
+    """A DiT-XXS/4 on 8x8 inputs, 3 classes, every weight perturbed (as tests/fixtures/make_sampler_reference.py)."""
+    torch.manual_seed(0)
+    model = DiT(make_config("DiT-XXS/4", preset=preset, input_size=8, in_channels=channels, num_classes=3)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("preset, channels", [("A", 4), ("E", 1)])
+def test_default_samples_equal_todays(preset, channels):
+    """The default sampler (dpm++2m, 20 steps, guidance 4) gives the samples that mapdit's sampling gave
+    before the one-path rewrite (fixture written by the old code: tests/fixtures/make_sampler_reference.py),
+    and so do unipc and heun at 20 steps, where diffusers' own spacing was right."""
+    reference = load_file(str(FIXTURE))
+    model = tiny(preset, channels)
+    labels = torch.tensor([0, 1, 2, 1, 0, 2, 2])
+    clip = "yes" if channels == 1 else "no"
+    for name in DIFFUSERS_SAMPLERS:
+        spec = SamplerSpec(name, 20, cfg_scale=4.0, clip_denoised=clip)
+        parts = sample_module.generate(model, labels, Sampler.for_model(spec, model), seed=3, batch_size=3)
+        x = torch.cat([parts[b] for b in sorted(parts)])
+        expected = reference[f"{preset}-{name}-20"]
+        # float rounding only: the model's own float order may change (the A model's samples reach ~950)
+        torch.testing.assert_close(x, expected, rtol=0, atol=1e-5 * (1 + expected.abs().max().item()))
+
+
+def test_low_level_sample_keeps_its_keywords():
+    """`sample(model_fn, sampler=..., steps=..., cfg_scale=...)` is the default spec with those fields."""
+    fn = Calls()
+    noise = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    a = sample(fn, shape=noise.shape, y=torch.zeros(2, dtype=torch.long), noise=noise, steps=5)
+    b = sample(Calls(), shape=noise.shape, y=torch.zeros(2, dtype=torch.long), noise=noise,
+               spec=SamplerSpec("dpm++2m", 5))
+    assert torch.equal(a, b) and fn.t == trailing_timesteps(5, T)
