@@ -82,14 +82,18 @@ def test_spec_checks_against_the_model():
 
 
 def test_cli_defaults_are_the_spec_defaults():
+    """`mapdit sample` and `mapdit fid` generate their sampling options from SamplerSpec: same defaults, and
+    every field is an option of both (with its help and default shown)."""
     from mapdit.cli import build_parser
+    from mapdit.commands.options import from_args
 
     parser = build_parser()
-    default = SamplerSpec()
     for command in ("sample", "fid"):
-        args = parser.parse_args([command, "--run", "somewhere"])
-        assert (args.sampler, args.steps, args.cfg_scale) == (default.sampler, default.steps, default.cfg_scale)
-        assert set(SAMPLER_CHOICES) >= set(DIFFUSERS_SAMPLERS) | {"ddpm", "ddim", "ancestral"}
+        assert from_args(SamplerSpec, parser.parse_args([command, "--run", "somewhere"])) == SamplerSpec()
+        args = parser.parse_args([command, "--run", "x", "--sampler", "ancestral", "--num-sampling-steps", "7",
+                                  "--cfg-scale", "2", "--guide-channels", "1", "--clip-denoised", "no"])
+        assert from_args(SamplerSpec, args) == SamplerSpec("ddpm", 7, 2.0, guide_channels=1, clip_denoised="no")
+    assert set(SAMPLER_CHOICES) >= set(DIFFUSERS_SAMPLERS) | {"ddpm", "ddim", "ancestral"}
 
 
 # ------------------------------------------------------------------------------------------------ schedules

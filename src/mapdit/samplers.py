@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from mapdit.data import clip_denoised_for
 from mapdit.diffusion import GaussianDiffusion, ModelFn, make_diffusion, space_timesteps
 from mapdit.errors import UserError
+from mapdit.options import opt
 from mapdit.schedulers import (
     DIFFUSERS_SAMPLERS,
     diffusers_schedulers,
@@ -46,6 +47,7 @@ DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_CFG = "dpm++2m", 20, 4.0
 @dataclass(frozen=True)
 class SamplerSpec:
     """How to sample: validated once, here; `sampler` is stored under its canonical name (ancestral -> ddpm).
+    Each field is an option (`opt`): `mapdit sample` and `mapdit fid` generate theirs from it.
 
     cfg_scale None: DEFAULT_CFG for a model trained with label dropout (it has a null class), else 1 (no
     guidance). eta: DDIM's noise (Song et al. 2021, eq. 16; 0 = deterministic), for ddim only.
@@ -53,12 +55,17 @@ class SamplerSpec:
     clip_denoised: clip x0 estimates to [-1, 1]; auto = yes for pixel data (as ADM), no for latents (as DiT).
     """
 
-    sampler: str = DEFAULT_SAMPLER
-    steps: int = DEFAULT_STEPS
-    cfg_scale: float | None = None
-    eta: float = 0.0
-    guide_channels: int | None = None
-    clip_denoised: str = "auto"
+    sampler: str = opt(DEFAULT_SAMPLER, "ddpm (= ancestral) and ddim are ours; dpm++2m, unipc and heun are "
+                       "diffusers' ODE solvers (heun makes 2*steps-1 model calls)", choices=SAMPLER_CHOICES)
+    steps: int = opt(DEFAULT_STEPS, "sampler steps (the paper's FID used --sampler ddpm --steps 250)",
+                     aliases=("--num-sampling-steps",))
+    cfg_scale: float | None = opt(None, "classifier-free guidance scale (default: 4 for a model trained with "
+                                        "label dropout, else 1; 1 = no guidance)")
+    eta: float = opt(0.0, "DDIM's noise (0: deterministic; --sampler ddim only)")
+    guide_channels: int | None = opt(None, "guide only the first K channels (3 reproduces the original DiT; "
+                                           "default: all)", metavar="K")
+    clip_denoised: str = opt("auto", "clip x0 estimates to [-1, 1]: auto = yes for pixel data (as ADM), no for "
+                                     "latents (as DiT)", choices=CLIP_CHOICES)
 
     def __post_init__(self):
         kind = SAMPLER_NAMES.get(self.sampler)

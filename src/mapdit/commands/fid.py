@@ -6,13 +6,14 @@ import argparse
 from .. import distributed as dist_utils
 from ..evaluate.scoring import DEFAULT_CACHE
 from ..experiments.fid_run import DEFAULT_NUM_SAMPLES, fid_for_run
-from ..samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_CHOICES
+from ..samplers import SamplerSpec
+from .options import add_options, from_args
 
 
 def run(args: argparse.Namespace) -> dict:
     result = fid_for_run(args.run, args.num_samples, ref=args.ref, features=args.features,
-                         weights=args.weights, ema_std=args.ema_std, ckpt=args.ckpt, cfg_scale=args.cfg_scale,
-                         sampler=args.sampler, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                         weights=args.weights, ema_std=args.ema_std, ckpt=args.ckpt,
+                         spec=from_args(SamplerSpec, args), seed=args.seed, batch_size=args.batch_size,
                          inception_weights=args.inception_weights,
                          cache_dir=args.cache_dir if args.cache_dir is not None else DEFAULT_CACHE,
                          num_ref=args.num_ref, split=args.split, device=args.device)
@@ -31,12 +32,7 @@ def add_fid_args(p: argparse.ArgumentParser) -> None:
                    help="EMA width (default the smallest tracked one; others are reconstructed post hoc)")
     p.add_argument("--ckpt", default=None, help="a checkpoint: a path, a name in the run's checkpoints/ or a step "
                                                    "(default: the newest complete one)")
-    p.add_argument("--cfg-scale", type=float, default=None,
-                   help="guidance scale (default 4 for a model trained with label dropout, else 1)")
-    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=DEFAULT_SAMPLER,
-                   help="ddpm/ancestral, ddim (ours) or dpm++2m, unipc, heun (diffusers; few steps, e.g. --steps 20)")
-    p.add_argument("--steps", "--num-sampling-steps", dest="steps", type=int, default=DEFAULT_STEPS,
-                   help=f"sampler steps (default {DEFAULT_STEPS}; the paper's FID used --sampler ddpm --steps 250)")
+    add_options(p, SamplerSpec, group="sampling (one default with mapdit sample and the Python API)")
     p.add_argument("--seed", type=int, default=0, help="seed of the labels and the noise")
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch (per rank)")
     p.add_argument("--ref", default=None,

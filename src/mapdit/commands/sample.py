@@ -6,13 +6,13 @@ import argparse
 from pathlib import Path
 
 from ..sample import sample_run
-from ..samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_CHOICES
+from ..samplers import SamplerSpec
+from .options import add_options, from_args
 
 
 def run(args: argparse.Namespace) -> Path:
     return sample_run(args.run, class_label=args.class_label, num_samples=args.num_samples, out=args.out,
-                      sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                      guide_channels=args.guide_channels, clip_denoised=args.clip_denoised, seed=args.seed,
+                      spec=from_args(SamplerSpec, args), seed=args.seed,
                       batch_size=args.batch_size, weights=args.weights, ema_std=args.ema_std, ckpt=args.ckpt,
                       device=args.device)
 
@@ -24,17 +24,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=None,
                    help="images per class row / of the class / in the npz (defaults 8, 8, 1000)")
     p.add_argument("--out", default=None, help="output .png, or .npz for arr_0 (N,H,W,C uint8) + arr_1 labels")
-    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=DEFAULT_SAMPLER,
-                   help="ddpm (= ancestral) and ddim are ours; dpm++2m, unipc and heun are diffusers' ODE solvers "
-                        "(few-step: e.g. --sampler dpm++2m --steps 20; heun makes 2*steps-1 model calls)")
-    p.add_argument("--steps", "--num-sampling-steps", dest="steps", type=int, default=DEFAULT_STEPS,
-                   help=f"sampler steps (default {DEFAULT_STEPS}; the paper's FID used --sampler ddpm --steps 250)")
-    p.add_argument("--cfg-scale", type=float, default=None,
-                   help="guidance scale (default 4 for a model trained with label dropout, else 1)")
-    p.add_argument("--guide-channels", type=int, default=None,
-                   help="guide only the first K channels (3 reproduces the original DiT); default all")
-    p.add_argument("--clip-denoised", choices=("auto", "yes", "no"), default="auto",
-                   help="clip x0 estimates to [-1, 1]: auto = yes for pixel data (as ADM), no for latents (as DiT)")
+    add_options(p, SamplerSpec, group="sampling (one default with mapdit fid and the Python API)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (sample i gets batch i // --batch-size's)")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampling batch")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA weights or the raw trained ones")
