@@ -52,7 +52,7 @@ def sample_labels(num_samples: int, num_classes: int, seed: int) -> torch.Tensor
 @torch.no_grad()
 def sample_images(model, data_meta: dict, labels: torch.Tensor, spec: SamplerSpec | None = None, *,
                   seed: int = 0, batch_size: int = 64, progress: bool = False, shard: bool = True,
-                  **spec_fields):
+                  decode=None, **spec_fields):
     """THE sampling path (`mapdit sample`, `mapdit fid`, the study, scores and grids during training, the
     Python API): uint8 images (N, H, W, C) numpy of `model` for `labels` (N,) with `spec` (default: the
     default SamplerSpec, `spec_fields` replaced). Sample i gets the noise of batch i // batch_size seeded by
@@ -60,6 +60,7 @@ def sample_images(model, data_meta: dict, labels: torch.Tensor, spec: SamplerSpe
 
     shard=True: under torchrun every rank samples and decodes its own batches, rank 0 gets them all (None on
     other ranks); shard=False: this process samples everything (a grid on rank 0 during training).
+    decode: model space (N, C, H, W) -> uint8 (N, H, W, C) (default: the data's, `decoder_for(data_meta)`).
     The model's train/eval mode is restored."""
     spec = SamplerSpec.of(spec, **spec_fields)
     run = Sampler.for_model(spec, model, data_meta)
@@ -68,7 +69,7 @@ def sample_images(model, data_meta: dict, labels: torch.Tensor, spec: SamplerSpe
     was_training = model.training
     model.eval()
     try:
-        decode = decoder_for(data_meta, device)
+        decode = decode or decoder_for(data_meta, device)
         parts = generate(model, labels, run, seed=seed, batch_size=batch_size, progress=progress and rank == 0,
                          rank=rank, world_size=world)
         parts = {b: decode(x.to(device)).cpu().numpy() for b, x in parts.items()}
