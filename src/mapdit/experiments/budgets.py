@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from mapdit.config import MP_OPTIONS, PRECISIONS, ModelConfig, TrainConfig, default_lr, make_config
 from mapdit.errors import UserError
 from mapdit.options import REQUIRED, opt, option
-from mapdit.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_CHOICES
+from mapdit.samplers import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, PAPER_SPEC, SAMPLER_CHOICES
 
 # Each budget field is declared once with `opt` (mapdit.options): `mapdit ablate` and `mapdit study` generate
 # their options, help texts and defaults from these declarations (mapdit.commands.options.add_options).
@@ -48,10 +48,10 @@ class ScoreBudget:
     ref: str | None = opt(None, "reference of the distance: 'fashion-mnist', an image folder, a prepared latent "
                           "folder or an ADM reference batch .npz (default: the training data)")
     num_ref: int | None = opt(None, "a fixed random subset of the reference of this many images (default: all)")
-    sampler: str = opt("ddpm", "ddpm/ancestral, ddim (ours) or dpm++2m, unipc, heun (diffusers' few-step solvers)",
-                       choices=SAMPLER_CHOICES)
-    sampling_steps: int = opt(250, "sampler steps")
-    cfg_scale: float = opt(1.0, "classifier-free guidance scale (1: none)")
+    sampler: str = opt(PAPER_SPEC.sampler, "ddpm/ancestral, ddim (ours) or dpm++2m, unipc, heun (diffusers' "
+                       "few-step solvers)", choices=SAMPLER_CHOICES)
+    sampling_steps: int = opt(PAPER_SPEC.steps, "sampler steps")
+    cfg_scale: float = opt(PAPER_SPEC.cfg_scale, "classifier-free guidance scale (1: none)")
     weights: str = opt("ema", "sample from the EMA weights or the raw trained ones", choices=("ema", "raw"))
     ema_std: float | None = opt(None, "EMA width sigma_rel sampled from (default: the smallest tracked one)")
     sample_batch_size: int = opt(64, "samples per sampling batch (per rank)")
@@ -80,7 +80,7 @@ MODULATIONS = ("adaln", "scale", "shift", "rotate", "scale+rotate")
 
 # Scoring of every run (one constant each, so that they change in one place)
 SCORE_SAMPLES = 1000
-SCORE_CFG = 4.0  # classifier-free guidance on every channel
+SCORE_CFG = DEFAULT_CFG  # classifier-free guidance on every channel
 SCORE_EMA = 0.10  # EMA sigma_rel every run is scored with (a width training tracks: no post-hoc reconstruction)
 HELDOUT_IMAGES = 2000  # test images of the held-out eps-MSE
 TEST_IMAGES = 10_000  # Fashion-MNIST's test split: the scoring reference and the held-out images
