@@ -41,3 +41,21 @@ def test_config_a_matches_original_dit_outputs(prefix, monkeypatch):
         out = model(io["x"], io["t"], io["y"])
     # 1e-6 absolute: float32 noise is ~1e-7; a tanh-vs-exact GELU slip would show as ~3e-6
     assert (out - io["out"]).abs().max().item() < 1e-6
+
+
+def test_original_checkpoint_file_loads_through_the_api(tmp_path, monkeypatch):
+    """The fixture's DiT weights saved as DiT's train.py saves a checkpoint (model / ema / opt / args with an
+    argparse Namespace) load weights-only through mapdit.load_dit_checkpoint and give DiT's own outputs."""
+    import argparse
+
+    import mapdit
+
+    args, state, io = load_case("a")
+    monkeypatch.setitem(config_module.SIZES, "REF", (args["depth"], args["hidden_size"], args["num_heads"]))
+    path = tmp_path / "0000100.pt"
+    torch.save({"model": {}, "ema": state, "opt": {}, "args": argparse.Namespace(**args)}, path)
+    pipe = mapdit.load_dit_checkpoint(path, model=f"DiT-REF/{args['patch_size']}",
+                                      image_size=8 * args["input_size"], num_classes=args["num_classes"], vae=None)
+    with torch.no_grad():
+        out = pipe.model(io["x"], io["t"], io["y"])
+    assert (out - io["out"]).abs().max().item() < 1e-6
