@@ -30,6 +30,9 @@ from mapdit.schedulers import (
     trailing_timesteps,
 )
 
+# diffusers' own set_timesteps calls np.array on torch tensors (a numpy 2 DeprecationWarning, thousands here)
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 FIXTURE = Path(__file__).parent / "fixtures" / "sampler_reference.safetensors"
 SAMPLERS = sorted(set(SAMPLER_NAMES.values()))  # ddim, ddpm, dpm++2m, heun, unipc
 T = 1000
