@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import cli, needs_fmnist
 from mapdit import sample as sample_module
 from mapdit import samplers as samplers_module
 from mapdit.config import make_config
@@ -226,3 +227,17 @@ def test_low_level_sample_keeps_its_keywords():
     b = sample(Calls(), shape=noise.shape, y=torch.zeros(2, dtype=torch.long), noise=noise,
                spec=SamplerSpec("dpm++2m", 5))
     assert torch.equal(a, b) and fn.t == trailing_timesteps(5, T)
+
+
+# ------------------------------------------------------------------------------------------------ grid names
+@needs_fmnist
+def test_sample_grid_name_says_what_it_shows(run_copy, capsys):
+    """`mapdit sample` names its grid after the checkpoint step, the weights, the sampler and the guidance,
+    and prints the path (the last line of stdout)."""
+    assert cli("sample", "--run", run_copy, "--steps", 2, "--num-samples", 1) == 0
+    path = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert path == run_copy / "samples" / "grid-step0000004-ema0.050-dpm++2m2-cfg4.png" and path.is_file()
+    assert cli("sample", "--run", run_copy, "--steps", 2, "--weights", "raw", "--class-label", 3,
+               "--sampler", "ddim", "--cfg-scale", 1.5, "--num-samples", 2) == 0
+    path = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert path.name == "class3-step0000004-raw-ddim2-cfg1.5.png" and path.is_file()
