@@ -70,7 +70,6 @@ def test_plot_reads_old_metrics_files_with_a_fid_column(tmp_path):
 @needs_fmnist
 def test_failing_plot_and_grid_warn_once_and_training_goes_on(tmp_path, monkeypatch, capsys):
     import mapdit.run_writer
-    import mapdit.train
 
     def full_disk(*args, **kw):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "metrics.png")
@@ -78,7 +77,7 @@ def test_failing_plot_and_grid_warn_once_and_training_goes_on(tmp_path, monkeypa
     def unwritable_grid(*args, **kw):
         raise DiskFullError(Path(args[2]), "disk full while writing the grid")
     monkeypatch.setattr(mapdit.run_writer, "plot_metrics", full_disk)
-    monkeypatch.setattr(mapdit.train, "sample_grid_from_model", unwritable_grid)
+    monkeypatch.setattr(mapdit.run_writer, "sample_grid_from_model", unwritable_grid)
     run = train(tiny_train(tmp_path, num_steps=4, ckpt_every=1, sample_every=1, ema_snapshots=0), tiny_model(),
                 progress=False)
     assert [s for s, _ in list_checkpoints(run)] == [1, 2, 3, 4]  # trained to the end
@@ -86,6 +85,16 @@ def test_failing_plot_and_grid_warn_once_and_training_goes_on(tmp_path, monkeypa
     assert err.count("warning: cannot write metrics.png") == 1, err
     assert err.count("warning: cannot write sample grids") == 1, err
     assert "training goes on without it" in err
+
+
+@needs_fmnist
+def test_training_grids_are_named_by_step_ema_width_sampler_and_guidance(tmp_path):
+    run = train(tiny_train(tmp_path, num_steps=2, sample_every=2, ema_snapshots=0, ema_stds=(0.1, 0.05)),
+                tiny_model(), progress=False)
+    name = "train-step0000002-ema0.050-dpm++2m20-cfg4.png"  # the narrowest width, sample's default sampler
+    assert [p.name for p in (run / "samples").iterdir()] == [name]
+    assert (run / "samples" / name).read_bytes()[:8] == PNG
+    assert f"step 2: sample grid {run / 'samples' / name}" in (run / "log.txt").read_text()
 
 
 def test_an_unwritable_log_file_is_said_once_and_lines_still_reach_the_screen(tmp_path, capsys):

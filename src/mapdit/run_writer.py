@@ -38,7 +38,9 @@ from .runio import (
     trim_metrics,
     write_json,
 )
-from .weights import checkpoint_mismatch, load_prefixed
+from .sample import grid_name, sample_grid_from_model
+from .samplers import SamplerSpec
+from .weights import checkpoint_mismatch, load_prefixed, model_with_weights
 
 METRIC_FIELDS = ["step", "loss", "mse", "vb", "lr", "grad_norm", "steps_per_s", "images_per_s", "skipped",
                  "elapsed_s", "max_block_magnitude", "fd"]  # fd: FD_fmnist on Fashion-MNIST (config.json's fd_metric)
@@ -279,6 +281,16 @@ class SideOutputs:
     def plot(self) -> None:
         self.attempt("metrics.png", lambda: plot_metrics(self.run_dir / "metrics.csv", self.run_dir / "metrics.png",
                                                         self.fd_label))
+
+    def grid(self, step: int, model: DiT, ema: PowerEMA, sigma_rel: float, data_meta: dict) -> None:
+        """samples/train-step0000400-ema0.050-dpm++2m20-cfg4.png: a grid of the EMA weights of width `sigma_rel`
+        drawn with the default SamplerSpec, named like `mapdit sample`'s grids (step, weights, sampler, guidance)."""
+        spec = SamplerSpec()
+        name = grid_name(spec, spec.guidance(model.config.null_class), step=step, ema_std=sigma_rel, prefix="train")
+        path = self.attempt("sample grids", lambda: sample_grid_from_model(
+            model_with_weights(model, ema.averaged(sigma_rel)), data_meta, self.run_dir / "samples" / name, spec=spec))
+        if path is not None:
+            self.log(f"step {step}: sample grid {path}")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.tb is not None:

@@ -46,7 +46,6 @@ from .log import Logger
 from .model import parameter_breakdown
 from .run_writer import RunWriter, SideOutputs, checkpoint_steps, disk_line
 from .runio import create_run_dir, run_lock
-from .sample import sample_grid_from_model
 from .setup import NewRun, forward_of, init_device, load_data, model_optimizer_ema, run_record, settings
 from .step import Batch, BatchSource, ReportWindow, train_step
 from .stopping import StopRequest
@@ -239,11 +238,7 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, s
             # ---- snapshot (a sample grid) / checkpoint
             if tc.sample_every and done % tc.sample_every == 0:
                 with window.aside(bar):
-                    grid = side.attempt("sample grids", lambda: sample_grid_from_model(
-                        model_with_weights(model, ema.averaged(min(tc.ema_stds))), data.meta(),
-                        run_dir / "samples" / f"train-{done:07d}.png"))
-                if grid is not None:
-                    log(f"step {done}: sample grid {grid}")
+                    side.grid(done, model, ema, min(tc.ema_stds), data.meta())
             bar.update(1)
             if ckpt_now:
                 writer.checkpoint(done, model, ema, opt, skipped)
