@@ -2,9 +2,10 @@
 
 Read it top-down as one loop: schedule (the learning rate of the step) -> step (`train_step`: weight
 projection, the diffusion loss, backward, gradient norm, Adam, power EMA) -> report (metrics.csv, and the
-magnitudes and FD asked for; steps/s counts training only) -> snapshot/checkpoint (`RunWriter`; metrics.png
-and TensorBoard beside it) -> stop (the last step, or a signal). At start-up it says what a checkpoint costs
-on disk, and after the first timed steps, on a CPU, whether the run would outlast LONG_CPU_RUN_S.
+magnitudes and FD asked for; steps/s counts training only) -> snapshot/checkpoint (`RunWriter`; sample grids,
+metrics.png and TensorBoard beside it, `SideOutputs`) -> stop (the last step, or a signal). At start-up it says
+what a checkpoint costs on disk, and after the first timed steps, on a CPU, whether the run would outlast
+LONG_CPU_RUN_S.
 Everything else lives beside it: mapdit.setup (settings, device, data, model, optimizer, EMA), mapdit.step
 (the batch of a step, the step, the report window), mapdit.run_writer (the run folder: checkpoints, EMA
 snapshots, metrics, the fall-back to an older checkpoint, non-finite values, a full disk), mapdit.resume
