@@ -6,8 +6,12 @@ The fixtures built on them (a finished tiny run, a private copy of it) are in co
 from __future__ import annotations
 
 import csv
+import json
 import os
+import pickle
 import socket
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,7 @@ import torch
 from mapdit.cli import main as cli_main
 from mapdit.config import ModelConfig, make_config
 from mapdit.data import fashion_mnist
+from mapdit.runio import sha256_file
 from mapdit.train import TrainConfig
 
 # ------------------------------------------------------------------------------------------------
@@ -100,3 +105,56 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# run folders, processes and planted files (shared by test_train, test_run_writer, test_runio, test_stopping, ...)
+# ------------------------------------------------------------------------------------------------
+def steps_in_metrics(run: Path) -> list[int]:
+    return [int(row["step"]) for row in read_metrics(run)]
+
+
+def all_finite(tensors: dict) -> bool:
+    return all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+
+
+def train_cmd(*argv) -> list[str]:
+    return [sys.executable, "-m", "mapdit.cli", "train", *[str(a) for a in argv]]
+
+
+def wait_for(condition, timeout=120.0, proc=None, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file below root with its content: to show nothing was lost, changed or left half-written."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def temporaries(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if ".tmp" in p.name]
+
+
+class Evil:
+    """Unpickling it runs `touch MARKER`: a pickle that must never be loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def plant_pickle(path: Path, marker: Path, step: int | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps({"model": Evil(marker)}, protocol=2))
+    if step is not None:  # a sidecar that matches: size and checksum are right, only the format is not
+        path.with_suffix(".json").write_text(json.dumps(
+            {"step": step, "bytes": path.stat().st_size, "sha256": sha256_file(path), "param_groups": []}))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import cli, error_line, tiny_model
+from helpers import cli, error_line, needs_fmnist, only_error_line, tiny_model, tree
 from mapdit import ema
 from mapdit.cli import build_parser
 from mapdit.commands.options import UNSET, given
@@ -218,3 +218,37 @@ def test_the_paper_recipe():
     assert (model.model, model.preset, tc.num_steps, tc.batch_size, tc.ema_stds) == (
         "DiT-XS/2", "E", 400_000, 256, (0.05, 0.10))
     assert tc.resolved(model).lr == 1e-2 and tc.data_path == "latents"
+
+
+@needs_fmnist
+@pytest.mark.parametrize("section, key, value", [
+    ("model", "num_classes", "ten"),
+    ("model", "mp_silu", "yes"),
+    ("model", "model", 5),
+    ("train", "ema_stds", "0.05"),
+    ("train", "lr", "fast"),
+    ("train", "batch_size", 8.5),
+])
+def test_config_json_with_wrong_types_is_one_line_naming_the_field(run_copy, capsys, section, key, value):
+    config = json.loads((run_copy / "config.json").read_text())
+    config[section][key] = value
+    (run_copy / "config.json").write_text(json.dumps(config))
+    before = tree(run_copy)
+    assert cli("sample", "--result-dir", run_copy, "--steps", 2) == 2
+    line = only_error_line(capsys, "sample")
+    assert f"config.json {section}: {key} is {json.dumps(value)}, not " in line, line
+    assert cli("train", "--resume", run_copy, "--num-steps", 6) == 2
+    assert f"{key} is {json.dumps(value)}" in only_error_line(capsys, "train")
+    assert tree(run_copy) == before
+
+
+def test_model_config_from_dict_checks_types():
+    from mapdit.config import ModelConfig, make_config
+    from mapdit.errors import UserError
+
+    good = make_config("DiT-XXS/4", preset="E", input_size=28, in_channels=1, num_classes=10).to_dict()
+    assert ModelConfig.from_dict(good).num_classes == 10
+    for key, value in [("num_classes", "ten"), ("input_size", True), ("mlp_ratio", float("nan")),
+                       ("learn_sigma", 1), ("preset", 3)]:
+        with pytest.raises(UserError, match=f"config.json: {key} is "):
+            ModelConfig.from_dict({**good, key: value}, where="R/config.json")

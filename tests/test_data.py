@@ -4,12 +4,14 @@ import gzip
 import json
 import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from helpers import INSTALLED_FMNIST, RUN, cli, only_error_line
 from helpers import needs_installed_fmnist as needs_fmnist
 from mapdit.data import ImageDataset, IndexStream, fashion_mnist, load_dataset, to_uint8_images, uint8_to_model
 from mapdit.errors import UserError
@@ -256,3 +258,81 @@ def test_index_stream_resume_equals_continuing():
 def test_index_stream_rejects_too_small_dataset():
     with pytest.raises(UserError, match="fewer than one global batch"):
         IndexStream(10, 4, seed=0, world_size=3)
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "empty-class-folders"])
+def test_missing_or_empty_data_path(tmp_path, capsys, layout):
+    data = tmp_path / "data"
+    if layout != "missing":
+        data.mkdir()
+    if layout == "empty-class-folders":
+        (data / "cats").mkdir()
+        (data / "dogs").mkdir()
+    assert cli("train", "--data-path", data, "--model", "DiT-XXS/4", "--results-dir", tmp_path / "R") == 2
+    expected = {"missing": "does not exist", "empty": "holds no class subfolders",
+                "empty-class-folders": "no readable image"}[layout]
+    assert expected in only_error_line(capsys)
+    assert not list((tmp_path / "R").glob("*-DiT-*"))
+
+
+def _image_folder(root: Path, bad: bool) -> Path:
+    from PIL import Image
+
+    for c, name in enumerate(["a", "b"]):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 36), (60 * i, 90 * c, 20)).save(root / name / f"{i}.png")
+    if bad:
+        (root / "a" / "notes.png").write_bytes(b"this is not an image")
+        good = (root / "b" / "0.png").read_bytes()
+        (root / "b" / "cut.png").write_bytes(good[: len(good) // 2])
+    return root
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys):
+    data = _image_folder(tmp_path / "images", bad=True)
+    assert cli("train", "--data-path", data, "--model", "DiT-XXS/4", "--num-steps", 1, "--global-batch-size", 2,
+               "--ema-snapshots", 0, "--results-dir", tmp_path / "R") == 0
+    run = tmp_path / "R" / RUN
+    assert "skipped 2 unreadable image file(s)" in (run / "log.txt").read_text()
+    assert json.loads((run / "config.json").read_text())["data"]["skipped"] == 2
+    assert json.loads((run / "config.json").read_text())["data"]["num_images"] == 6
+
+
+def test_only_unreadable_images_is_one_line(tmp_path, capsys):
+    for name in ("a", "b"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        (tmp_path / "images" / name / "x.jpg").write_bytes(b"\xff\xd8 broken")
+    assert cli("train", "--data-path", tmp_path / "images", "--model", "DiT-XXS/4",
+               "--results-dir", tmp_path / "R") == 2
+    assert "no readable image" in only_error_line(capsys)
+
+
+@needs_fmnist
+def test_idx_label_outside_the_ten_classes_is_one_line_naming_file_and_index(tmp_path, capsys):
+    data = tmp_path / "fm"
+    data.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (data / name).symlink_to(INSTALLED_FMNIST / name)
+    labels = bytearray(gzip.decompress((INSTALLED_FMNIST / "train-labels-idx1-ubyte.gz").read_bytes()))
+    labels[8 + 1234] = 200  # header 8 bytes, then one byte per label
+    (data / "train-labels-idx1-ubyte").write_bytes(bytes(labels))
+    assert cli("train", "--data-path", data, "--model", "DiT-XXS/4", "--results-dir", tmp_path / "R") == 2
+    line = only_error_line(capsys)
+    assert "train-labels-idx1-ubyte: label 200 at index 1234 is outside the 10 classes" in line
+    assert not (tmp_path / "R").exists() or not list((tmp_path / "R").iterdir())
+
+
+def test_image_folder_with_an_empty_class_folder_is_refused(tmp_path, capsys):
+    from PIL import Image
+
+    for name in ("a", "c"):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "img" / name / f"{i}.png")
+    (tmp_path / "img" / "b").mkdir()
+    (tmp_path / "img" / "b" / "broken.png").write_bytes(b"not an image")
+    assert cli("train", "--data-path", tmp_path / "img", "--model", "DiT-XXS/4", "--results-dir", tmp_path / "R") == 2
+    line = only_error_line(capsys)
+    assert f"class folder {tmp_path / 'img' / 'b'} has no readable image" in line
+    assert not (tmp_path / "R").exists() or not list((tmp_path / "R").iterdir())

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from scipy.integrate import quad
 
 import mapdit.ema as ema_mod
+from helpers import cli, error_line, needs_fmnist, only_error_line
 from mapdit.ema import (
     DEFAULT_SNAPSHOT_DTYPE,
     PowerEMA,
@@ -386,3 +387,11 @@ def test_non_finite_and_foreign_snapshots_are_named(tmp_path, no_fsync):
         ema_mod.save_file(tensors, str(info.path), metadata=meta)
     rec, _ = reconstruct(tmp_path, 0.07)
     assert torch.isfinite(rec["p0"]).all()
+
+
+@needs_fmnist
+def test_ema_width_the_snapshots_cannot_express(tiny_run, capsys):
+    assert cli("ema", "--result-dir", tiny_run, "--std", 0.25) == 2
+    assert "is not expressible from the snapshots" in only_error_line(capsys, "ema")
+    assert cli("sample", "--result-dir", tiny_run, "--ema-std", 0.25, "--steps", 2) == 2
+    assert "is not expressible from the snapshots" in error_line(capsys, "sample")

@@ -1,5 +1,6 @@
 """The layers: the metrics layer (mapdit.evaluate) never imports training or the experiments, and no
 library module imports argparse or the command layer. Each module is imported in a fresh interpreter."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,16 @@ def test_library_modules_import_no_argparse_and_no_command_layer():
         for word in ("ArgumentParser", "add_argument", "add_parser", "def register("):
             assert word not in text, (path, word)
         assert "import argparse" not in text or path.name == "model.py", path
+
+
+@pytest.mark.parametrize("exported, expected", [
+    ({}, "PASSIVE"),  # mapdit's default: idle OpenMP threads sleep
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),  # the user's value wins
+    ({"GOMP_SPINCOUNT": "10000"}, None),  # so does a spin count: the policy stays unset for libgomp to apply it
+])
+def test_import_sets_the_openmp_wait_policy_unless_the_user_chose(exported, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = "import os, mapdit; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **exported}, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == str(expected)

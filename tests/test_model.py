@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import Evil, plant_pickle
 from mapdit import config as config_module
 from mapdit.cli import main as cli_main
 from mapdit.config import MP_OPTIONS, PRESETS, ModelConfig, make_config, parse_modulation
@@ -434,3 +435,15 @@ def test_outputs_and_gradients_equal_those_of_the_folded_forward(name, monkeypat
     assert out.dtype == out_before.dtype and close(out.detach(), out_before, 1e-12 if fp64 else 1e-5)
     grads, rel = grad_summary(model), 1e-11 if fp64 else 1e-4  # float32 sums of many terms: 3.5e-5 seen on A
     assert close(grads[:, 0], grad_before[:, 0], rel) and close(grads[:, 1], grad_before[:, 1], rel)
+
+
+def test_load_dit_checkpoint_refuses_code_in_pickles(tmp_path):
+    from mapdit.model import load_dit_checkpoint
+
+    marker = tmp_path / "MARKER"
+    torch.save({"model": Evil(marker)}, tmp_path / "evil.pt")  # torch's zip format
+    plant_pickle(tmp_path / "evil.pkl", marker)  # a bare pickle
+    for name in ("evil.pt", "evil.pkl"):
+        with pytest.raises(Exception):
+            load_dit_checkpoint(str(tmp_path / name))
+        assert not marker.exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import cli, error_line, needs_fmnist, read_metrics, tiny_model, tiny_train
+from helpers import cli, error_line, needs_fmnist, only_error_line, read_metrics, tiny_model, tiny_train
 from mapdit.cli import build_parser
 from mapdit.commands.options import UNSET
 from mapdit.commands.train import resumed_run_configs
@@ -16,6 +16,7 @@ from mapdit.config import ModelConfig, TrainConfig
 from mapdit.errors import UserError
 from mapdit.options import options
 from mapdit.resume import RESUME_MAY_CHANGE, RESUME_MUST_MATCH, resume_settings
+from mapdit.runio import list_checkpoints
 from mapdit.train import train
 
 DATA_SIZES = ("input_size", "in_channels", "num_classes")  # train takes these from the data, not the command line
@@ -133,3 +134,26 @@ def test_a_report_option_given_on_resume_takes_effect(tmp_path):
     rows = (run / "residual_magnitudes.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows if r[:1].isdigit()] == ["4"]
     assert [int(r["step"]) for r in read_metrics(run)] == [2, 4]
+
+
+@needs_fmnist
+@pytest.mark.parametrize("argv, expected", [
+    (["--model", "DiT-S/2"], "--model DiT-S/2 (the run is DiT-XXS/4)"),
+    (["--config", "A"], "--config gives cosine_attention=False (the run has True)"),
+    (["--modulation", "scale"], "--modulation gives modulation=scale+gate (the run has adaln)"),
+    (["--global-batch-size", "16"], "--global-batch-size 16 (the run has 8)"),
+    (["--ema-stds", "0.07"], "--ema-std [0.07] (the run has [0.05, 0.1])"),  # the old spelling is an alias
+    (["--min-snr-gamma", "5"], "--min-snr-gamma 5.0 (the run has None)"),
+])
+def test_resume_with_contradicting_options(run_copy, capsys, argv, expected):
+    before = sorted(p.name for p in run_copy.rglob("*"))
+    assert cli("train", "--resume", run_copy, *argv) == 2
+    line = only_error_line(capsys)
+    assert expected in line and "start a new run without --resume" in line
+    assert sorted(p.name for p in run_copy.rglob("*")) == before
+
+
+@needs_fmnist
+def test_resume_with_agreeing_model_flags_is_fine(run_copy):
+    assert cli("train", "--resume", run_copy, "--model", "DiT-XXS/4", "--config", "E", "--num-steps", 5) == 0
+    assert [s for s, _ in list_checkpoints(run_copy)] == [2, 4, 5]

@@ -1,20 +1,37 @@
 """The run folder training writes (mapdit.run_writer): --keep-last, disk use at start-up, the FD column,
-metrics.png, TensorBoard, and outputs whose failure never stops training (issue 29 point 6)."""
+metrics.png, TensorBoard, sample grids and outputs whose failure never stops training; resuming from the newest
+intact checkpoint, non-finite values never written, a full disk while saving."""
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
+import pickle
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import needs_fmnist, read_metrics, tiny_model, tiny_train
+from helpers import (
+    RUN,
+    TINY_ARGS,
+    all_finite,
+    assert_same_tensors,
+    cli,
+    error_line,
+    needs_fmnist,
+    read_metrics,
+    snapshot_files,
+    steps_in_metrics,
+    tiny_model,
+    tiny_train,
+)
+from mapdit.errors import Diverged, UserError
 from mapdit.log import Logger
 from mapdit.plots import plot_metrics, read_metrics_csv
 from mapdit.run_writer import METRIC_FIELDS
-from mapdit.runio import DiskFullError, list_checkpoints
+from mapdit.runio import DiskFullError, checkpoint_path, list_checkpoints, load_tensors, verify_checkpoint
 from mapdit.train import train
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -127,3 +144,132 @@ def test_tensorboard_logs_the_metrics_when_installed(tmp_path):
     assert {"loss", "mse", "lr", "grad_norm", "steps_per_s"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("loss")] == [int(r["step"]) for r in read_metrics(run)]
     assert json.loads((run / "config.json").read_text())["train"]["tensorboard"] is True
+
+
+# ------------------------------------------------------------------------------------------------
+# restore: a damaged newest checkpoint is said in one line, resume falls back
+# ------------------------------------------------------------------------------------------------
+@needs_fmnist
+@pytest.mark.parametrize("damage", ["truncate", "flip-a-byte", "no-sidecar"])
+def test_damaged_latest_checkpoint_is_reported_and_resume_falls_back(run_copy, capsys, damage):
+    latest = checkpoint_path(run_copy, 4)
+    original = {k: v.clone() for k, v in load_tensors(latest).items()}  # a copy: the file is memory-mapped
+    data = latest.read_bytes()
+    if damage == "truncate":
+        latest.write_bytes(data[: len(data) // 2])
+    elif damage == "flip-a-byte":
+        latest.write_bytes(data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:])
+    else:
+        latest.with_suffix(".json").unlink()
+    assert cli("train", "--resume", run_copy) == 0  # the run's own length: 4 steps, so it redoes 3..4
+    out, err = capsys.readouterr()
+    # on stderr, as in sampling (issue 20, item 8)
+    skipped = [line for line in err.splitlines() if "skipping checkpoint step-0000004.safetensors" in line]
+    assert len(skipped) == 1 and "falling back to the previous one" in skipped[0], err
+    assert "skipping checkpoint" not in out
+    assert {"truncate": "truncated", "flip-a-byte": "checksum", "no-sidecar": "sidecar"}[damage] in skipped[0]
+    assert f"resuming {run_copy} at step 2/4" in out
+    assert skipped[0].split("] ", 1)[1] in (run_copy / "log.txt").read_text()
+    assert verify_checkpoint(latest) is None
+    assert_same_tensors(original, load_tensors(latest))  # redone exactly
+    assert (latest.parent / (latest.name + ".broken")).exists()  # set aside, not deleted, never loaded
+    assert steps_in_metrics(run_copy) == [2, 4]
+
+
+
+# ------------------------------------------------------------------------------------------------
+# non-finite values: never written; stop naming the step, or skip and count
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def poison(monkeypatch):
+    """poison(steps): the batches of those (0-based) steps become NaN, patched into the batch source."""
+    import mapdit.step
+
+    draw = mapdit.step.BatchSource.__call__
+
+    def at(steps):
+        def poisoned(self, step):
+            batch = draw(self, step)
+            if step in steps:
+                batch.x = batch.x * float("nan")
+            return batch
+        monkeypatch.setattr(mapdit.step.BatchSource, "__call__", poisoned)
+    return at
+
+
+@needs_fmnist
+@pytest.mark.parametrize("snapshots", [8, 0], ids=["caught-at-snapshot", "caught-at-checkpoint"])
+def test_nan_stops_training_naming_the_step_and_the_last_good_checkpoint(tmp_path, poison, snapshots):
+    tc = tiny_train(tmp_path, num_steps=8, ckpt_every=3, log_every=100, ema_snapshots=snapshots)
+    poison({3})  # the 4th step (step 4) sees NaN
+    with pytest.raises(Diverged) as info:  # a UserError (one line, exit 2) that experiments record as a result
+        train(tc, tiny_model())
+    message = str(info.value)
+    assert isinstance(info.value, UserError) and info.value.step == 4
+    assert pickle.loads(pickle.dumps(info.value)).step == 4  # as a study worker would hand it back
+    assert "\n" not in message
+    assert "non-finite loss or gradient at step 4" in message
+    assert "last good checkpoint is step 3" in message
+    run = tmp_path / RUN
+    ckpts = list_checkpoints(run)
+    assert [s for s, _ in ckpts] == [3]
+    assert all_finite(load_tensors(ckpts[0][1]))
+    for snap in snapshot_files(run):
+        assert all_finite(load_tensors(snap)), snap
+        assert int(snap.stem.split("-")[1]) <= 3
+
+
+@needs_fmnist
+def test_skip_nonfinite_completes_and_counts_the_skips(tmp_path, poison):
+    poison({1, 4})
+    run = train(tiny_train(tmp_path, num_steps=6, ckpt_every=3, skip_nonfinite=True), tiny_model())
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert [int(r["skipped"]) for r in rows] == [1, 1, 2]
+    assert all(float(r["loss"]) == float(r["loss"]) for r in rows)  # no NaN averaged into a row
+    for _, path in list_checkpoints(run):
+        assert all_finite(load_tensors(path))
+    assert json.loads(checkpoint_path(run, 6).with_suffix(".json").read_text())["skipped"] == 2
+    assert "step 5: non-finite loss or gradient, step skipped (2 so far)" in (run / "log.txt").read_text()
+
+
+
+# ------------------------------------------------------------------------------------------------
+# a full disk while saving: one line, the previous checkpoint intact
+# ------------------------------------------------------------------------------------------------
+def _enospc_writer(real, should_fail):
+    def write(tensors, filename, metadata=None):
+        if should_fail(metadata or {}):
+            with open(filename, "wb") as f:
+                f.write(b"\0" * 1000)  # half a file, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+        return real(tensors, filename, metadata=metadata)
+    return write
+
+
+@needs_fmnist
+@pytest.mark.parametrize("writer", ["checkpoint", "snapshot"])
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys, writer):
+    import mapdit.ema
+    import mapdit.runio
+
+    if writer == "checkpoint":
+        monkeypatch.setattr(mapdit.runio, "save_file", _enospc_writer(
+            mapdit.runio.save_file, lambda meta: meta.get("format") == "mapdit-checkpoint-1" and meta["step"] == "4"))
+    else:
+        monkeypatch.setattr(mapdit.ema, "save_file", _enospc_writer(
+            mapdit.ema.save_file, lambda meta: meta.get("step") == "3"))
+    assert cli("train", *TINY_ARGS, "--num-steps", 6, "--ckpt-every", 2, "--log-every", 2, "--ema-snapshots", 6,
+               "--results-dir", tmp_path) == 2
+    line = error_line(capsys)
+    assert "disk full while writing" in line and "free space and resume" in line
+    run = tmp_path / RUN
+    good = 2
+    assert f"the last good checkpoint is step {good}" in line
+    assert [s for s, _ in list_checkpoints(run)] == [good]
+    assert verify_checkpoint(checkpoint_path(run, good)) is None
+    assert not list(run.rglob(".*.tmp*")) and not list(run.rglob("*.tmp-*"))
+    monkeypatch.undo()
+    assert cli("train", "--resume", run) == 0  # free space, resume
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4, 6]

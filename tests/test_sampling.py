@@ -1,5 +1,8 @@
 """One sampling path: the SamplerSpec (one default, validated once), the integer schedules every sampler
 evaluates the model at (every step count 1-1000), one scheduler per call, and today's samples kept."""
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -7,12 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import cli, needs_fmnist
+from helpers import ENV, cli, error_line, needs_fmnist, temporaries
 from mapdit import sample as sample_module
 from mapdit import samplers as samplers_module
 from mapdit.config import make_config
 from mapdit.errors import UserError
 from mapdit.model import DiT
+from mapdit.sample import save_png
 from mapdit.samplers import (
     DEFAULT_CFG,
     PAPER_SPEC,
@@ -241,3 +245,55 @@ def test_sample_grid_name_says_what_it_shows(run_copy, capsys):
                "--sampler", "ddim", "--cfg-scale", 1.5, "--num-samples", 2) == 0
     path = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert path.name == "class3-step0000004-raw-ddim2-cfg1.5.png" and path.is_file()
+
+
+@needs_fmnist
+@pytest.mark.parametrize("label", [10, -1])
+def test_sample_class_label_out_of_range(tiny_run, tmp_path, capsys, label):
+    assert cli("sample", "--result-dir", tiny_run, "--class-label", label, "--steps", 2,
+               "--out", tmp_path / "x.png") == 2
+    assert f"--class-label {label} is out of range" in error_line(capsys, "sample")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_concurrent_writes_to_one_name_keep_every_file(tmp_path):
+    threads, per_thread = 8, 15
+    start = threading.Barrier(threads)
+    written: list[Path] = []
+    lock = threading.Lock()
+
+    def worker(k: int):
+        start.wait()
+        for i in range(per_thread):
+            image = np.full((4, 4, 1), k * per_thread + i, dtype=np.uint8)  # a value per write
+            path = save_png(tmp_path / "same.png", image, new=True)
+            with lock:
+                written.append((k * per_thread + i, path))
+
+    pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    paths = [p for _, p in written]
+    assert len(set(paths)) == threads * per_thread  # no two writers were given the same name
+    from PIL import Image
+
+    for value, path in written:  # and each file holds what its writer wrote
+        assert np.asarray(Image.open(path)).flat[0] == value
+    assert len(list(tmp_path.iterdir())) == threads * per_thread and not temporaries(tmp_path)
+
+
+@needs_fmnist
+def test_concurrent_sample_commands_to_one_out_lose_nothing(tiny_run, tmp_path):
+    out = tmp_path / "same.png"
+    cmd = [sys.executable, "-m", "mapdit.cli", "sample", "--result-dir", str(tiny_run), "--weights", "raw",
+           "--steps", "2", "--class-label", "0", "--num-samples", "1", "--out", str(out)]
+    procs = [subprocess.Popen([*cmd, "--seed", str(k)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for k in range(3)]
+    printed = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=1800)
+        assert proc.returncode == 0, stderr
+        printed.append(stdout.strip().splitlines()[-1])
+    assert sorted(printed) == sorted(str(p) for p in tmp_path.glob("same*.png")) and len(set(printed)) == 3

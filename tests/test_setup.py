@@ -1,11 +1,17 @@
-"""Set-up of a training run (mapdit.setup): the data fingerprint a resume checks (issue 29 point 3)."""
+"""Set-up of a training run (mapdit.setup): the data fingerprint a resume checks, settings checked before any
+rank joins, data that does not fit (labels, shape, less than a batch) refused in one line, and no run folder left
+by a failure or a signal during set-up."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+from pathlib import Path
 
 import pytest
+import torch
 
-from helpers import FMNIST, cli, needs_fmnist, only_error_line, tiny_model, tiny_train
+from helpers import FMNIST, RUN, TINY_ARGS, cli, needs_fmnist, only_error_line, tiny_model, tiny_train
 from mapdit.data import load_dataset
 from mapdit.errors import UserError
 from mapdit.runio import list_checkpoints
@@ -64,3 +70,84 @@ def test_a_run_recorded_without_a_fingerprint_resumes_as_before(tmp_path):
     train(tiny_train(tmp_path, num_steps=3), None, resume=str(run), progress=False)
     assert [s for s, _ in list_checkpoints(run)] == [2, 3]
     assert json.loads((run / "config.json").read_text())["data_fingerprint"]["count"] == 60000
+
+
+@needs_fmnist
+def test_batch_size_not_divisible_by_the_ranks_fails_before_joining_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # what torchrun --nproc_per_node=3 sets; no group is ever joined
+    assert cli("train", *TINY_ARGS, "--results-dir", tmp_path) == 2
+    assert "--global-batch-size 8 must be a positive multiple of the number of processes (3)" in \
+        only_error_line(capsys)
+    assert not torch.distributed.is_initialized()
+
+
+def _latents(root: Path, num_classes_listed: int | None = None) -> Path:
+    from mapdit.data.latents import synthetic_latents
+
+    out = synthetic_latents(root, num_items=16, latent_shape=(4, 8, 8), num_classes=10)
+    if num_classes_listed is not None:  # the class list says fewer classes than the labels use
+        index = json.loads((out / "latents.json").read_text())
+        index["class_names"] = index["class_names"][:num_classes_listed]
+        (out / "latents.json").write_text(json.dumps(index))
+    return out
+
+
+def test_dataset_label_out_of_range(tmp_path, capsys):
+    data = _latents(tmp_path / "lat", num_classes_listed=3)
+    assert cli("train", "--data-path", data, "--model", "DiT-XXS/4", "--results-dir", tmp_path / "R") == 2
+    line = only_error_line(capsys)
+    assert "class labels 0..9 but 3 classes" in line
+    assert not list((tmp_path / "R").glob("*-DiT-*"))
+
+
+@needs_fmnist
+def test_resume_with_latents_of_another_shape(run_copy, tmp_path, capsys):
+    data = _latents(tmp_path / "lat")
+    assert cli("train", "--resume", run_copy, "--data-path", data, "--num-steps", 6) == 2
+    assert "does not match the run's model" in only_error_line(capsys)
+
+
+def test_dataset_smaller_than_one_batch_leaves_no_run_folder(tmp_path, capsys):
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "img" / name / "0.png")
+    results = tmp_path / "R"
+    assert cli("train", "--data-path", tmp_path / "img", "--model", "DiT-XXS/4", "--global-batch-size", 8,
+               "--results-dir", results) == 2
+    assert "fewer than one global batch" in only_error_line(capsys)
+    assert not results.exists() or not list(results.iterdir())
+
+
+def test_failure_or_signal_after_the_run_folder_exists_removes_it(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    import mapdit.setup
+
+    for name in ("a", "b"):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (50 * i, 0, 0)).save(tmp_path / "img" / name / f"{i}.png")
+    args = ["train", "--data-path", tmp_path / "img", "--model", "DiT-XXS/4", "--image-size", 8,
+            "--global-batch-size", 2, "--num-steps", 2, "--ema-snapshots", 0, "--results-dir", tmp_path / "R"]
+    real = mapdit.setup.DiT
+
+    def failing(cfg):  # a failure while the model is built: after the run folder was made
+        raise torch.cuda.OutOfMemoryError("out of memory (simulated)")
+    monkeypatch.setattr(mapdit.setup, "DiT", failing)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        cli(*args)
+    assert not list((tmp_path / "R").iterdir())
+
+    def signalled(cfg):  # SIGTERM while the model is built
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(cfg)
+    monkeypatch.setattr(mapdit.setup, "DiT", signalled)
+    assert cli(*args) == 0
+    err = capsys.readouterr().err
+    assert "stopped by signal SIGTERM during set-up, before step 1: no run folder is kept" in err
+    assert not list((tmp_path / "R").iterdir())
+    monkeypatch.setattr(mapdit.setup, "DiT", real)
+    assert cli(*args) == 0  # the next run takes the first number
+    assert [p.name for p in (tmp_path / "R").iterdir()] == [RUN]

@@ -1,14 +1,31 @@
-"""Training end to end: loss goes down, exact resume, torchrun equivalence, the seed commands."""
+"""Training end to end: loss goes down, exact resume (also after kill -9 at random moments), torchrun equivalence
+and a failing rank ending the job, the seed commands."""
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import helpers
-from helpers import assert_same_tensors, free_port, needs_fmnist, read_metrics, tiny_model
+from helpers import (
+    ENV,
+    RUN,
+    TINY_ARGS,
+    assert_same_tensors,
+    free_port,
+    needs_fmnist,
+    read_metrics,
+    snapshot_files,
+    steps_in_metrics,
+    tiny_model,
+    train_cmd,
+    wait_for,
+)
 from mapdit.errors import UserError
 from mapdit.runio import list_checkpoints, load_tensors, split_prefix
 from mapdit.train import TrainConfig, long_run_line, lr_multiplier, train
@@ -176,3 +193,81 @@ def test_an_unwritable_statistics_cache_is_said_once_and_training_scores_without
     assert [r["fd"] != "" for r in read_metrics(run)] == [True, True]
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "statistics cache" in err, err
+
+
+# ------------------------------------------------------------------------------------------------
+# crash safety: kill -9 anywhere, resume, same result; one failing rank ends the job
+# ------------------------------------------------------------------------------------------------
+@needs_fmnist
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_equals_uninterrupted_run(tmp_path):
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    steps = 30
+    args = [*TINY_ARGS, "--num-steps", steps, "--log-every", "2", "--ckpt-every", "3", "--ema-snapshots", "10"]
+    subprocess.run(train_cmd(*args, "--results-dir", tmp_path / "ref"), check=True, env=ENV,
+                   capture_output=True, timeout=300)
+    ref = tmp_path / "ref" / RUN
+    run = tmp_path / "kill" / RUN
+
+    def reached() -> int:  # the newest step in metrics.csv (a row may be half written)
+        try:
+            return max([0] + [int(line.split(",")[0]) for line in (run / "metrics.csv").read_text().splitlines()[1:]
+                              if line.split(",")[0].isdigit()])
+        except FileNotFoundError:
+            return 0
+
+    def checkpoints_done() -> int:
+        return len(list((run / "checkpoints").glob("*.json")))
+
+    kills = []  # (what, checkpoints on disk when killed)
+    cmd = train_cmd(*args, "--results-dir", tmp_path / "kill")
+    for attempt in range(3):
+        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            if attempt == 0:  # soon after the run folder is set up: the first steps, before any checkpoint
+                wait_for(lambda: (run / "config.json").exists(), proc=proc, what="config.json")
+                time.sleep(rng.uniform(0.0, 0.3))
+            elif attempt == 1:  # right as a new checkpoint lands
+                have = checkpoints_done()
+                wait_for(lambda: checkpoints_done() > have, proc=proc, what="a new checkpoint")
+            else:  # a random step of the resumed run, then a random moment within about a step
+                target = rng.randint(reached() + 1, steps - 8)
+                wait_for(lambda: reached() >= target, proc=proc, what=f"step {target}")
+                time.sleep(rng.uniform(0.0, 0.1))
+            assert proc.poll() is None, f"the run ended before kill {attempt} (seed {seed})"
+            proc.send_signal(signal.SIGKILL)
+            kills.append((attempt, [s for s, _ in list_checkpoints(run)]))
+        finally:
+            proc.kill()
+            proc.wait(timeout=60)
+        cmd = train_cmd("--resume", run)
+    subprocess.run(cmd, check=True, env=ENV, capture_output=True, timeout=300)
+
+    why = f"seed {seed}, checkpoints at each kill {kills}"
+    ref_ckpt, ckpt = list_checkpoints(ref)[-1], list_checkpoints(run)[-1]
+    assert ckpt[0] == ref_ckpt[0] == steps, why
+    assert_same_tensors(load_tensors(ref_ckpt[1]), load_tensors(ckpt[1]))
+    ref_snaps, snaps = snapshot_files(ref), snapshot_files(run)
+    assert [p.relative_to(ref) for p in ref_snaps] == [p.relative_to(run) for p in snaps], why
+    for a, b in zip(ref_snaps, snaps):
+        assert_same_tensors(load_tensors(a), load_tensors(b))
+    assert steps_in_metrics(run) == steps_in_metrics(ref) == list(range(2, steps + 1, 2)), why
+    assert not list(run.rglob(".*.tmp*")), why
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_torchrun_job(tmp_path):
+    env = {**ENV, "MAPDIT_DIST_TIMEOUT_S": "60"}
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                          str(Path(__file__).with_name("failing_rank.py")), "1", "2", "train",
+                          *TINY_ARGS, "--num-steps", "50", "--ema-snapshots", "0", "--results-dir", tmp_path],
+                         env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert out.returncode != 0
+    assert "mapdit train: error: rank 1 failed at step 2 on purpose" in out.stdout + out.stderr
+    assert elapsed < 120
+    assert not list_checkpoints(tmp_path / RUN)
