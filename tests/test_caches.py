@@ -127,7 +127,7 @@ def test_unwritable_statistics_cache_warns_once_and_computes_in_memory(tmp_path)
     assert stats.count == 50 and stats.info["cached"] is False
     assert len(said) == 1 and said[0].startswith("warning:") and "in memory" in said[0], said
     reference_stats("fashion-mnist", get_extractor("fmnist"), blocker / "fid-stats", num_samples=50, log=said.append)
-    assert len(said) == 1  # one warning, not one per score (training scores every --fid-every steps)
+    assert len(said) == 1  # one warning, not one per score (training scores every --fd-every steps)
 
 
 # ------------------------------------------------------------------------------------------------ held-out error

@@ -319,7 +319,7 @@ def test_an_emptied_or_cut_short_result_is_not_a_finished_run(tmp_path):
     assert results.run_record(out, budgets.BASE_ARMS["A"], 3e-2, 0)["status"] == "missing"
 
 
-@pytest.mark.parametrize("bad", [("--heldout-images", 0), ("--fid-samples", 0), ("--fid-samples", 1), ("--num-ref", 1),
+@pytest.mark.parametrize("bad", [("--heldout-images", 0), ("--fd-samples", 0), ("--fd-samples", 1), ("--num-ref", 1),
                                  ("--num-ref", 10_001), ("--batch-size", 0), ("--num-steps", 0),
                                  ("--sample-batch-size", 0), ("--model", "DiT-Q/9"), ("--results-md", "file/R.md"),
                                  ("--docs-dir", "file/docs"), ("--out", "file/study")])

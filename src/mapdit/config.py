@@ -437,9 +437,11 @@ class TrainConfig:
     image_size: int | None = opt(None, "resize images to this side (default: none, the data's own)")
     hflip: bool = opt(False, "random horizontal flips")
     sample_every: int = opt(0, "write a sample grid from the EMA weights every N steps (0: never)", resume="apply")
-    fid_every: int = opt(0, "FD of the EMA weights every N steps into metrics.csv (FD_fmnist on Fashion-MNIST; "
-                         "a multiple of --log-every; 0: never)", resume="apply")
-    fid_samples: int = opt(1000, "samples per --fid-every score", resume="apply")
+    fid_every: int = opt(0, "Frechet distance of the EMA weights every N steps into metrics.csv (FD_fmnist on "
+                         "Fashion-MNIST, FID with Inception features; a multiple of --log-every; 0: never)",
+                         flag="--fd-every", aliases=("--fid-every",), resume="apply")
+    fid_samples: int = opt(1000, "samples per --fd-every score", flag="--fd-samples", aliases=("--fid-samples",),
+                           resume="apply")
     magnitude_every: int = opt(0, "residual-stream magnitude per block every N steps into "
                                "residual_magnitudes.csv (a multiple of --log-every; 0: never)", resume="apply")
 
@@ -509,4 +511,4 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a multiple of "
                                 f"--log-every {self.log_every} (its value goes into that row of metrics.csv)")
         if self.fid_every and self.fid_samples < 2:
-            raise UserError(f"--fid-samples {self.fid_samples} must be at least 2")
+            raise UserError(f"--fd-samples {self.fid_samples} must be at least 2")

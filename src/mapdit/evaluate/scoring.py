@@ -1,6 +1,6 @@
 """Scoring a model in memory: which features and which reference a run's data asks for, and `quick_fid`
 (sample with a SamplerSpec -- the default one unless told -- then the Fréchet distance; what training logs
-every --fid-every steps).
+every --fd-every steps).
 
 Feature rule: "inception" (FID, 2048-d Inception-v3 pool features via torch-fidelity) when Inception
 weights are given or the data is not Fashion-MNIST; "fmnist" (FD_fmnist with our classifier, plus the

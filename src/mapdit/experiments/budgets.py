@@ -42,7 +42,8 @@ class ScoreBudget:
     (`mapdit ablate`'s scoring options; the paper's sampler, ddpm at 250 steps without guidance, is its
     explicit default here, not the CLI's few-step one)."""
 
-    fid_samples: int = opt(10_000, "samples generated per variant for its Fréchet distance")
+    fid_samples: int = opt(10_000, "samples generated per variant for its Fréchet distance", flag="--fd-samples",
+                           aliases=("--fid-samples",))
     features: str | None = opt(None, "features of the distance: fmnist (FD_fmnist) or inception (FID) (default: "
                                "fmnist for Fashion-MNIST, inception otherwise)", choices=("fmnist", "inception"))
     ref: str | None = opt(None, "reference of the distance: 'fashion-mnist', an image folder, a prepared latent "
@@ -144,7 +145,8 @@ class StudyBudget:
     batch_size: int = opt(32, "batch size of every run")
     seeds: tuple[int, ...] = opt((0, 1, 2), "seeds of the headline comparisons (the seeds part), comma-separated; "
                                  "every other part uses the first", parse=comma_ints, metavar="SEEDS")
-    fid_samples: int = opt(SCORE_SAMPLES, "samples per run scored (FD_fmnist and conditioning accuracy)")
+    fid_samples: int = opt(SCORE_SAMPLES, "samples per run scored (FD_fmnist and conditioning accuracy)",
+                           flag="--fd-samples", aliases=("--fid-samples",))
     sampler: str = opt(DEFAULT_SAMPLER, "sampler of the scoring", choices=SAMPLER_CHOICES)
     sampling_steps: int = opt(DEFAULT_STEPS, "sampler steps of the scoring")
     cfg_scale: float = opt(SCORE_CFG, "classifier-free guidance scale of the scoring, on every channel")
@@ -189,7 +191,7 @@ class StudyBudget:
         except UserError as err:
             raise UserError(f"--model {self.model}: {err}") from None
         whole = {"--num-steps": (self.num_steps, 1), "--batch-size": (self.batch_size, 1),
-                 "--fid-samples": (self.fid_samples, 2), "--sampling-steps": (self.sampling_steps, 1),
+                 "--fd-samples": (self.fid_samples, 2), "--sampling-steps": (self.sampling_steps, 1),
                  "--heldout-images": (self.heldout_images, 1)}
         if self.num_ref is not None:
             whole["--num-ref"] = (self.num_ref, 2)
