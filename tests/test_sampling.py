@@ -256,6 +256,17 @@ def test_sample_class_label_out_of_range(tiny_run, tmp_path, capsys, label):
     assert not (tmp_path / "x.png").exists()
 
 
+@needs_fmnist
+@pytest.mark.parametrize("where", ["checkpoints/step-0000004-1.safetensors", "checkpoints/new.png",
+                                   "ema/sigma-0.050/step-0000099.safetensors"])
+def test_sample_out_never_writes_into_what_training_owns(run_copy, capsys, where):
+    # a grid written as checkpoints/step-...-1.safetensors or as an EMA snapshot sat among training's files
+    before = sorted(p.name for p in run_copy.rglob("*"))
+    assert cli("sample", "--run", run_copy, "--steps", 2, "--num-samples", 1, "--out", run_copy / where) == 2
+    assert "where only training writes" in error_line(capsys, "sample")
+    assert sorted(p.name for p in run_copy.rglob("*")) == before
+
+
 def test_concurrent_writes_to_one_name_keep_every_file(tmp_path):
     threads, per_thread = 8, 15
     start = threading.Barrier(threads)

@@ -260,16 +260,28 @@ def safetensors_format(path: str | Path) -> str | None:
         return None
 
 
+def check_outside_training(path: str | Path, option: str = "--out") -> Path:
+    """`path` must not be in a folder only training writes: a run's checkpoints/ or ema/sigma-*/ (a stray file
+    there is listed as a checkpoint or snapshot). One-line UserError otherwise."""
+    path = Path(path)
+    parent = path.absolute().parent
+    owned = ((parent.name == "checkpoints" and (parent.parent / "config.json").exists())
+             or (parent.name.startswith("sigma-") and parent.parent.name == "ema"
+                 and (parent.parent.parent / "config.json").exists()))
+    if owned:
+        where = "checkpoints/" if parent.name == "checkpoints" else f"ema/{parent.name}/"
+        raise UserError(f"{option} {path} is inside a run's {where} folder, where only training writes: "
+                        "choose another place")
+    return path
+
+
 def check_new_output(path: str | Path, option: str = "--out", own_format: str | None = None) -> Path:
     """A file a command is asked to write: it must not exist (a command replaces only files it made: with
     `own_format`, a safetensors file of that format may be replaced) and must not be inside a run's
     checkpoints/ (only training writes there); its folder must be writable. Checked before any long work;
     one-line UserError otherwise."""
-    path = Path(path)
+    path = check_outside_training(path, option)
     parent = path.absolute().parent
-    if parent.name == "checkpoints" and (parent.parent / "config.json").exists():
-        raise UserError(f"{option} {path} is inside a run's checkpoints/ folder, where only training writes: "
-                        "choose another place")
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder: name a file")
     if (path.exists() or path.is_symlink()) and (own_format is None or safetensors_format(path) != own_format):

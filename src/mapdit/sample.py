@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from . import distributed as dist_utils
 from .data import decoder_for
 from .errors import UserError
-from .runio import atomic_write, check_writable, load_run_config
+from .runio import atomic_write, check_outside_training, check_writable, load_run_config
 from .samplers import Sampler, SamplerSpec
 from .weights import check_weight_choice, load_model
 
@@ -180,6 +180,7 @@ def sample_run(result_dir: str | Path, *, class_label: int | None = None, num_sa
     run_dir = Path(result_dir)
     load_run_config(run_dir)  # a missing or broken run: one line before anything else
     if out:  # where the result goes must take files: fail before the sampling, not after it
+        check_outside_training(out)  # never into a run's checkpoints/ or EMA snapshots
         check_writable(Path(out).parent, "the folder of --out", "choose another --out")
     else:
         check_writable(run_dir / "samples", "the run's samples folder", "pass --out FILE to write elsewhere")
