@@ -189,6 +189,19 @@ def _by_hand(model, x, t, y) -> tuple[list[float], torch.Tensor]:
     return mags, unpatchify(model.final_layer(h, c), model.patch, model.out_channels)
 
 
+@needs_fmnist
+def test_magnitudes_checks_its_output_folder_before_measuring(tiny_run, tmp_path, capsys, monkeypatch):
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    shutil.rmtree(run / "eval", ignore_errors=True)
+    (run / "eval").write_text("")  # files cannot be created under it (root ignores permissions)
+    measured = []
+    monkeypatch.setattr(magnitudes, "measure", lambda *a: measured.append(1) or {})
+    assert run_cli(["magnitudes", "--run", run, "--batch-size", 8]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "eval folder" in err and "is not writable" in err
+    assert measured == []  # refused before the first checkpoint, not after all of them
+
+
 def test_magnitudes_csv_matches_direct_measurement(tiny_run, capsys):
     assert run_cli(["magnitudes", "--result-dir", tiny_run, "--batch-size", 8, "--seed", 3]) == 0
     csv_path = Path(capsys.readouterr().out.strip().splitlines()[-1])

@@ -41,6 +41,7 @@ from mapdit.nn import magnitude, normalize
 from mapdit.plots import pyplot, save_figure
 from mapdit.runio import (
     cache_key,
+    check_writable,
     checkpoint_identity,
     list_checkpoints,
     load_run_config,
@@ -222,6 +223,9 @@ def measure_run(run_dir: str | Path, batch_size: int = 64, seed: int = 0, weight
     if weights == "ema" and ema_std is not None and f"{ema_std:.3f}" not in {f"{s:.3f}" for s in tracked}:
         raise UserError(f"--ema-std {ema_std}: per checkpoint only the tracked widths are stored "
                         f"({', '.join(f'{s:g}' for s in tracked)})")
+    # the CSV, JSON and plots go into the run: a read-only run (or an `eval` that is a file) fails now, not
+    # after every checkpoint has been measured
+    check_writable(run_dir / "eval", "the run's eval folder", "copy the run to a writable place to measure it")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     checkpoints = []
     for step, path in list_checkpoints(run_dir):
