@@ -60,10 +60,6 @@ CONDITIONINGS = ("sum", "balanced")
 GATE_INITS = ("zero", "identity")
 ROTATION_PAIRINGS = ("half", "interleaved")
 
-# model choices besides the MP options and sizes (command-line flags of the same name)
-CHOICE_KEYS = ("modulation", "gate_init", "rotation_pairing", "learn_sigma", "mlp_activation", "time_embedding",
-               "modulation_gains", "conditioning")
-
 MODULATION_PARTS = ("shift", "scale", "rotate", "gate")  # order of chunks in the modulation linear
 MODULATION_ALIASES = {"adaln": ("shift", "scale", "gate")}
 

@@ -107,12 +107,6 @@ def trained_steps(run_dir: str | Path) -> int:
     return found[-1][0] if found else 0
 
 
-def read_results(folder: Path) -> list[dict]:
-    """The finished results (results/*.json, see `finished_result`) of an ablation folder, by name."""
-    found = [finished_result(p) for p in sorted((folder / "results").glob("*.json"))] if folder.is_dir() else []
-    return [r for r in found if r is not None]
-
-
 def _step_rate(run_dir: Path) -> float | None:
     """Median images/s of metrics.csv (the first report, which includes start-up, left out if there are more)."""
     path = run_dir / "metrics.csv"
