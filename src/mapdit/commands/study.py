@@ -1,5 +1,5 @@
 """`mapdit study`: the paper's claims judged on samples, on Fashion-MNIST, in one resumable command (parts
-rates, components, modulation, seeds, magnitudes, grid); writes RESULTS.md."""
+rates, components, modulation, seeds, magnitudes, grid); writes RESULTS.md inside --out (or at --results-md)."""
 from __future__ import annotations
 
 import argparse
