@@ -319,6 +319,30 @@ def test_an_emptied_or_cut_short_result_is_not_a_finished_run(tmp_path):
     assert results.run_record(out, budgets.BASE_ARMS["A"], 3e-2, 0)["status"] == "missing"
 
 
+def test_a_result_of_another_budget_or_a_forged_final_step_is_not_a_finished_run(tmp_path, monkeypatch):
+    # study.json edited by hand to 4 steps: the rerun skipped the 2000-step run as "already finished" and
+    # reported it as the 4-step study's; a final_step edited to the budget's counted a run whose newest
+    # checkpoint is at step 100
+    out = tmp_path / "study"
+    _fake_run(out, "A", 1e-2, 0, 50.0)  # settings num_steps 2000, final_step 2000
+    arm = budgets.BASE_ARMS["A"]
+    assert results.run_record(out, arm, 1e-2, 0, num_steps=2000)["status"] == "finished"
+    assert results.run_record(out, arm, 1e-2, 0, num_steps=4)["status"] == "missing"
+    assert results.rate_records(out, _settings(num_steps=4, rates={"A": [1e-2]}), "A", heldout=False)[0][
+        "status"] == "missing"
+    calls = []
+    monkeypatch.setattr("mapdit.experiments.ablate.run_ablation",
+                        lambda *a, **kw: calls.append(kw["seeds"]) or {"trained": [], "skipped": []})
+    study.train_arm(out, arm, 1e-2, [0], _settings(model="DiT-XXS/4", num_steps=4), lambda m: None)
+    assert calls == [[0]]  # handed to run_ablation, which refuses a result of other settings
+    run = Path(results.run_record(out, arm, 1e-2, 0, num_steps=2000)["run_dir"])
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "step-0000100.safetensors").write_bytes(b"")
+    assert results.run_record(out, arm, 1e-2, 0, num_steps=2000)["status"] == "missing"
+    (run / "checkpoints" / "step-0002000.safetensors").write_bytes(b"")
+    assert results.run_record(out, arm, 1e-2, 0, num_steps=2000)["status"] == "finished"
+
+
 @pytest.mark.parametrize("bad", [("--heldout-images", 0), ("--fd-samples", 0), ("--fd-samples", 1), ("--num-ref", 1),
                                  ("--num-ref", 10_001), ("--batch-size", 0), ("--num-steps", 0),
                                  ("--sample-batch-size", 0), ("--model", "DiT-Q/9"), ("--results-md", "file/R.md"),

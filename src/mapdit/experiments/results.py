@@ -24,7 +24,7 @@ from PIL import Image
 from mapdit.errors import UserError
 from mapdit.evaluate.heldout import heldout_for_run
 from mapdit.evaluate.magnitudes import attention_entropy_for_run
-from mapdit.experiments.ablate import finished_result
+from mapdit.experiments.ablate import finished_result, trained_steps
 from mapdit.experiments.budgets import (
     BASE_ARMS,
     COMPARISONS,
@@ -130,15 +130,30 @@ def run_folder(out: str | Path, arm_name: str, lr: float) -> Path:
     return Path(out) / "runs" / arm_name / lr_tag(lr)
 
 
-def run_record(out: str | Path, arm: Arm, lr: float, seed: int, budget: StudyBudget | None = None) -> dict:
+def reached_budget(result: dict | None, folder: Path, num_steps: int | None) -> dict | None:
+    """`result` if it scored a run of `num_steps` steps (None: any) whose newest checkpoint, when the run still
+    has checkpoints, is its final_step; else None. A result of a study.json edited to another budget, or one
+    whose final_step was changed by hand, is not this study's finished run."""
+    if result is None or (num_steps is not None and result["final_step"] != num_steps):
+        return None
+    run_dir = _locate(folder, result.get("run_dir"))
+    trained = trained_steps(run_dir) if run_dir and Path(run_dir).is_dir() else 0
+    return result if trained in (0, result["final_step"]) else None  # 0: checkpoints pruned, nothing to compare
+
+
+def run_record(out: str | Path, arm: Arm, lr: float, seed: int, budget: StudyBudget | None = None,
+               num_steps: int | None = None) -> dict:
     """What is stored for (arm, rate, seed): status "finished" (with its FD "value", "accuracy", "result" and,
-    given the study's `budget`, the held-out error "heldout"), "diverged" ("diverged_at_step") or "missing"."""
+    given the study's `budget`, the held-out error "heldout"), "diverged" ("diverged_at_step") or "missing".
+    Finished means trained to `num_steps` (default: the budget's), see `reached_budget`."""
     folder = run_folder(out, arm.name, lr)
     record = {"arm": arm.name, "config": arm.config, "lr": lr, "seed": seed, "status": "missing",
               "result": None, "value": None, "accuracy": None, "heldout": None, "run_dir": None}
     div = folder / "diverged" / f"{arm.name}-seed{seed}.json"
     found = sorted((folder / "results").glob(f"*-seed{seed}.json")) if (folder / "results").is_dir() else []
     result = finished_result(found[0]) if found else None  # an emptied or cut-short one: not finished
+    result = reached_budget(result, folder, num_steps if num_steps is not None or budget is None
+                            else budget.num_steps)
     if result is not None:
         run_dir = _locate(folder, result.get("run_dir"))
         mags = result.get("magnitudes_csv")
@@ -177,7 +192,8 @@ def best_rate(config: str, records: list[dict]) -> float | None:
 
 def rate_records(out: str | Path, budget: StudyBudget, config: str, heldout: bool = True) -> list[dict]:
     """The rates part's records of `config`: seed `budget.seed0` at every rate of its bracket."""
-    return [run_record(out, BASE_ARMS[config], lr, budget.seed0, budget if heldout else None)
+    return [run_record(out, BASE_ARMS[config], lr, budget.seed0, budget if heldout else None,
+                       num_steps=budget.num_steps)
             for lr in budget.rates[config]]
 
 
@@ -322,7 +338,7 @@ def magnitude_curves(out: str | Path, budget: StudyBudget, best: dict) -> dict:
     for config in ("A", "E"):
         if best.get(config) is None:
             continue
-        rec = run_record(out, BASE_ARMS[config], best[config], budget.seed0)
+        rec = run_record(out, BASE_ARMS[config], best[config], budget.seed0, num_steps=budget.num_steps)
         csv_path = rec.get("magnitudes_csv")
         if csv_path and Path(csv_path).is_file():
             curves[f"Config {config} at {best[config]:g}"] = residuals_by_step(csv_path)

@@ -166,7 +166,7 @@ def train_arm(out: Path, arm: Arm, lr: float, seeds: list[int], budget: StudyBud
             say(f"{tag}: seed {s} skipped, diverged before ({record})")
             diverged.append(f"{lr_tag(lr)}/{name}")
             continue
-        if run_record(out, arm, lr, s)["status"] == "finished":  # e.g. trained by an earlier part
+        if run_record(out, arm, lr, s, num_steps=budget.num_steps)["status"] == "finished":  # e.g. by an earlier part
             say(f"{tag}: seed {s} skipped, already finished ({folder / 'results'})")
             skipped.append(f"{arm.name}/{lr_tag(lr)}/{name}")
             continue
@@ -381,7 +381,7 @@ def plan(out: Path, budget: StudyBudget, parts, configs=CONFIGS, components=None
                     continue  # the best rate's run of the rates part
                 key = (arm.name, lr, s)
                 keys.add(key)
-                if lr is not None and run_record(out, arm, lr, s)["status"] != "missing":
+                if lr is not None and run_record(out, arm, lr, s, num_steps=budget.num_steps)["status"] != "missing":
                     finished.add(key)
     todo = len(keys) - len(finished)
     per_run = run_seconds(budget)
@@ -409,7 +409,7 @@ def _grid_part(out: Path, budget: StudyBudget, best: dict, say) -> dict:
     target = out / "grid" / "A_vs_E.png"
     panels = []
     for config in ("A", "E"):
-        record = run_record(out, BASE_ARMS[config], best[config], budget.seed0)
+        record = run_record(out, BASE_ARMS[config], best[config], budget.seed0, num_steps=budget.num_steps)
         npz = scored_samples(record)
         if npz is None:
             raise UserError(f"the grid part needs the scored samples of Config {config} at {best[config]:g} "
