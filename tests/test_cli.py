@@ -21,7 +21,7 @@ import pytest
 
 from helpers import TINY_ARGS, cli, error_line, needs_fmnist, only_error_line, tiny_model, tiny_train
 from mapdit.cli import build_parser, main
-from mapdit.commands.parsing import OUTPUT, Kind, finite_float, whole_number
+from mapdit.commands.parsing import OUTPUT, Kind, finite_float, text, whole_number
 from mapdit.runio import checkpoint_path, list_checkpoints
 from mapdit.train import train
 
@@ -252,6 +252,21 @@ def test_every_float_option_refuses_nan_and_inf(capsys):
             assert "not a finite number" in err[0], err
     assert cli("sample", "--cfg-scale", "four") == 2  # not a number at all: one line as well
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_every_text_option_refuses_an_empty_value(capsys):
+    """'' names nothing; before, --data-path '' became the default data through `or DEFAULT_DATA` and trained."""
+    options = [(name, opt.option_strings[0]) for name, sub in subcommands().items() for opt in sub._actions
+               if opt.option_strings and isinstance(opt.type, Kind) and opt.type.convert is text
+               and opt.choices is None and not isinstance(opt.nargs, int)]
+    for expected in [("train", "--data-path"), ("sample", "--ckpt"), ("sample", "--out"), ("model-info", "--model"),
+                     ("fid", "--ref"), ("prepare", "--image-folder"), ("train", "--modulation")]:
+        assert expected in options
+    for command, option in options:
+        for value in ("", " "):
+            assert cli(command, f"{option}={value}") == 2
+            line = only_error_line(capsys, command)
+            assert f"argument {option}" in line and f"{value!r} is empty" in line, line
 
 
 @needs_fmnist

@@ -10,7 +10,8 @@ check wherever it appears.
 
 `checked_everywhere(parser)` gives every option of every sub-command its kind, also options that other
 modules add (e.g. generated from the config dataclasses). An option the table does not name keeps its own
-type; a plain int or float gets the generic whole-number / finite-number check.
+type; a plain int or float gets the generic whole-number / finite-number check, a plain string the
+non-empty check.
 """
 from __future__ import annotations
 
@@ -120,6 +121,10 @@ def finite_float(text: str) -> float:
 
 
 def text(value: str) -> str:
+    """argparse type for every text option (names, paths): an empty value names nothing, and `or default`
+    further down would silently turn it into the default (--data-path '' trained on Fashion-MNIST in ./)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"{value!r} is empty: give a value or leave the option out")
     return value
 
 
@@ -206,6 +211,7 @@ def device(value, flag: str) -> None:
 COUNT = Kind("whole number", whole_number, at_least(1))       # how many of something: 1 or more
 NATURAL = Kind("whole number", whole_number, at_least(0))     # a seed, a step, an interval where 0 = never
 INTEGER = Kind("whole number", whole_number)                  # range known only later (e.g. a class label)
+TEXT = Kind("text", text)                                     # a name or a word: not empty
 POSITIVE = Kind("number", finite_float, positive)
 NUMBER = Kind("number", finite_float)
 FILE = Kind("path", text, existing_file)
@@ -243,7 +249,8 @@ KINDS: dict[str, Kind] = {
 
 def checked_everywhere(parser: argparse.ArgumentParser) -> None:
     """Give every option of `parser` and of its sub-commands its kind: the table's for a name it lists, else
-    the generic whole-number / finite-number syntax for a plain int / float (NaN and inf refused anywhere)."""
+    the generic whole-number / finite-number syntax for a plain int / float (NaN and inf refused anywhere) and
+    non-empty text for a plain string."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
@@ -255,6 +262,8 @@ def checked_everywhere(parser: argparse.ArgumentParser) -> None:
                 action.type = INTEGER
             elif action.type is float:
                 action.type = NUMBER
+            elif action.type in (None, str):
+                action.type = TEXT
 
 
 def defaults_in_help(parser: argparse.ArgumentParser) -> None:
