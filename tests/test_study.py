@@ -24,7 +24,7 @@ from mapdit.errors import Diverged, UserError
 from mapdit.evaluate.fid import default_cache_dir
 from mapdit.evaluate.scoring import DEFAULT_CACHE
 from mapdit.experiments import budgets, results, study
-from mapdit.experiments.ablate import _parameters
+from mapdit.experiments.ablate import _parameters, finished_result
 from mapdit.runio import write_json
 
 pytestmark = pytest.mark.usefixtures("no_fmnist_override")
@@ -339,6 +339,8 @@ def test_a_result_of_another_budget_or_a_forged_final_step_is_not_a_finished_run
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "step-0000100.safetensors").write_bytes(b"")
     assert results.run_record(out, arm, 1e-2, 0, num_steps=2000)["status"] == "missing"
+    stored = results.run_folder(out, "A", 1e-2) / "results" / "A-adaln-seed0.json"
+    assert finished_result(stored) is None  # `mapdit ablate` continues and rescores it
     (run / "checkpoints" / "step-0002000.safetensors").write_bytes(b"")
     assert results.run_record(out, arm, 1e-2, 0, num_steps=2000)["status"] == "finished"
 

@@ -98,7 +98,11 @@ def finished_result(path: str | Path) -> dict | None:
     value, stored = result["value"], result["settings"]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not isinstance(stored, dict):
         return None
-    return result if stored.get("num_steps") == result["final_step"] else None
+    if stored.get("num_steps") != result["final_step"]:
+        return None
+    run_dir = result["run_dir"]  # a final_step edited by hand: the run's newest checkpoint says how far it trained
+    trained = trained_steps(run_dir) if isinstance(run_dir, str) and Path(run_dir).is_dir() else 0
+    return result if trained in (0, result["final_step"]) else None  # 0: moved or pruned, nothing to compare
 
 
 def trained_steps(run_dir: str | Path) -> int:
