@@ -10,7 +10,7 @@ round running every configuration once (the order rotated from round to round), 
 machine's load hits them alike. A table reports the median over rounds with the min-max range, and ratios
 are taken per round (the configuration's time over its reference's time in the same round) and then
 summarised by their median and range. The training step is the training loop's real step
-(`mapdit.train.train_step`): forced weight normalisation (`model.project_weights_()`), `diffusion.training_losses`,
+(`mapdit.step.train_step`): forced weight normalisation (`model.project_weights_()`), `diffusion.training_losses`,
 backward, the gradient norm (`get_total_norm`, foreach), fused `Adam`, and the power-EMA update of two widths.
 Data are synthetic tensors of the right shape (the data loader is not timed).
 
@@ -45,7 +45,7 @@ from mapdit.diffusion import make_diffusion
 from mapdit.ema import PowerEMA
 from mapdit.fused import reference_math
 from mapdit.model import DiT
-from mapdit.train import Batch, train_step
+from mapdit.step import Batch, train_step
 
 # The README's demo (`mapdit demo`, src/mapdit/demo.py): DiT-XXS/2, Config E, Fashion-MNIST 28x28x1, batch 64.
 # The README demo's model on Fashion-MNIST, at the issue's common batch of 32 (the demo itself trains at 64).
@@ -124,7 +124,7 @@ def cpu_model() -> str:
 # ------------------------------------------------------------------------------------------------
 class TrainStep:
     """One configuration: model, Adam, power EMA, diffusion, a fixed synthetic batch. Calling it runs
-    one training step, the loop's own `mapdit.train.train_step`, and returns its wall time; `phases`
+    one training step, the loop's own `mapdit.step.train_step`, and returns its wall time; `phases`
     accumulates the time of (projection, forward+backward, clip+optimizer+EMA)."""
 
     def __init__(self, model: str, preset: str, modulation: str = "adaln", batch: int = BATCH,
