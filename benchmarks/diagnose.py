@@ -26,12 +26,12 @@ import mapdit  # noqa: F401  (first: sets the OpenMP wait policy before torch lo
 
 import torch
 
-from mapdit.config import MP_OPTIONS, make_config
+from mapdit.config import MP_OPTIONS, TrainConfig, make_config
 from mapdit.evaluate.heldout import heldout_for_run
 from mapdit.evaluate.magnitudes import attention_entropy, fixed_batch
 from mapdit.experiments.fid_run import fid_for_run
 from mapdit.runio import load_run_config, run_to_resume, write_json
-from mapdit.train import TrainConfig, train
+from mapdit.train import train
 from mapdit.weights import load_model
 
 # name -> (preset, model-option overrides). Leave-one-out variants are added below.

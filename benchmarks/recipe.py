@@ -46,13 +46,13 @@ import mapdit  # noqa: F401  (first: sets the OpenMP wait policy before torch lo
 
 import torch
 
-from mapdit.config import make_config
+from mapdit.config import TrainConfig, make_config
 from mapdit.errors import Diverged
 from mapdit.evaluate.heldout import heldout_for_run
 from mapdit.experiments.fid_run import fid_for_run
 from mapdit.recipes import RECIPES
 from mapdit.runio import latest_run_dir, run_to_resume, write_json
-from mapdit.train import TrainConfig, train
+from mapdit.train import train
 
 ARMS = {"A": ("A", 1e-2), "MP": ("E", 3e-2)}  # arm -> (preset, its best measured rate)
 MODEL, STEPS, BATCH, SEED = "DiT-XXS/4", 2000, 64, 0

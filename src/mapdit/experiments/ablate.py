@@ -38,7 +38,7 @@ import torch
 
 from mapdit import distributed as dist_utils
 from mapdit import signals
-from mapdit.config import PRESETS, ModelConfig, make_config
+from mapdit.config import PRESETS, ModelConfig, TrainConfig, make_config
 from mapdit.distributed import on_main
 from mapdit.errors import Stopped, UserError
 from mapdit.evaluate.magnitudes import measure_run
@@ -49,7 +49,7 @@ from mapdit.log import Logger
 from mapdit.model import DiT, parameter_breakdown
 from mapdit.runio import list_checkpoints, load_run_config, run_to_resume, write_json, write_text
 from mapdit.samplers import check_sampler
-from mapdit.train import TrainConfig, train
+from mapdit.train import train
 
 
 def parse_list(text: str, what: str) -> list[str]:
