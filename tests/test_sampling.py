@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ENV, cli, error_line, needs_fmnist, temporaries
+from helpers import ENV, cli, error_line, needs_fmnist, only_error_line, temporaries
 from mapdit import sample as sample_module
 from mapdit import samplers as samplers_module
 from mapdit.config import make_config
@@ -265,6 +265,19 @@ def test_sample_out_never_writes_into_what_training_owns(run_copy, capsys, where
     assert cli("sample", "--run", run_copy, "--steps", 2, "--num-samples", 1, "--out", run_copy / where) == 2
     assert "where only training writes" in error_line(capsys, "sample")
     assert sorted(p.name for p in run_copy.rglob("*")) == before
+
+
+@needs_fmnist
+@pytest.mark.parametrize("out, expected", [("folder", "is a folder: name a .png or .npz file"),
+                                           ("new/", "is a folder: name a .png or .npz file"),
+                                           ("grid.txt", "name a .png file (a grid) or an .npz file")])
+def test_sample_out_that_is_not_a_png_or_npz_name_is_refused_before_sampling(tiny_run, tmp_path, capsys, out,
+                                                                             expected):
+    # --out DIR/ wrote the grid next to the folder (DIR-1), --out x.txt wrote PNG bytes under a .txt name
+    (tmp_path / "folder").mkdir()
+    assert cli("sample", "--run", tiny_run, "--steps", 2, "--num-samples", 1, "--out", f"{tmp_path}/{out}") == 2
+    assert expected in only_error_line(capsys, "sample")
+    assert [p.name for p in tmp_path.iterdir()] == ["folder"]
 
 
 def test_concurrent_writes_to_one_name_keep_every_file(tmp_path):

@@ -6,6 +6,7 @@ generator seeded by (seed, b). So the same seed gives the same images whatever t
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -181,6 +182,12 @@ def sample_run(result_dir: str | Path, *, class_label: int | None = None, num_sa
     load_run_config(run_dir)  # a missing or broken run: one line before anything else
     if out:  # where the result goes must take files: fail before the sampling, not after it
         check_outside_training(out)  # never into a run's checkpoints/ or EMA snapshots
+        # the format follows the name, and a folder is not a file name (the grid went to /tmp/p1-1 for
+        # --out /tmp/p1/, and a .txt got PNG bytes)
+        if out.endswith(("/", os.sep)) or Path(out).is_dir():
+            raise UserError(f"--out {out} is a folder: name a .png or .npz file (e.g. {Path(out) / 'grid.png'})")
+        if Path(out).suffix.lower() != ".png" and Path(out).suffix != ".npz":
+            raise UserError(f"--out {out}: name a .png file (a grid) or an .npz file (arr_0 images, arr_1 labels)")
         check_writable(Path(out).parent, "the folder of --out", "choose another --out")
     else:
         check_writable(run_dir / "samples", "the run's samples folder", "pass --out FILE to write elsewhere")
