@@ -216,25 +216,6 @@ def _link_to_free_name(tmp: str, path: Path, names: list[Path] | None = None) ->
     raise UserError(f"too many files named like {path}")
 
 
-def claim_new_path(path: str | Path) -> Path:
-    """Reserve the first free name of path, path-1, ... as an empty file (O_EXCL: race-free), for a file whose
-    content must name itself; write it with `atomic_write` (which replaces the reservation) or remove it."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for candidate in free_names(path):
-            try:
-                os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-                return candidate
-            except FileExistsError:
-                continue
-    except OSError as err:
-        if (user := environment_error(err, path)) is not None:
-            raise user from None
-        raise
-    raise UserError(f"too many files named like {path}")
-
-
 def check_writable(folder: str | Path, what: str, hint: str) -> Path:
     """Make sure files can be created in `folder` (made if missing) before any long work; else a one-line
     UserError: '<what> <folder> is not writable (<reason>): <hint>'. Leaves nothing behind."""
