@@ -395,3 +395,18 @@ def test_ema_width_the_snapshots_cannot_express(tiny_run, capsys):
     assert "is not expressible from the snapshots" in only_error_line(capsys, "ema")
     assert cli("sample", "--result-dir", tiny_run, "--ema-std", 0.25, "--steps", 2) == 2
     assert "is not expressible from the snapshots" in error_line(capsys, "sample")
+
+
+@needs_fmnist
+def test_posthoc_width_is_at_the_checkpoints_step_when_snapshots_go_further(run_copy):
+    # a run killed after its step-4 snapshots but before checkpoint 4: sampling at 0.07 without --ckpt used the
+    # step-4 reconstruction while the grid, the fid settings and their tag said step 2 (the newest checkpoint)
+    from mapdit.weights import load_model
+    for f in run_copy.glob("checkpoints/step-0000004.*"):
+        f.unlink()
+    info: dict = {}
+    model, _, desc = load_model(run_copy, ema_std=0.07, log=lambda m: None, info=info)
+    named, _, _ = load_model(run_copy, ema_std=0.07, ckpt="2", log=lambda m: None)
+    assert info["step"] == 2 and desc == "post-hoc EMA sigma_rel=0.07 at step 2"
+    for a, b in zip(model.state_dict().values(), named.state_dict().values()):
+        assert torch.equal(a, b)  # the same weights as --ckpt 2 names

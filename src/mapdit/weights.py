@@ -253,10 +253,9 @@ def load_model(run_dir: str | Path, weights: str = "ema", ema_std: float | None 
         if sigma in {float(s) for s in tracked}:  # exactly a tracked width (0.0504 is reconstructed)
             ema = split_prefix(tensors, f"ema.{sigma:.3f}/")
             desc = f"tracked EMA sigma_rel={sigma:.3f} at step {step}"
-        else:  # at the checkpoint's step when one was named, else at the last snapshot
-            _, ema = posthoc_ema(run_dir, sigma, step=step if ckpt is not None else None, progress=True, log=log,
-                                 cache_optional=True)
-            desc = f"post-hoc EMA sigma_rel={sigma!r}" + (f" at step {step}" if ckpt is not None else "")
+        else:  # at the checkpoint's step, like the tracked widths (a killed run's snapshots may go further)
+            _, ema = posthoc_ema(run_dir, sigma, step=step, progress=True, log=log, cache_optional=True)
+            desc = f"post-hoc EMA sigma_rel={sigma!r} at step {step}"
         copy_weights_(model, ema, "EMA weights")
     elif weights != "raw":
         raise UserError(f"--weights {weights!r}: use 'ema' or 'raw'")

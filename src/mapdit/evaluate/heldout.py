@@ -74,7 +74,7 @@ def heldout_for_run(run_dir: str | Path, weights: str = "ema", ema_std: float | 
     else:
         tag = f"ema{(ema_std if ema_std is not None else min(config['train']['ema_stds'])):.3f}"
     key = cache_key({"checkpoint_sha256": checkpoint_identity(ckpt_path),
-                     **weights_identity(run_dir / "ema", config["train"]["ema_stds"], weights, ema_std, None),
+                     **weights_identity(run_dir / "ema", config["train"]["ema_stds"], weights, ema_std, step),
                      "num_images": int(num_images), "seed": int(seed), "split": split, "data": config["data"]})
     cache = run_dir / "eval" / f"heldout-{tag}-step{step:07d}-n{num_images}-seed{seed}-{split}-k{key}.json"
     if (run_dir / "eval").is_dir():

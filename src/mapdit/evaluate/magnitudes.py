@@ -154,7 +154,7 @@ def attention_entropy_for_run(run_dir: str | Path, weights: str = "ema", ema_std
     tag = "raw" if weights == "raw" else f"ema{ema_std if ema_std is not None else 'min'}"
     # keyed by the checkpoint's content, not its step: a step rewritten by a resume is another model
     key = cache_key({"checkpoint_sha256": checkpoint_identity(ckpt_path), "data": config["data"],
-                     **weights_identity(run_dir / "ema", config["train"]["ema_stds"], weights, ema_std, None)})
+                     **weights_identity(run_dir / "ema", config["train"]["ema_stds"], weights, ema_std, step)})
     cache = run_dir / "eval" / f"attention-entropy-{tag}-step{step:07d}-t{t}-n{batch_size}-seed{seed}-k{key}.json"
     if cache.is_file():
         try:

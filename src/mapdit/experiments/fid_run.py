@@ -132,8 +132,7 @@ def fid_for_run(run_dir: str | Path, num_samples: int = DEFAULT_NUM_SAMPLES, *, 
                 "reference": str(ref), "num_reference": num_ref, "split": split}
     key = on_main(lambda: cache_key({
         "checkpoint_sha256": checkpoint_identity(ckpt_path),
-        **weights_identity(run_dir / "ema", config["train"]["ema_stds"], weights, ema_std,
-                           step if ckpt is not None else None),
+        **weights_identity(run_dir / "ema", config["train"]["ema_stds"], weights, ema_std, step),
         **{k: settings[k] for k in ("cfg_scale", "sampler", "steps", "seed", "num_samples", "batch_size", "eta",
                                     "guide_channels", "clip_denoised")},
         "model": config["model"], "data": data_meta}))
