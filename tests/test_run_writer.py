@@ -84,6 +84,17 @@ def test_plot_reads_old_metrics_files_with_a_fid_column(tmp_path):
     assert plot_metrics(old, tmp_path / "m.png", "FD_fmnist").read_bytes()[:8] == PNG
 
 
+@pytest.mark.parametrize("damage", ["1,abc,0.9\n", "1,\0\"\n"])
+def test_a_damaged_metrics_file_is_one_user_error_not_a_traceback(tmp_path, damage):
+    # 'abc' as a loss (a hand edit) or a NUL byte: a traceback after training had finished; now a UserError,
+    # which SideOutputs says once as a warning
+    damaged = tmp_path / "metrics.csv"
+    damaged.write_text("step,loss,mse\n" + damage)
+    with pytest.raises(UserError, match="the metrics file .*metrics.csv cannot be read"):
+        plot_metrics(damaged, tmp_path / "m.png")
+    assert not (tmp_path / "m.png").exists()
+
+
 @needs_fmnist
 def test_failing_plot_and_grid_warn_once_and_training_goes_on(tmp_path, monkeypatch, capsys):
     import mapdit.run_writer

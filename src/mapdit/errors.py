@@ -3,6 +3,7 @@
 `reading(path, what)` turns a file the user named that cannot be decoded into such a mistake.
 """
 import contextlib
+import csv
 import pickle
 import zipfile
 
@@ -30,9 +31,10 @@ class Stopped(Exception):
 
 # Errors that mean "this file is not what it should be" when a library decodes it: numpy (ValueError,
 # EOFError, zipfile.BadZipFile), torch (RuntimeError, pickle.UnpicklingError), json (ValueError), PIL
-# (OSError), safetensors (SafetensorError, matched by module so this file imports nothing heavy).
+# (OSError), csv (csv.Error: a NUL byte), safetensors (SafetensorError, matched by module so this file imports
+# nothing heavy).
 _DECODE_ERRORS = (ValueError, EOFError, KeyError, IndexError, RuntimeError, OSError, zipfile.BadZipFile,
-                  pickle.UnpicklingError)
+                  pickle.UnpicklingError, csv.Error)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from .errors import reading
 from .runio import atomic_write
 
 
@@ -44,26 +45,29 @@ def plot_metrics(metrics_csv: Path, out: Path, fd_label: str = "FD") -> Path | N
     """A PNG of a run's metrics.csv: the loss and its unweighted eps-MSE, the learning rate, and the FD when
     the run scores one (`fd_label` names it, e.g. FD_fmnist), each against the step. None before the first
     row."""
-    rows = [r for r in read_metrics_csv(metrics_csv) if r.get("step", "").isdigit()]
-    if not rows:
-        return None
-
     def series(key):
         pairs = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
-    fd = series("fd")
+    # a damaged or hand-edited metrics.csv ('abc' as a loss) is a UserError, which SideOutputs turns into one
+    # warning; it was a traceback after training had finished
+    with reading(metrics_csv, "the metrics file", "repair or delete the damaged rows"):
+        rows = [r for r in read_metrics_csv(metrics_csv) if (r.get("step") or "").isdigit()]
+        curves = {key: series(key) for key in ("loss", "mse", "lr", "fd")}
+    if not rows:
+        return None
+    fd = curves["fd"]
     plt = pyplot()
     panels = 3 if fd[0] else 2
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.2), constrained_layout=True)
     for key, label in (("loss", "loss"), ("mse", "eps-MSE")):
-        steps, values = series(key)
+        steps, values = curves[key]
         axes[0].plot(steps, values, label=label)
-    if min(values) > 0 and max(values) > 10 * min(values):  # the eps-MSE: a log axis once it spans a decade
+    if values and min(values) > 0 and max(values) > 10 * min(values):  # the eps-MSE: a log axis once it spans a decade
         axes[0].set_yscale("log")
     axes[0].legend()
     axes[0].set_title("training loss")
-    axes[1].plot(*series("lr"))
+    axes[1].plot(*curves["lr"])
     axes[1].set_title("learning rate")
     if fd[0]:
         axes[2].plot(*fd, marker="o")
