@@ -345,6 +345,19 @@ def test_a_result_of_another_budget_or_a_forged_final_step_is_not_a_finished_run
     assert results.run_record(out, arm, 1e-2, 0, num_steps=2000)["status"] == "finished"
 
 
+@pytest.mark.parametrize("meta", ['[1]', '{"settings": 5}', '{"settings": {}, "elapsed_s": "x"}'])
+def test_a_study_json_edited_into_another_shape_is_one_line(tmp_path, monkeypatch, capsys, meta):
+    # was an AttributeError traceback ('list' object has no attribute 'get') on every rerun and report
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "study.json").write_text(meta)
+    monkeypatch.setattr(study, "train_arm", lambda *a, **kw: pytest.fail("trained"))
+    for args in (["--studies", "rates", "--configs", "A", "--rates", "A=1e-2", "--model", "DiT-XXS/4"],
+                 ["--report-only"]):
+        assert cli("study", "--out", out, *args) == 2
+        assert "is not a study record" in only_error_line(capsys, "study")
+
+
 @pytest.mark.parametrize("bad", [("--heldout-images", 0), ("--fd-samples", 0), ("--fd-samples", 1), ("--num-ref", 1),
                                  ("--num-ref", 10_001), ("--batch-size", 0), ("--num-steps", 0),
                                  ("--sample-batch-size", 0), ("--model", "DiT-Q/9"), ("--results-md", "file/R.md"),

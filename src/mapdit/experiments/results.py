@@ -115,10 +115,22 @@ def check_study_folder(out: str | Path) -> Path:
     return out
 
 
+def read_study_meta(out: str | Path) -> dict:
+    """study.json of a study folder ({} when there is none); one that is not an object with an object of
+    "settings" and a number of "elapsed_s" (edited or damaged by hand) is a one-line UserError."""
+    path = Path(out) / "study.json"
+    meta = read_json(path, "the study record") if path.is_file() else {}
+    ok = isinstance(meta, dict) and isinstance(meta.get("settings", {}), dict) and \
+        isinstance(meta.get("elapsed_s", 0.0), (int, float)) and not isinstance(meta.get("elapsed_s"), bool)
+    if not ok:
+        raise UserError(f"{path} is not a study record (an object with \"settings\" {{...}}): restore it, or use "
+                        "another --out")
+    return meta
+
+
 def read_budget(out: str | Path) -> tuple[dict, StudyBudget]:
     """study.json of a study folder ({} when there is none) and its budget (FULL when there is none)."""
-    path = Path(out) / "study.json"
-    meta = read_json(path) if path.is_file() else {}
+    meta = read_study_meta(out)
     return meta, StudyBudget.from_dict(meta.get("settings", {}))
 
 

@@ -94,6 +94,7 @@ from mapdit.experiments.results import (
     lr_tag,
     magnitude_curves,
     plot_magnitudes,
+    read_study_meta,
     run_folder,
     run_record,
     scored_samples,
@@ -102,7 +103,7 @@ from mapdit.experiments.results import (
 )
 from mapdit.log import Logger
 from mapdit.options import opt
-from mapdit.runio import check_writable, read_json, write_json
+from mapdit.runio import check_writable, write_json
 from mapdit.sample import save_png
 from mapdit.samplers import check_sampler
 
@@ -514,7 +515,7 @@ def run_study(*, out: str | Path = "results/study", quick: bool = False, studies
     if report:  # where the report goes: writable, and not a file someone else wrote
         results_md, docs_dir = check_report_targets(out, results_md, docs_dir)
     meta_path = out / "study.json"
-    old = read_json(meta_path) if meta_path.is_file() else {}
+    old = read_study_meta(out)  # a study.json edited into another shape: one line, before any run trains
     settings = b.to_dict()
     if old:
         stored = old.get("settings", {})
