@@ -193,6 +193,7 @@ def test_an_unwritable_statistics_cache_is_said_once_and_training_scores_without
     assert [r["fd"] != "" for r in read_metrics(run)] == [True, True]
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "statistics cache" in err, err
+    assert "warning: the statistics cache" in (run / "log.txt").read_text()  # the run's record says it too
 
 
 # ------------------------------------------------------------------------------------------------

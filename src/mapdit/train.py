@@ -98,7 +98,8 @@ class Scores:
             self.writer.magnitudes_row(step, mags)
         if tc.fid_every and step % tc.fid_every == 0:  # all ranks: sampling is sharded
             weights = model_with_weights(model, ema.averaged(min(tc.ema_stds)))
-            fd = f"{quick_fid(weights, self.data_meta, tc.fid_samples):.5g}"
+            # its warnings (an unwritable statistics cache) into log.txt too, the run's record
+            fd = f"{quick_fid(weights, self.data_meta, tc.fid_samples, log=self.writer.log.warn):.5g}"
             self.writer.log(f"step {step}: {self.fd_label} of the EMA (sigma_rel {min(tc.ema_stds)}) on "
                             f"{tc.fid_samples} samples: {fd}")
         return max_mag, fd

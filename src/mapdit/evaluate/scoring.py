@@ -64,12 +64,12 @@ def extractor(features, inception_weights, device):
 
 def quick_fid(model, data_meta: dict, num_samples: int, *, ref: str | None = None, features=None,
               spec: SamplerSpec | None = None, seed: int = 0, batch_size: int = 64, num_ref: int | None = None,
-              cache_dir=DEFAULT_CACHE, inception_weights: str | None = None, **spec_fields) -> float:
+              cache_dir=DEFAULT_CACHE, inception_weights: str | None = None, log=None, **spec_fields) -> float:
     """The Fréchet distance of `num_samples` samples of `model` (the plain DiT with the weights to score)
     drawn with `spec` (default: the default SamplerSpec, `spec_fields` replaced) to the reference (default:
     the data's own; features by the module's rule). Nothing is written but the cached reference statistics.
     Under torchrun call it on every rank: sampling is sharded, rank 0 evaluates, every rank returns the same
-    value."""
+    value. `log`: where warnings go (e.g. an unwritable statistics cache; default stderr)."""
     spec = SamplerSpec.of(spec, **spec_fields)
     check_sampling(num_samples, batch_size)
     device = next(model.parameters()).device
@@ -82,7 +82,8 @@ def quick_fid(model, data_meta: dict, num_samples: int, *, ref: str | None = Non
 
     def evaluate() -> float:
         result = evaluate_samples(images, labels, ref, ext, cache, num_ref=num_ref,
-                                  data_options=reference_options(data_meta), batch_size=max(batch_size, 64))
+                                  data_options=reference_options(data_meta), batch_size=max(batch_size, 64),
+                                  log=log)
         return float(result[result["metric"]])
 
     return on_main(evaluate)
