@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass
 
 from .errors import UserError
-from .options import check_choice, opt, stored_fields
+from .options import check_choice, flag_of, opt, stored_fields
 from .recipes import RECIPE_NAMES, RECIPES
 
 # name -> (depth, width, heads). XS is upstream MaP-DiT's addition; XXS is ours, for CPU demos.
@@ -499,12 +499,13 @@ class TrainConfig:
             raise UserError(f"checkpoint steps {list(self.ckpt_steps)} must be at least 1")
         if self.recipe is not None:
             check_choice(self.recipe, "recipe", RECIPE_NAMES, "--recipe")
+        # the option as --help spells it (fid_every is --fd-every; "--fid-every" named only the old alias)
         for name in ("sample_every", "fid_every", "magnitude_every"):
             if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be 0 (off) or more")
+                raise UserError(f"{flag_of(name, TrainConfig)} must be 0 (off) or more")
         for name in ("fid_every", "magnitude_every"):  # logged on metrics rows
             if getattr(self, name) % self.log_every:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a multiple of "
+                raise UserError(f"{flag_of(name, TrainConfig)} {getattr(self, name)} must be a multiple of "
                                 f"--log-every {self.log_every} (its value goes into that row of metrics.csv)")
         if self.fid_every and self.fid_samples < 2:
             raise UserError(f"--fd-samples {self.fid_samples} must be at least 2")

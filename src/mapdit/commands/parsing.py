@@ -140,6 +140,11 @@ def positive(value, flag: str) -> None:
         raise UserError(f"{flag} {value} must be a positive number")
 
 
+def fraction(value, flag: str) -> None:
+    if not 0 <= value < 1:
+        raise UserError(f"{flag} {value} must be in [0, 1)")
+
+
 def _existing(path: Path, flag: str, what: str = "") -> None:
     if not path.exists():
         parent = path.parent if str(path.parent) not in ("", ".") else Path(".")
@@ -214,6 +219,7 @@ INTEGER = Kind("whole number", whole_number)                  # range known only
 TEXT = Kind("text", text)                                     # a name or a word: not empty
 POSITIVE = Kind("number", finite_float, positive)
 NUMBER = Kind("number", finite_float)
+FRACTION = Kind("number", finite_float, fraction)  # a decay rate (Adam's betas): torch raised a traceback
 FILE = Kind("path", text, existing_file)
 FOLDER = Kind("path", text, existing_folder)
 DATA = Kind("path", text, data_source("pass 'fashion-mnist', a folder of IDX files, a folder of class subfolders "
@@ -236,6 +242,7 @@ KINDS: dict[str, Kind] = {
     "class_label": INTEGER,
     **dict.fromkeys(("lr", "grad_clip", "ema_std", "ema_stds", "wait_timeout", "adam_eps"), POSITIVE),
     "cfg_scale": NUMBER,
+    "adam_betas": FRACTION,
     "data_path": DATA,
     "ref": REF,
     **dict.fromkeys(("inception_weights",), FILE),
