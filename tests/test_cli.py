@@ -21,7 +21,7 @@ import pytest
 
 from helpers import TINY_ARGS, cli, error_line, needs_fmnist, only_error_line, tiny_model, tiny_train
 from mapdit.cli import build_parser, main
-from mapdit.commands.parsing import OUTPUT, Kind, finite_float, text, whole_number
+from mapdit.commands.parsing import OUTPUT, Kind, finite_float, path_text, text, whole_number
 from mapdit.runio import checkpoint_path, list_checkpoints
 from mapdit.train import train
 
@@ -257,7 +257,7 @@ def test_every_float_option_refuses_nan_and_inf(capsys):
 def test_every_text_option_refuses_an_empty_value(capsys):
     """'' names nothing; before, --data-path '' became the default data through `or DEFAULT_DATA` and trained."""
     options = [(name, opt.option_strings[0]) for name, sub in subcommands().items() for opt in sub._actions
-               if opt.option_strings and isinstance(opt.type, Kind) and opt.type.convert is text
+               if opt.option_strings and isinstance(opt.type, Kind) and opt.type.convert in (text, path_text)
                and opt.choices is None and not isinstance(opt.nargs, int)]
     for expected in [("train", "--data-path"), ("sample", "--ckpt"), ("sample", "--out"), ("model-info", "--model"),
                      ("fid", "--ref"), ("prepare", "--image-folder"), ("train", "--modulation")]:
@@ -267,6 +267,18 @@ def test_every_text_option_refuses_an_empty_value(capsys):
             assert cli(command, f"{option}={value}") == 2
             line = only_error_line(capsys, command)
             assert f"argument {option}" in line and f"{value!r} is empty" in line, line
+
+
+def test_every_path_option_expands_the_home_folder_where_its_check_does(monkeypatch, tmp_path):
+    # --out=~/x.png (the shell expands no ~ after '=') was checked as $HOME/x.png but written to ./~/x.png
+    monkeypatch.setenv("HOME", str(tmp_path))
+    paths = [(name, sub, opt) for name, sub in subcommands().items() for opt in sub._actions
+             if opt.option_strings and isinstance(opt.type, Kind) and opt.type.convert is path_text]
+    assert {("sample", "--out"), ("train", "--data-path"), ("fid", "--ref"), ("ema", "--run")} <= \
+        {(name, opt.option_strings[0]) for name, _, opt in paths}
+    for _, _, opt in paths:
+        assert opt.type("~/x") == str(tmp_path / "x")
+    assert subcommands()["sample"].parse_args(["--run=~/r", "--out=~/g.png"]).out == str(tmp_path / "g.png")
 
 
 @needs_fmnist

@@ -128,6 +128,12 @@ def text(value: str) -> str:
     return value
 
 
+def path_text(value: str) -> str:
+    """argparse type for every path option: non-empty, with ~ expanded here, so that the check and the command
+    see one path (--out=~/x.png, where the shell leaves ~ alone, was checked as $HOME/x.png and written to ./~/)."""
+    return os.path.expanduser(text(value))
+
+
 def at_least(low: int) -> Callable[[object, str], None]:
     def check(value, flag: str) -> None:
         if value < low:
@@ -220,16 +226,16 @@ TEXT = Kind("text", text)                                     # a name or a word
 POSITIVE = Kind("number", finite_float, positive)
 NUMBER = Kind("number", finite_float)
 FRACTION = Kind("number", finite_float, fraction)  # a decay rate (Adam's betas): torch raised a traceback
-FILE = Kind("path", text, existing_file)
-FOLDER = Kind("path", text, existing_folder)
-DATA = Kind("path", text, data_source("pass 'fashion-mnist', a folder of IDX files, a folder of class subfolders "
+FILE = Kind("path", path_text, existing_file)
+FOLDER = Kind("path", path_text, existing_folder)
+DATA = Kind("path", path_text, data_source("pass 'fashion-mnist', a folder of IDX files, a folder of class subfolders "
                                       "or prepared latents"))
-REF = Kind("path", text, data_source("pass 'fashion-mnist', an image folder, a prepared latent folder or an ADM "
+REF = Kind("path", path_text, data_source("pass 'fashion-mnist', an image folder, a prepared latent folder or an ADM "
                                      "reference batch .npz"))
-OUTPUT = Kind("path", text, writable_place)
+OUTPUT = Kind("path", path_text, writable_place)
 DEVICE = Kind("device", text, device)
-RUN = Kind("run folder", text, run_folder)
-RUN_OR_LATEST = Kind("run folder", text, run_or_latest)
+RUN = Kind("run folder", path_text, run_folder)
+RUN_OR_LATEST = Kind("run folder", path_text, run_or_latest)
 
 # option name (argparse dest) -> its kind, for every sub-command
 KINDS: dict[str, Kind] = {
