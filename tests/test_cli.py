@@ -299,6 +299,7 @@ def test_nan_guidance_writes_nothing(tiny_run, tmp_path, capsys):
     (["train", *TINY_ARGS, "--min-snr-gamma", "-1"], "--min-snr-gamma -1.0 must be a positive number"),
     (["train", *TINY_ARGS, "--ema-stds", "0.05", "0.0501"], "must differ in the first 3 decimals"),
     (["train", *TINY_ARGS, "--device", "gpu0"], "--device 'gpu0' is not a device"),
+    (["train", "--recipe", "imagenet-paper", "--num-steps", "1"], "--recipe imagenet-paper trains on data you pass"),
     (["train", *TINY_ARGS, "--adam-betas", "0.9", "1.5"], "--adam-betas 1.5 must be in [0, 1)"),  # was torch's
     (["train", *TINY_ARGS, "--log-every", "2", "--fd-every", "3"], "--fd-every 3 must be a multiple of --log-every"),
     (["train", "--resume"], "no run folder with a config.json"),
