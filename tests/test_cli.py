@@ -274,7 +274,8 @@ def test_every_path_option_expands_the_home_folder_where_its_check_does(monkeypa
     monkeypatch.setenv("HOME", str(tmp_path))
     paths = [(name, sub, opt) for name, sub in subcommands().items() for opt in sub._actions
              if opt.option_strings and isinstance(opt.type, Kind) and opt.type.convert is path_text]
-    assert {("sample", "--out"), ("train", "--data-path"), ("fid", "--ref"), ("ema", "--run")} <= \
+    assert {("sample", "--out"), ("train", "--data-path"), ("fid", "--ref"), ("ema", "--run"), ("sample", "--ckpt"),
+            ("prepare", "--vae")} <= \
         {(name, opt.option_strings[0]) for name, _, opt in paths}
     for _, _, opt in paths:
         assert opt.type("~/x") == str(tmp_path / "x")

@@ -234,6 +234,7 @@ REF = Kind("path", path_text, data_source("pass 'fashion-mnist', an image folder
                                      "reference batch .npz"))
 OUTPUT = Kind("path", path_text, writable_place)
 DEVICE = Kind("device", text, device)
+PATH = Kind("path", path_text)   # a path or a name the command resolves (--ckpt: a path, a name or a step)
 RUN = Kind("run folder", path_text, run_folder)
 RUN_OR_LATEST = Kind("run folder", path_text, run_or_latest)
 
@@ -251,6 +252,7 @@ KINDS: dict[str, Kind] = {
     "adam_betas": FRACTION,
     "data_path": DATA,
     "ref": REF,
+    **dict.fromkeys(("ckpt", "vae"), PATH),
     **dict.fromkeys(("inception_weights",), FILE),
     **dict.fromkeys(("image_folder",), FOLDER),
     **dict.fromkeys(("out", "results_dir", "cache_dir", "docs_dir", "results_md"), OUTPUT),
