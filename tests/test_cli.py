@@ -473,3 +473,24 @@ def test_every_option_has_help_that_shows_its_default(command):
         assert action.help, (command, action.option_strings)
         if action.nargs != 0 and action.default is not None:
             assert "default" in action.help, (command, action.option_strings)
+
+
+# ------------------------------------------------------------------------------------------------
+# the environment: memory that the sizes asked for
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 60000000000 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError("Unable to allocate 55.9 GiB for an array with shape (60000, 1000, 1000)"),
+])
+def test_memory_the_sizes_ask_for_is_one_line_and_a_bug_stays_a_traceback(tmp_path, monkeypatch, capsys, failure):
+    # train --image-size 1000 on Fashion-MNIST asked the allocator for 60 GB and ended in a traceback
+    def load(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr("mapdit.train.load_data", load)
+    assert cli("train", *TINY_ARGS, "--num-steps", 1, "--results-dir", tmp_path / "r") == 2
+    line = error_line(capsys, "train")
+    assert "not enough memory" in line and "--image-size" in line
+    monkeypatch.setattr("mapdit.train.load_data", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli("train", *TINY_ARGS, "--num-steps", 1, "--results-dir", tmp_path / "r2")

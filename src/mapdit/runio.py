@@ -79,10 +79,21 @@ def os_errno(err: BaseException) -> int | None:
     return None
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Did an allocation fail (numpy's MemoryError, torch's CPU allocator or a GPU out of memory)? The
+    sizes the user chose (batch, image size, model) are what asked for it."""
+    return (isinstance(err, (MemoryError, torch.OutOfMemoryError))
+            or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err)))
+
+
 def environment_error(err: BaseException, path: str | Path | None = None, writing: bool = True) -> UserError | None:
-    """The one-line UserError for an error of the environment (full disk, read-only place, no permission)
-    met while writing `path` (default: the file the error names); None for any other error. `writing=False`:
-    not known to be a write (the CLI's last resort), so a permission error is not called one."""
+    """The one-line UserError for an error of the environment (full disk, read-only place, no permission, not
+    enough memory) met while writing `path` (default: the file the error names); None for any other error.
+    `writing=False`: not known to be a write (the CLI's last resort), so a permission error is not called one."""
+    if out_of_memory(err):
+        said = " ".join(str(err).split("DefaultCPUAllocator:")[-1].split())  # torch's: after its source location
+        return UserError(f"not enough memory for what was asked ({said}): use a smaller --batch-size, --image-size "
+                         "or model, or a machine with more memory")
     code = os_errno(err)
     where = path if path is not None else (getattr(err, "filename", None) or "a file")
     if code in DISK_FULL:
