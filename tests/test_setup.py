@@ -134,10 +134,17 @@ def test_failure_or_signal_after_the_run_folder_exists_removes_it(tmp_path, caps
     real = mapdit.setup.DiT
 
     def failing(cfg):  # a failure while the model is built: after the run folder was made
-        raise torch.cuda.OutOfMemoryError("out of memory (simulated)")
+        raise RuntimeError("a bug (simulated)")
     monkeypatch.setattr(mapdit.setup, "DiT", failing)
-    with pytest.raises(torch.cuda.OutOfMemoryError):
+    with pytest.raises(RuntimeError, match="a bug"):
         cli(*args)
+    assert not list((tmp_path / "R").iterdir())
+
+    def out_of_memory(cfg):  # the sizes asked for too much: one line (runio.environment_error), folder removed
+        raise torch.cuda.OutOfMemoryError("out of memory (simulated)")
+    monkeypatch.setattr(mapdit.setup, "DiT", out_of_memory)
+    assert cli(*args) == 2
+    assert "not enough memory" in capsys.readouterr().err
     assert not list((tmp_path / "R").iterdir())
 
     def signalled(cfg):  # SIGTERM while the model is built
