@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from bench import Report  # the markdown report of bench.py
 from mapdit.config import TrainConfig, make_config
 from mapdit.data import IndexStream, load_dataset
 from mapdit.demo import DEMO_BATCH, DEMO_CFG, DEMO_LR, DEMO_MIN_SNR_GAMMA, DEMO_MODEL
@@ -269,22 +270,6 @@ def sampling_table(rep, args, clock) -> None:
                      f"{args.sample_batch / (total * n):.1f}"])
     rep.table(["config", "ms per sampling step", "model forward ms", "model: aten ops", "model: in ops (profiled)",
                "guidance + scheduler ms", "guidance + scheduler: aten ops", "images/s"], rows)
-
-
-class Report:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def __call__(self, text: str = "") -> None:
-        print(text, flush=True)
-        self.lines.append(text)
-
-    def table(self, header, rows) -> None:
-        self("| " + " | ".join(header) + " |")
-        self("|" + "|".join("---" for _ in header) + "|")
-        for row in rows:
-            self("| " + " | ".join(str(c) for c in row) + " |")
-        self()
 
 
 def main(argv=None) -> int:
