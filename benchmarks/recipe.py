@@ -57,7 +57,7 @@ from mapdit.train import train
 ARMS = {"A": ("A", 1e-2), "MP": ("E", 3e-2)}  # arm -> (preset, its best measured rate)
 MODEL, STEPS, BATCH, SEED = "DiT-XXS/4", 2000, 64, 0
 SCORE = {"samples": 1000, "sampler": "dpm++2m", "steps": 20, "cfg": 4.0, "ema": 0.10}
-CURVE_STEPS = (350, 850, 1000, 2000, 4000, 7000)  # measured ~2, 5, 6, 12, 15, 30-35 min (docs/recipe.md)
+CURVE_STEPS = (350, 850, 1000, 2000, 4000, 7000, 14000)  # ~2, 5, 6, 12, 15, 30-35, 60-80 min (docs/recipe.md)
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def train_run(out: Path, arm: str, name: str, lever_train: dict, model: str) -> 
                      lr=lr, seed=SEED, log_every=50, ema_snapshots=0, ema_stds=(0.05, 0.10))
     for key, value in over.items():
         setattr(tc, key, value)
-    tc.ckpt_every = tc.num_steps
+    tc.ckpt_every = min(tc.num_steps, 1000)  # a long curve run resumes from its last thousand steps
     existing = run_to_resume(folder)
     if existing is not None:
         return Path(train(tc, None, resume=str(existing)))
