@@ -20,10 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import mapdit  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
-
-# isort: split
-
 import torch
 
 from mapdit.config import MP_OPTIONS, TrainConfig, make_config

@@ -40,10 +40,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mapdit  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
-
-# isort: split
-
 import torch
 
 from mapdit.config import TrainConfig, make_config

@@ -57,10 +57,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import mapdit  # noqa: F401  (before torch: sets the OpenMP wait policy)
-
-# isort: split
-
 import torch
 
 from mapdit.errors import UserError

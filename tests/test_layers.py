@@ -69,14 +69,12 @@ def test_library_modules_import_no_argparse_and_no_command_layer():
         assert "import argparse" not in text or path.name == "model.py", path
 
 
-@pytest.mark.parametrize("exported, expected", [
-    ({}, "PASSIVE"),  # mapdit's default: idle OpenMP threads sleep
-    ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),  # the user's value wins
-    ({"GOMP_SPINCOUNT": "10000"}, None),  # so does a spin count: the policy stays unset for libgomp to apply it
-])
-def test_import_sets_the_openmp_wait_policy_unless_the_user_chose(exported, expected):
+@pytest.mark.parametrize("exported", [{}, {"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "1000"}])
+def test_import_leaves_the_openmp_settings_to_the_user(exported):
+    # mapdit once exported OMP_WAIT_POLICY=PASSIVE on import; alone on idle cores that cost the demo's loop a
+    # third of its speed (BENCHMARKS.md, "Sharing the CPU"). Whatever the user exported reaches OpenMP as is.
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    code = "import os, mapdit; print(os.environ.get('OMP_WAIT_POLICY'))"
+    code = "import os, mapdit; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
     out = subprocess.run([sys.executable, "-c", code], env={**env, **exported}, capture_output=True, text=True,
                          check=True).stdout.strip()
-    assert out == str(expected)
+    assert out == f"{exported.get('OMP_WAIT_POLICY')} {exported.get('GOMP_SPINCOUNT')}"
