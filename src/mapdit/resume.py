@@ -66,6 +66,19 @@ def flag_name(dest: str) -> str:
     return flag_of(dest, ModelConfig, TrainConfig)
 
 
+def as_typed(value) -> str:
+    """A value as it is typed on the command line, for messages: None -> none, True -> on, (0.05, 0.1) -> 0.05 0.1."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (tuple, list)):
+        return " ".join(as_typed(v) for v in value)
+    return str(value)
+
+
 def _same(a, b) -> bool:
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return [float(v) for v in a] == [float(v) for v in b]
@@ -94,16 +107,14 @@ def resume_settings(run_dir: Path, given: Mapping[str, object], tc: TrainConfig)
         if set(given) & {"preset", "use_all_mp"}:  # a preset names the whole set of MP options
             compare |= set(MP_OPTIONS)
         shown = " ".join(flag_name(k) for k in typed_model)
-        model_problems = [f"{shown} gives {k}={getattr(wanted, k)} (the run has {getattr(model, k)})"
+        model_problems = [f"{'' if flag_name(k) == shown else shown + ' gives '}{flag_name(k)} "
+                          f"{as_typed(getattr(wanted, k))} (the run has {as_typed(getattr(model, k))})"
                           for k in sorted(compare) if getattr(wanted, k) != getattr(model, k)]
     if "results_dir" in given and Path(str(given["results_dir"])).resolve() != run_dir.resolve().parent:
         problems.append(f"--results-dir {given['results_dir']} (the run is in {run_dir.parent})")
     for key in RESUME_MUST_MATCH:
         if key in given and not _same(given[key], getattr(stored, key)):
-            mine, theirs = given[key], getattr(stored, key)
-            if isinstance(mine, tuple):
-                mine, theirs = list(mine), list(theirs)
-            problems.append(f"{flag_name(key)} {mine} (the run has {theirs})")
+            problems.append(f"{flag_name(key)} {as_typed(given[key])} (the run has {as_typed(getattr(stored, key))})")
     problems += model_problems  # after the training ones: a preset alone can name eight
     if problems:
         raise UserError(f"--resume {run_dir} continues the run as it was trained, but {'; '.join(problems[:3])}: "
