@@ -425,7 +425,8 @@ class TrainConfig:
                                "differs from the run's own (this invocation only)", resume="never")
     log_every: int = opt(10, "a metrics.csv row every N steps", resume="apply")
     precision: str = opt("fp32", "fp32, or bf16 autocast", choices=PRECISIONS)
-    compile: bool = opt(False, "torch.compile the model (this invocation only)", resume="never")
+    compile: bool = opt(False, "torch.compile the model with its loss, forward and backward (this invocation "
+                             "only)", resume="never")
     device: str | None = opt(None, "cpu, cuda, cuda:1, ... (default: cuda when there is one, else cpu; this "
                              "invocation only)", resume="never")
     skip_nonfinite: bool = opt(False, "skip (and count) steps with a NaN/Inf loss or gradient instead of "

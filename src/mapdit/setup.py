@@ -5,6 +5,7 @@ made after that (`NewRun` removes it again if set-up fails or is stopped)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,14 +166,33 @@ def model_optimizer_ema(model_cfg: ModelConfig, tc: TrainConfig, device: torch.d
 
 
 def forward_of(model: DiT, d: Dist, compile: bool):
-    """What the loss calls: the model, in DistributedDataParallel under torchrun, compiled with --compile."""
+    """What the loss calls: the model, in DistributedDataParallel under torchrun, compiled with --compile
+    under torchrun (one process compiles the loss with it: `losses_of`)."""
     fwd = model
     if d.enabled:
         fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda"
                                                         else None)
-    if compile:
-        fwd = torch.compile(fwd)
+        if compile:
+            fwd = torch.compile(fwd)
     return fwd
+
+
+class CompiledLosses:
+    """`--compile` in one process: the model and the IDDPM loss compiled as one graph, so that Inductor fuses
+    the loss's elementwise work (q_sample, the MSE, the variational bound) with the model's and compiles the
+    backward with it. It stands in for the diffusion in `train_step`, which only calls `training_losses`."""
+
+    def __init__(self, diffusion, fwd):
+        self.num_timesteps = diffusion.num_timesteps
+        self._losses = torch.compile(functools.partial(diffusion.training_losses, fwd))
+
+    def training_losses(self, fwd, x0, t, y, noise=None, min_snr_gamma=None) -> dict:
+        return self._losses(x0, t, y, noise=noise, min_snr_gamma=min_snr_gamma)
+
+
+def losses_of(diffusion, fwd, d: Dist, compile: bool):
+    """What `train_step` takes the loss from: the diffusion, or with --compile in one process CompiledLosses."""
+    return CompiledLosses(diffusion, fwd) if compile and not d.enabled else diffusion
 
 
 class NewRun:

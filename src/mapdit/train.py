@@ -47,7 +47,7 @@ from .log import Logger
 from .model import parameter_breakdown
 from .run_writer import RunWriter, SideOutputs, checkpoint_steps, disk_line
 from .runio import create_run_dir, run_lock
-from .setup import NewRun, forward_of, init_device, load_data, model_optimizer_ema, run_record, settings
+from .setup import NewRun, forward_of, init_device, load_data, losses_of, model_optimizer_ema, run_record, settings
 from .step import Batch, BatchSource, ReportWindow, train_step
 from .stopping import StopRequest
 from .weights import model_with_weights
@@ -156,6 +156,7 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, s
 
         fwd = forward_of(model, d, tc.compile)
         diffusion = make_diffusion(model_cfg.num_train_steps, learn_sigma=model_cfg.learn_sigma)
+        losses = losses_of(diffusion, fwd, d, tc.compile)
         batches = BatchSource(data, stream, tc, d, diffusion.num_timesteps, model_cfg.null_class,
                               model_cfg.class_dropout_prob)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
@@ -195,7 +196,7 @@ def _train(tc: TrainConfig, model_cfg: ModelConfig | None, resume: str | None, s
             # ---- step
             began = time.perf_counter()
             batch = batches(step)
-            result = train_step(model, fwd, diffusion, opt, ema, params, batch, done, grad_clip=tc.grad_clip,
+            result = train_step(model, fwd, losses, opt, ema, params, batch, done, grad_clip=tc.grad_clip,
                                 autocast=autocast, skip_nonfinite=tc.skip_nonfinite, d=d,
                                 min_snr_gamma=tc.min_snr_gamma)
             if not result.applied:
