@@ -5,6 +5,7 @@ measured on the plain DiT (Config A) and on the MP model alike, and sample quali
     python benchmarks/recipe.py --out results/recipe minutes            # FD / accuracy vs minutes, both arms
     python benchmarks/recipe.py --out results/recipe levers             # every lever, both arms
     python benchmarks/recipe.py --out results/recipe levers --levers base,minsnr5 --arms MP
+    python benchmarks/recipe.py --out results/recipe seeds --cells steps14000 --seeds 1,2   # the scoring's spread
     python benchmarks/recipe.py --out results/recipe speed              # steps/s: threads, torch.compile
     python benchmarks/recipe.py --out results/recipe report             # recipe.md + minutes.png from the cache
     python benchmarks/recipe.py --list
@@ -188,10 +189,11 @@ def train_run(out: Path, arm: str, name: str, lever_train: dict, model: str) -> 
     return Path(train(tc, cfg))
 
 
-def score_run(run_dir: Path, score: dict) -> dict:
+def score_run(run_dir: Path, score: dict, seed: int = 0) -> dict:
+    """FD, accuracy and held-out error; `seed` draws other labels and noise for the samples (the scoring's spread)."""
     fid = fid_for_run(run_dir, score["samples"], ema_std=score["ema"], cfg_scale=score["cfg"],
-                      sampler=score["sampler"], steps=score["steps"], seed=0, batch_size=250, progress=False,
-                      log=lambda m: None)
+                      sampler=score["sampler"], steps=score["steps"], seed=seed, batch_size=250, progress=False,
+                      write=seed == 0, log=lambda m: None)
     held = heldout_for_run(run_dir, weights="ema", ema_std=score["ema"])
     return {"fd": fid["value"], "acc": fid.get("conditioning_accuracy"), "heldout": held["mse"]}
 
@@ -229,6 +231,19 @@ def curve_cells(out: Path, arms: list[str], steps: list[int]) -> None:
         for arm in arms:
             lever = LEVERS["base"] if n == STEPS else Lever(f"steps{n}", f"{n} steps", {"num_steps": n})
             run_cell(out, arm, LEVERS.get(lever.name, lever))
+
+
+def rescore(out: Path, arms: list[str], cells: list[str], seeds: list[int]) -> None:
+    """Score finished cells again with other sampling seeds: OUT/seeds/<arm>-<cell>-seed<N>.json."""
+    for arm in arms:
+        for cell in cells:
+            record = json.loads((out / "cells" / f"{arm}-{cell}.json").read_text())
+            for seed in seeds:
+                path = out / "seeds" / f"{arm}-{cell}-seed{seed}.json"
+                if not path.is_file():
+                    log(f"{arm}-{cell}: scoring with sampling seed {seed} ...")
+                    write_json(path, {"arm": arm, "cell": cell, "seed": seed, "score": record["score"],
+                                      **score_run(Path(record["run_dir"]), record["score"], seed), "date": now()})
 
 
 # ------------------------------------------------------------------------------------------------ speed
@@ -301,6 +316,15 @@ def report(out: Path) -> Path:
                   "| arm | variant | steps/s (min–max) | images/s |", "|---|---|---:|---:|"]
         lines += [f"| {s['arm']} | {s['variant']} | {s['steps_per_s']:.2f} ({s['min']:.2f}–{s['max']:.2f}) | "
                   f"{s['steps_per_s'] * s.get('batch', BATCH):.0f} |" for s in spd]
+    reps = load(out, "seeds")
+    if reps:
+        lines += ["", "Scoring spread (the same runs, samples drawn with other seeds; seed 0 is the cell):", "",
+                  "| arm | cell | sampling seed | FD_fmnist | cond. acc. |", "|---|---|---:|---:|---:|"]
+        for r in sorted(reps, key=lambda r: (r["cell"], r["arm"], r["seed"])):
+            c = cells.get((r["arm"], r["cell"]), {})
+            if r["seed"] == min(x["seed"] for x in reps if (x["arm"], x["cell"]) == (r["arm"], r["cell"])) and c:
+                lines.append(f"| {r['arm']} | {r['cell']} | 0 | {c['fd']:.1f} | {c['acc']:.3f} |")
+            lines.append(f"| {r['arm']} | {r['cell']} | {r['seed']} | {r['fd']:.1f} | {r['acc']:.3f} |")
     path = out / "recipe.md"
     path.write_text("\n".join(lines) + "\n")
     plot_minutes(cells, out / "minutes.png")
@@ -365,13 +389,15 @@ def plot_minutes(cells: dict, path: Path) -> Path | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", choices=("levers", "minutes", "speed", "report"), default="report")
+    p.add_argument("what", nargs="?", choices=("levers", "minutes", "seeds", "speed", "report"), default="report")
     p.add_argument("--out", default="results/recipe")
     p.add_argument("--arms", default="A,MP")
     p.add_argument("--levers", default=",".join(DEFAULT_LEVERS))
     p.add_argument("--curve-steps", default=",".join(map(str, CURVE_STEPS)))
     p.add_argument("--base-steps", type=int, default=STEPS,
                    help=f"levers on a base recipe of this many steps (default {STEPS}); cells '<lever>@<N>'")
+    p.add_argument("--cells", default="", help="seeds: the finished cells to score again, e.g. steps14000,cfg2@14000")
+    p.add_argument("--seeds", default="1,2", help="seeds: the sampling seeds (0 is the cell's own score)")
     p.add_argument("--list", action="store_true", help="print the levers and exit")
     args = p.parse_args(argv)
     if args.list:
@@ -394,6 +420,8 @@ def main(argv=None) -> int:
                 run_cell(out, arm, LEVERS[name].at(args.base_steps))
     elif args.what == "minutes":
         curve_cells(out, arms, [int(n) for n in args.curve_steps.split(",")])
+    elif args.what == "seeds":
+        rescore(out, arms, [c for c in args.cells.split(",") if c], [int(n) for n in args.seeds.split(",")])
     elif args.what == "speed":
         speed(out, arms)
     print(report(out))
