@@ -208,7 +208,7 @@ def test_a_recipe_gives_defaults_that_options_override():
     assert tc.recipe == "fmnist-cpu"
     assert {k: getattr(tc, k) for k in recipe.train} == dict(recipe.train)
     assert (model.model, model.preset, model.enabled_mp_options()) == ("DiT-XXS/4", "E", list(MP_OPTIONS))
-    assert (tc.num_steps, tc.batch_size, tc.lr, tc.min_snr_gamma) == (6000, 32, 3e-2, 5.0)  # the demo's recipe
+    assert (tc.num_steps, tc.batch_size, tc.lr, tc.min_snr_gamma) == (7000, 32, 3e-2, 5.0)  # the demo's recipe
     tc, model = _configs("--recipe", "fmnist-cpu", "--lr", "0.01", "--model", "DiT-XS/4", "--num-steps", "10")
     assert (tc.lr, tc.num_steps, tc.batch_size, model.model, model.preset) == (0.01, 10, 32, "DiT-XS/4", "E")
 
