@@ -6,6 +6,7 @@ measured on the plain DiT (Config A) and on the MP model alike, and sample quali
     python benchmarks/recipe.py --out results/recipe levers             # every lever, both arms
     python benchmarks/recipe.py --out results/recipe levers --levers base,minsnr5 --arms MP
     python benchmarks/recipe.py --out results/recipe seeds --cells steps14000 --seeds 1,2   # the scoring's spread
+    python benchmarks/recipe.py --out results/recipe minutes --curve-steps 14000 --train-seed 1   # training's
     python benchmarks/recipe.py --out results/recipe speed              # steps/s: threads, torch.compile
     python benchmarks/recipe.py --out results/recipe report             # recipe.md + minutes.png from the cache
     python benchmarks/recipe.py --list
@@ -225,11 +226,18 @@ def run_cell(out: Path, arm: str, lever: Lever) -> dict:
     return record
 
 
-def curve_cells(out: Path, arms: list[str], steps: list[int]) -> None:
-    """The minutes curve: a run of each step count per arm (shortest first), its own schedule each."""
+def curve_cells(out: Path, arms: list[str], steps: list[int], seed: int = SEED) -> None:
+    """The minutes curve: a run of each step count per arm (shortest first), its own schedule each. Another
+    training `seed` gives cells "steps<N>-seed<S>" beside the curve (its spread at that length)."""
     for n in sorted(steps):
         for arm in arms:
-            lever = LEVERS["base"] if n == STEPS else Lever(f"steps{n}", f"{n} steps", {"num_steps": n})
+            if seed != SEED:
+                lever = Lever(f"steps{n}-seed{seed}", f"{n} steps, training seed {seed}",
+                              {"num_steps": n, "seed": seed})
+            elif n == STEPS:
+                lever = LEVERS["base"]
+            else:
+                lever = Lever(f"steps{n}", f"{n} steps", {"num_steps": n})
             run_cell(out, arm, LEVERS.get(lever.name, lever))
 
 
@@ -286,8 +294,9 @@ def load(out: Path, sub: str) -> list[dict]:
 def cell_order(cell: str) -> tuple[int, int]:
     """Rows grouped by base length: a base ("steps<N>", or "base") first, then the levers in LEVERS order."""
     lever, _, base = cell.partition("@")
-    if lever.startswith("steps") and lever[5:].isdigit():
-        return int(lever[5:]), -1
+    steps, _, seed = lever.partition("-seed")  # another training seed sorts after its length's seed-0 cell
+    if steps.startswith("steps") and steps[5:].isdigit():
+        return int(steps[5:]), int(seed) - 1 if seed.isdigit() else -1
     return int(base or STEPS), list(LEVERS).index(lever) if lever in LEVERS else len(LEVERS)
 
 
@@ -394,6 +403,7 @@ def main(argv=None) -> int:
     p.add_argument("--arms", default="A,MP")
     p.add_argument("--levers", default=",".join(DEFAULT_LEVERS))
     p.add_argument("--curve-steps", default=",".join(map(str, CURVE_STEPS)))
+    p.add_argument("--train-seed", type=int, default=SEED, help="minutes: another training seed (cells '-seed<S>')")
     p.add_argument("--base-steps", type=int, default=STEPS,
                    help=f"levers on a base recipe of this many steps (default {STEPS}); cells '<lever>@<N>'")
     p.add_argument("--cells", default="", help="seeds: the finished cells to score again, e.g. steps14000,cfg2@14000")
@@ -419,7 +429,7 @@ def main(argv=None) -> int:
             for arm in arms:
                 run_cell(out, arm, LEVERS[name].at(args.base_steps))
     elif args.what == "minutes":
-        curve_cells(out, arms, [int(n) for n in args.curve_steps.split(",")])
+        curve_cells(out, arms, [int(n) for n in args.curve_steps.split(",")], args.train_seed)
     elif args.what == "seeds":
         rescore(out, arms, [c for c in args.cells.split(",") if c], [int(n) for n in args.seeds.split(",")])
     elif args.what == "speed":
