@@ -47,8 +47,7 @@ from mapdit.fused import reference_math
 from mapdit.model import DiT
 from mapdit.step import Batch, train_step
 
-# The README's demo (`mapdit demo`, src/mapdit/demo.py): DiT-XXS/2, Config E, Fashion-MNIST 28x28x1, batch 64.
-# The README demo's model on Fashion-MNIST, at the common batch of 32 (the demo itself trains at 64).
+# The demo's model (`mapdit demo`: the recipe fmnist-cpu, mapdit.recipes) on Fashion-MNIST 28x28x1, at its batch 32.
 DEMO = dict(model=DEMO_MODEL, preset="E", input_size=28, in_channels=1, num_classes=10, batch=32)
 LATENT = dict(input_size=32, in_channels=4, num_classes=1000)  # 256x256 ImageNet latents, as in DiT
 TRAIN_MODELS = ("DiT-XS/2", "DiT-S/4", "DiT-S/2")
