@@ -163,6 +163,18 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.sum(dims, keepdim=True).reshape(shape) if dims else t
 
 
+def _mix_pairs(x, ca, cb, sa, sb, pairing: str) -> torch.Tensor:
+    """(a*ca + b*sa | b*cb + a*sb) for every channel pair (a, b) of x, written into one new buffer."""
+    a, b = _pair_views(x, pairing)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    oa, ob = _pair_views(out, pairing)
+    torch.mul(a, ca, out=oa)
+    oa.addcmul_(b, sa)
+    torch.mul(b, cb, out=ob)
+    ob.addcmul_(a, sb)
+    return out
+
+
 class _PairMix(torch.autograd.Function):
     """out_a = a*ca + b*sa, out_b = b*cb + a*sb for every channel pair (a, b) of x.
 
@@ -173,13 +185,7 @@ class _PairMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, ca, cb, sa, sb, pairing: str):
-        a, b = _pair_views(x, pairing)
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        oa, ob = _pair_views(out, pairing)
-        torch.mul(a, ca, out=oa)
-        oa.addcmul_(b, sa)
-        torch.mul(b, cb, out=ob)
-        ob.addcmul_(a, sb)
+        out = _mix_pairs(x, ca, cb, sa, sb, pairing)
         ctx.save_for_backward(x, ca, cb, sa, sb)
         ctx.pairing = pairing
         return out
@@ -192,13 +198,8 @@ class _PairMix(torch.autograd.Function):
         g = g.contiguous()
         ga, gb = _pair_views(g, pairing)
         gx = None
-        if ctx.needs_input_grad[0]:  # the transpose of the 2x2 map of every pair
-            gx = torch.empty_like(x, memory_format=torch.contiguous_format)
-            gxa, gxb = _pair_views(gx, pairing)
-            torch.mul(ga, ca, out=gxa)
-            gxa.addcmul_(gb, sb)
-            torch.mul(gb, cb, out=gxb)
-            gxb.addcmul_(ga, sa)
+        if ctx.needs_input_grad[0]:  # the transpose of the 2x2 map of every pair: sa and sb swap
+            gx = _mix_pairs(g, ca, cb, sb, sa, pairing)
         grads = [None] * 4
         if any(ctx.needs_input_grad[1:5]):
             same = g * x  # (ga*a | gb*b): grads of ca, cb
