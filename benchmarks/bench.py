@@ -771,7 +771,33 @@ FASTPATH_SETTINGS = {  # name -> (model, preset, modulation, data)
                             {k: DEMO[k] for k in ("input_size", "in_channels", "num_classes")}),
     "S4-E": ("DiT-S/4", "E", "adaln", LATENT),
     "S4-A": ("DiT-S/4", "A", "adaln", LATENT),
+    "S2-E": ("DiT-S/2", "E", "adaln", LATENT),
+    "S2-A": ("DiT-S/2", "A", "adaln", LATENT),
 }
+
+
+class GuidedForward:
+    """A sampler's unit of work: one guided model call (eval, no_grad) on the conditional and the
+    unconditional halves of a batch, 2 x `batch` inputs; calling it returns its wall time."""
+
+    def __init__(self, step: TrainStep):
+        self.model = step.model
+        batch, null = step.batch, step.cfg.null_class
+        g = torch.Generator().manual_seed(7)
+        self.x = torch.randn(2 * batch, *step.x.shape[1:], generator=g)
+        self.t = torch.randint(0, step.cfg.num_train_steps, (batch,), generator=g).repeat(2)
+        y = torch.randint(0, step.cfg.num_classes, (batch,), generator=g)
+        self.y = torch.cat([y, torch.full_like(y, null)])
+
+    def __call__(self) -> float:
+        was = self.model.training
+        self.model.eval()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self.model(self.x, self.t, self.y)
+        elapsed = time.perf_counter() - t0
+        self.model.train(was)
+        return elapsed
 
 
 class WithPaths:
@@ -841,7 +867,8 @@ def section_fastpaths(rep: Report, args, results: dict) -> None:
 
 def section_ratios(rep: Report, args, results: dict) -> None:
     """E ÷ A and the fraction of a same-run matmul, before (revision args.baseline's model code) and after
-    (this tree), all four configurations and the matmul probe in the same interleaved rounds."""
+    (this tree), all four configurations, this tree's guided forward (the sampler's step) and the matmul
+    probe in the same interleaved rounds."""
     rev = args.baseline or "e95bf9f"
     old_dit = baseline_dit(rev)
     rep(f"## E ÷ A and the matmul probe: this tree against {rev}, in one run")
@@ -849,7 +876,8 @@ def section_ratios(rep: Report, args, results: dict) -> None:
     rep(f"Training step (the loop's `train_step`), batch {BATCH}, {args.rounds} interleaved rounds after "
         f"{args.warmup} warm-up steps; ratios paired per round, median (min-max). Matmul: the MLP's first "
         "linear over the batch, the fastest of 5 in each round; fraction = the step's FLOP/s (FlopCounterMode: "
-        "matmuls and attention, forward and backward) over the matmul's.")
+        "matmuls and attention, forward and backward) over the matmul's. Sampling: one guided model call of "
+        f"this tree (eval, no_grad, 2 x {BATCH} inputs), in the same rounds.")
     rep()
     rows = []
     for name in args.fastpath_settings:
@@ -859,7 +887,8 @@ def section_ratios(rep: Report, args, results: dict) -> None:
                  for w, cls in (("before", old_dit), ("after", DiT)) for p in ("A", "E")}
         flops = {k: s.count_flops() for k, s in items.items()}
         mm = Matmul(*items["A after"].largest_matmul())
-        times = rounds({**items, "matmul": mm}, args.rounds, args.warmup, log)
+        guided = {f"{p} guided": GuidedForward(items[f"{p} after"]) for p in ("A", "E")}
+        times = rounds({**items, **guided, "matmul": mm}, args.rounds, args.warmup, log)
         peak = [mm.flops / t for t in times["matmul"]]
         for w in ("before", "after"):
             frac = {p: [flops[f"{p} {w}"] / t / pk for t, pk in zip(times[f"{p} {w}"], peak)] for p in ("A", "E")}
@@ -867,8 +896,11 @@ def section_ratios(rep: Report, args, results: dict) -> None:
                          f"{1e3 * median(times[f'A {w}']):.0f}", f"{1e3 * median(times[f'E {w}']):.0f}",
                          fmt_range(paired(times, f"E {w}", f"A {w}"), "{:.3f}"),
                          fmt_range(frac["A"], "{:.3f}"), fmt_range(frac["E"], "{:.3f}")])
+        rows.append([model + (" (demo)" if name.startswith("demo") else ""), "after, sampling (one guided call)",
+                     f"{1e3 * median(times['A guided']):.0f}", f"{1e3 * median(times['E guided']):.0f}",
+                     fmt_range(paired(times, "E guided", "A guided"), "{:.3f}"), "", ""])
         results.setdefault("ratios", {})[name] = times
-        del items
+        del items, guided
     rep.table(["model", "code", "A ms", "E ms", "E ÷ A (paired)", "A ÷ matmul", "E ÷ matmul"], rows)
 
 
