@@ -7,6 +7,8 @@ measured on the plain DiT (Config A) and on the MP model alike, and sample quali
     python benchmarks/recipe.py --out results/recipe levers --levers base,minsnr5 --arms MP
     python benchmarks/recipe.py --out results/recipe seeds --cells steps14000 --seeds 1,2   # the scoring's spread
     python benchmarks/recipe.py --out results/recipe minutes --curve-steps 14000 --train-seed 1   # training's
+    python benchmarks/recipe.py --out results/recipe levers --base-steps 14000 --levers cfg2 --train-seed 1
+    python benchmarks/recipe.py --out results/recipe extend --from-steps 14000 --curve-steps 28000  # train on
     python benchmarks/recipe.py --out results/recipe speed              # steps/s: threads, torch.compile
     python benchmarks/recipe.py --out results/recipe report             # recipe.md + minutes.png from the cache
     python benchmarks/recipe.py --list
@@ -35,6 +37,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -67,11 +70,13 @@ class Lever:
     train: dict = field(default_factory=dict)
     model: str = MODEL
     score: dict = field(default_factory=dict)  # SCORE keys set for scoring
+    folder: str = ""  # the run folder's name where `run`'s rule does not give it (a run trained on)
 
-    def at(self, base_steps: int) -> "Lever":
+    def at(self, base_steps: int, seed: int = SEED) -> "Lever":
         """This lever on a base recipe of `base_steps` steps, with every relative setting made concrete.
         Its cell is named "<lever>@<base_steps>" unless the base is the default length (the lever's own
-        name) or the lever is the base itself ("steps<N>", the minutes curve's cell)."""
+        name) or the lever is the base itself ("steps<N>", the minutes curve's cell). Another training
+        `seed` adds "-seed<S>" to the lever's part of the name."""
         rel = dict(self.train)
         steps, scale = rel.pop("num_steps", None), rel.pop("steps_scale", 1.0)
         if steps is None:
@@ -82,18 +87,24 @@ class Lever:
         if "decay_frac" in rel:
             train["decay_start"] = round(steps * rel.pop("decay_frac"))
         train.update(rel)  # lr_scale and absolute TrainConfig fields
-        name = self.name
+        name, at = self.name, ""
         if base_steps != STEPS and "num_steps" not in self.train:
-            name = f"steps{base_steps}" if self.name == "base" else f"{self.name}@{base_steps}"
-        return Lever(name, self.what, train, self.model, self.score)
+            name, at = (f"steps{base_steps}", "") if self.name == "base" else (self.name, f"@{base_steps}")
+        what = self.what
+        if seed != SEED:
+            train["seed"] = seed
+            name, what = f"{name}-seed{seed}", f"{what}, training seed {seed}"
+        return Lever(name + at, what, train, self.model, self.score)
 
     @property
     def run(self) -> str:
         """The run folder this (concrete) lever trains: a lever that only sets the step count (or only
         scores differently) shares "base" / "steps<N>" with the minutes curve."""
-        if self.model == MODEL and set(self.train) <= {"num_steps"}:
-            steps = self.train.get("num_steps", STEPS)
-            return "base" if steps == STEPS else f"steps{steps}"
+        if self.folder:
+            return self.folder
+        if self.model == MODEL and set(self.train) <= {"num_steps", "seed"}:
+            steps, seed = self.train.get("num_steps", STEPS), self.train.get("seed", SEED)
+            return ("base" if steps == STEPS else f"steps{steps}") + (f"-seed{seed}" if seed != SEED else "")
         return self.name
 
 
@@ -199,14 +210,14 @@ def score_run(run_dir: Path, score: dict, seed: int = 0) -> dict:
     return {"fd": fid["value"], "acc": fid.get("conditioning_accuracy"), "heldout": held["mse"]}
 
 
-def run_cell(out: Path, arm: str, lever: Lever) -> dict:
+def run_cell(out: Path, arm: str, lever: Lever, extends: str | None = None) -> dict:
     cell = lever.name
     path = out / "cells" / f"{arm}-{cell}.json"
     if path.is_file():
         return json.loads(path.read_text())
     train_over = dict(lever.train)
     record = {"arm": arm, "cell": cell, "lever": lever.name, "what": lever.what, "model": lever.model,
-              "train": train_over}
+              "train": train_over, **({"extends": extends} if extends else {})}
     log(f"{arm}-{cell}: training ({lever.run}) ...")
     try:
         run_dir = train_run(out, arm, lever.run, train_over, lever.model)
@@ -231,14 +242,59 @@ def curve_cells(out: Path, arms: list[str], steps: list[int], seed: int = SEED) 
     training `seed` gives cells "steps<N>-seed<S>" beside the curve (its spread at that length)."""
     for n in sorted(steps):
         for arm in arms:
-            if seed != SEED:
-                lever = Lever(f"steps{n}-seed{seed}", f"{n} steps, training seed {seed}",
-                              {"num_steps": n, "seed": seed})
-            elif n == STEPS:
-                lever = LEVERS["base"]
+            if n == STEPS:
+                lever = LEVERS["base"].at(n, seed)
             else:
-                lever = Lever(f"steps{n}", f"{n} steps", {"num_steps": n})
+                lever = Lever(f"steps{n}", f"{n} steps", {"num_steps": n}).at(STEPS, seed)
             run_cell(out, arm, LEVERS.get(lever.name, lever))
+
+
+def extend_cells(out: Path, arms: list[str], from_steps: int, steps: list[int], seed: int = SEED) -> None:
+    """Train the curve's finished `from_steps` run on to each of `steps`, keeping its schedule (warm-up and
+    decay start are the shorter run's; EDM2's 1/sqrt decay has no end, so this is what training longer means
+    for a run already under way, and costs only the extra steps). Cell "steps<N>-from<M>": a copy of the
+    run with its step-M checkpoint (hard links), resumed to N steps; training minutes include the M steps'."""
+    suffix = f"-seed{seed}" if seed != SEED else ""
+    ckpt = f"step-{from_steps:07d}"
+    sources = {arm: run_to_resume(out / "runs" / f"{arm}-steps{from_steps}{suffix}") for arm in arms}
+    missing = [arm for arm, run in sources.items()
+               if run is None or not (run / "checkpoints" / f"{ckpt}.safetensors").is_file()]
+    if missing:  # checked for every arm before any training
+        print(f"recipe: extend needs the {from_steps}-step run{suffix and ' of training seed ' + str(seed)} of "
+              f"arm {', '.join(missing)} with its {ckpt} checkpoint in {out / 'runs'}: run `minutes --curve-steps "
+              f"{from_steps}` first", file=sys.stderr)
+        raise SystemExit(2)
+    for n in sorted(steps):
+        for arm in arms:
+            name = f"steps{n}-from{from_steps}{suffix}"
+            if (out / "cells" / f"{arm}-{name}.json").is_file():
+                continue
+            folder = out / "runs" / f"{arm}-{name}"
+            if run_to_resume(folder) is None:
+                copy_run(sources[arm], folder / sources[arm].name, ckpt)
+            lever = Lever(name, f"the {from_steps}-step run trained on to {n} steps (its schedule)",
+                          {"num_steps": n, **({"seed": seed} if seed != SEED else {})}, folder=name)
+            record = run_cell(out, arm, lever, extends=f"steps{from_steps}{suffix}")
+            source_cell = out / "cells" / f"{arm}-steps{from_steps}{suffix}.json"
+            estimate = json.loads(source_cell.read_text()).get("train_min_estimate") if source_cell.is_file() else None
+            if estimate and "fd" in record and "train_min_estimate" not in record:
+                # the source's minutes were estimated (a run not timed alone): the same rate per step
+                record["train_min_estimate"] = estimate * n / from_steps
+                write_json(out / "cells" / f"{arm}-{name}.json", record)
+
+
+def copy_run(source: Path, dest: Path, ckpt: str) -> None:
+    """`source`'s settings, log and metrics (copied) and its checkpoint `ckpt` (hard-linked): a run that
+    resumes from that step. Written to a temporary folder first, so an interruption leaves no half copy."""
+    tmp = dest.parent / (dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "checkpoints").mkdir(parents=True)
+    for name in ("config.json", "metrics.csv", "log.txt"):
+        if (source / name).is_file():
+            shutil.copy2(source / name, tmp / name)
+    for part in (source / "checkpoints").glob(f"{ckpt}.*"):
+        os.link(part, tmp / "checkpoints" / part.name)
+    tmp.rename(dest)
 
 
 def rescore(out: Path, arms: list[str], cells: list[str], seeds: list[int]) -> None:
@@ -291,13 +347,16 @@ def load(out: Path, sub: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / sub).glob("*.json"))]
 
 
-def cell_order(cell: str) -> tuple[int, int]:
-    """Rows grouped by base length: a base ("steps<N>", or "base") first, then the levers in LEVERS order."""
+def cell_order(cell: str) -> tuple[int, int, int]:
+    """Rows grouped by base length: a base ("steps<N>", or "base") first, then the levers in LEVERS order;
+    a run trained on ("-from<M>") after its length's own, another training seed after seed 0."""
     lever, _, base = cell.partition("@")
-    steps, _, seed = lever.partition("-seed")  # another training seed sorts after its length's seed-0 cell
-    if steps.startswith("steps") and steps[5:].isdigit():
-        return int(steps[5:]), int(seed) - 1 if seed.isdigit() else -1
-    return int(base or STEPS), list(LEVERS).index(lever) if lever in LEVERS else len(LEVERS)
+    lever, _, seed = lever.partition("-seed")
+    lever, _, source = lever.partition("-from")
+    rank = int(seed) if seed.isdigit() else 0
+    if lever.startswith("steps") and lever[5:].isdigit():
+        return int(lever[5:]), 1 if source else 0, rank
+    return int(base or STEPS), 2 + (list(LEVERS).index(lever) if lever in LEVERS else len(LEVERS)), rank
 
 
 def report(out: Path) -> Path:
@@ -346,7 +405,12 @@ def plot_minutes(cells: dict, path: Path) -> Path | None:
     Min-SNR-5), where measured. A cell with `train_min_estimate` (a run not timed alone on 2 cores) is placed
     at that estimate and drawn hollow."""
     def on_curve(c: dict) -> bool:  # the recipe with only the step count changed, scored the base way
-        return c["model"] == MODEL and set(c["train"]) <= {"num_steps"} and c.get("score") == SCORE
+        return (c["model"] == MODEL and set(c["train"]) <= {"num_steps"} and c.get("score") == SCORE
+                and "extends" not in c)
+
+    def other_seed(c: dict) -> bool:  # the same, another training seed
+        return (c["model"] == MODEL and "seed" in c["train"] and set(c["train"]) <= {"num_steps", "seed"}
+                and c.get("score") == SCORE and "extends" not in c)
 
     def point(c: dict) -> tuple[float, float, float, int, bool]:
         estimated = "train_min_estimate" in c
@@ -372,14 +436,27 @@ def plot_minutes(cells: dict, path: Path) -> Path | None:
                             label=f"{label}, N × {BATCH}")
                     for x in p:
                         ax.plot([x[xcol]], [x[col]], "o", color=f"C{i}", mfc="none" if x[4] else f"C{i}")
+                seeds = [point(c) for (a, _), c in cells.items() if a == arm and other_seed(c) and "fd" in c]
+                for j, x in enumerate(seeds):
+                    ax.plot([x[xcol]], [x[col]], "x", ms=8, color=f"C{i}",
+                            label=f"{label}, other training seeds" if j == 0 else None)
+                for c in (c for (a, _), c in cells.items() if a == arm and "extends" in c and "fd" in c
+                          and c.get("score") == SCORE and "seed" not in c["train"]):
+                    source = cells.get((arm, c["extends"]))
+                    if source and "fd" in source:
+                        ends = [point(source), point(c)]
+                        ax.plot([x[xcol] for x in ends], [x[col] for x in ends], "--", color=f"C{i}")
+                        ax.plot([ends[1][xcol]], [ends[1][col]], "s", color=f"C{i}", mfc="none" if ends[1][4]
+                                else f"C{i}", label=f"{label}, trained on from {source['num_steps']} steps "
+                                                    "(its schedule)")
                 if row == 0:
                     for cell, (marker, recipe) in stars.items():
                         c = cells.get((arm, cell))
                         if c and "fd" in c:
                             ax.plot([point(c)[0]], [point(c)[col]], marker, ms=11, color=f"C{i}",
                                     label=f"{label}, {recipe}")
-    xaxes = (("training minutes (2 CPU cores; hollow: estimated)", [2, 5, 10, 20, 40, 80]),
-             (f"training steps (batch {BATCH})", [350, 1000, 2000, 4000, 7000, 14000]))
+    xaxes = (("training minutes (2 CPU cores; hollow: estimated)", [2, 5, 10, 20, 40, 80, 160]),
+             (f"training steps (batch {BATCH})", [350, 1000, 2000, 4000, 7000, 14000, 28000]))
     for row, (xlabel, ticks) in enumerate(xaxes):
         for ax, ylabel in ((axes[row][0], "FD_fmnist (lower is better)"), (axes[row][1], "conditioning accuracy")):
             ax.set_xscale("log")
@@ -398,12 +475,15 @@ def plot_minutes(cells: dict, path: Path) -> Path | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", choices=("levers", "minutes", "seeds", "speed", "report"), default="report")
+    p.add_argument("what", nargs="?", choices=("levers", "minutes", "extend", "seeds", "speed", "report"), default="report")
     p.add_argument("--out", default="results/recipe")
     p.add_argument("--arms", default="A,MP")
     p.add_argument("--levers", default=",".join(DEFAULT_LEVERS))
     p.add_argument("--curve-steps", default=",".join(map(str, CURVE_STEPS)))
-    p.add_argument("--train-seed", type=int, default=SEED, help="minutes: another training seed (cells '-seed<S>')")
+    p.add_argument("--train-seed", type=int, default=SEED,
+                   help="minutes, extend, levers: another training seed (cells '...-seed<S>')")
+    p.add_argument("--from-steps", type=int, default=CURVE_STEPS[-1],
+                   help=f"extend: the curve's finished run to train on (default {CURVE_STEPS[-1]})")
     p.add_argument("--base-steps", type=int, default=STEPS,
                    help=f"levers on a base recipe of this many steps (default {STEPS}); cells '<lever>@<N>'")
     p.add_argument("--cells", default="", help="seeds: the finished cells to score again, e.g. steps14000,cfg2@14000")
@@ -427,9 +507,15 @@ def main(argv=None) -> int:
     if args.what == "levers":
         for name in args.levers.split(","):
             for arm in arms:
-                run_cell(out, arm, LEVERS[name].at(args.base_steps))
+                run_cell(out, arm, LEVERS[name].at(args.base_steps, args.train_seed))
     elif args.what == "minutes":
         curve_cells(out, arms, [int(n) for n in args.curve_steps.split(",")], args.train_seed)
+    elif args.what == "extend":
+        to = [int(n) for n in args.curve_steps.split(",") if int(n) > args.from_steps]
+        if not to:
+            print(f"recipe: extend needs --curve-steps beyond --from-steps {args.from_steps}", file=sys.stderr)
+            return 2
+        extend_cells(out, arms, args.from_steps, to, args.train_seed)
     elif args.what == "seeds":
         rescore(out, arms, [c for c in args.cells.split(",") if c], [int(n) for n in args.seeds.split(",")])
     elif args.what == "speed":
