@@ -6,6 +6,7 @@ measured on the plain DiT (Config A) and on the MP model alike, and sample quali
     python benchmarks/recipe.py --out results/recipe levers             # every lever, both arms
     python benchmarks/recipe.py --out results/recipe levers --levers base,minsnr5 --arms MP
     python benchmarks/recipe.py --out results/recipe seeds --cells steps14000 --seeds 1,2   # the scoring's spread
+    python benchmarks/recipe.py --out results/recipe seeds --cells steps14000 --seeds 0,1,2 --guidance 2
     python benchmarks/recipe.py --out results/recipe minutes --curve-steps 14000 --train-seed 1   # training's
     python benchmarks/recipe.py --out results/recipe levers --base-steps 14000 --levers cfg2 --train-seed 1
     python benchmarks/recipe.py --out results/recipe extend --from-steps 14000 --curve-steps 28000  # train on
@@ -297,17 +298,20 @@ def copy_run(source: Path, dest: Path, ckpt: str) -> None:
     tmp.rename(dest)
 
 
-def rescore(out: Path, arms: list[str], cells: list[str], seeds: list[int]) -> None:
-    """Score finished cells again with other sampling seeds: OUT/seeds/<arm>-<cell>-seed<N>.json."""
+def rescore(out: Path, arms: list[str], cells: list[str], seeds: list[int], cfg: float | None = None) -> None:
+    """Score finished cells again with other sampling seeds: OUT/seeds/<arm>-<cell>-seed<N>.json; with `cfg`,
+    at that guidance instead of the cell's (<arm>-<cell>-cfg<G>-seed<N>.json, sampling seed 0 included)."""
+    tag = f"-cfg{cfg:g}" if cfg is not None else ""
     for arm in arms:
         for cell in cells:
             record = json.loads((out / "cells" / f"{arm}-{cell}.json").read_text())
+            score = {**record["score"], **({"cfg": cfg} if cfg is not None else {})}
             for seed in seeds:
-                path = out / "seeds" / f"{arm}-{cell}-seed{seed}.json"
+                path = out / "seeds" / f"{arm}-{cell}{tag}-seed{seed}.json"
                 if not path.is_file():
-                    log(f"{arm}-{cell}: scoring with sampling seed {seed} ...")
-                    write_json(path, {"arm": arm, "cell": cell, "seed": seed, "score": record["score"],
-                                      **score_run(Path(record["run_dir"]), record["score"], seed), "date": now()})
+                    log(f"{arm}-{cell}{tag}: scoring with sampling seed {seed} ...")
+                    write_json(path, {"arm": arm, "cell": cell + tag, "seed": seed, "score": score,
+                                      **score_run(Path(record["run_dir"]), score, seed), "date": now()})
 
 
 # ------------------------------------------------------------------------------------------------ speed
@@ -386,7 +390,8 @@ def report(out: Path) -> Path:
                   f"{s['steps_per_s'] * s.get('batch', BATCH):.0f} |" for s in spd]
     reps = load(out, "seeds")
     if reps:
-        lines += ["", "Scoring spread (the same runs, samples drawn with other seeds; seed 0 is the cell):", "",
+        lines += ["", ("Scoring spread (the same runs, samples drawn with other seeds; seed 0 is the cell's own; "
+                  "'-cfg<G>': scored at guidance G):"), "",
                   "| arm | cell | sampling seed | FD_fmnist | cond. acc. |", "|---|---|---:|---:|---:|"]
         for r in sorted(reps, key=lambda r: (r["cell"], r["arm"], r["seed"])):
             c = cells.get((r["arm"], r["cell"]), {})
@@ -488,6 +493,8 @@ def main(argv=None) -> int:
                    help=f"levers on a base recipe of this many steps (default {STEPS}); cells '<lever>@<N>'")
     p.add_argument("--cells", default="", help="seeds: the finished cells to score again, e.g. steps14000,cfg2@14000")
     p.add_argument("--seeds", default="1,2", help="seeds: the sampling seeds (0 is the cell's own score)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="seeds: score at this guidance instead of the cell's (then seed 0 is scored too)")
     p.add_argument("--list", action="store_true", help="print the levers and exit")
     args = p.parse_args(argv)
     if args.list:
@@ -517,7 +524,8 @@ def main(argv=None) -> int:
             return 2
         extend_cells(out, arms, args.from_steps, to, args.train_seed)
     elif args.what == "seeds":
-        rescore(out, arms, [c for c in args.cells.split(",") if c], [int(n) for n in args.seeds.split(",")])
+        rescore(out, arms, [c for c in args.cells.split(",") if c], [int(n) for n in args.seeds.split(",")],
+                args.guidance)
     elif args.what == "speed":
         speed(out, arms)
     print(report(out))
