@@ -29,7 +29,7 @@ would; plotted against the training minutes each run took. The 1000-, 2000- and 
 levers steps1000, base and steps4000.
 
 Resumable: each finished cell is OUT/cells/<arm>-<lever>.json; runs live in OUT/runs/<arm>-<run>/ and an
-interrupted run is resumed. Every invocation rewrites OUT/recipe.md and OUT/minutes.png.
+interrupted run is resumed. Every invocation rewrites OUT/recipe.md, OUT/minutes.png and OUT/guidance.png.
 """
 from __future__ import annotations
 
@@ -401,7 +401,51 @@ def report(out: Path) -> Path:
     path = out / "recipe.md"
     path.write_text("\n".join(lines) + "\n")
     plot_minutes(cells, out / "minutes.png")
+    plot_guidance(cells, reps, out / "guidance.png")
     return path
+
+
+def plot_guidance(cells: dict, reps: list[dict], path: Path, min_steps: int = 7000) -> Path | None:
+    """FD and accuracy against guidance, one line per run of at least `min_steps` steps scored at two
+    guidances or more (mean over the sampling seeds scored; the base model, EMA and sampler)."""
+    scores: dict[tuple[str, str], dict[float, dict]] = {}  # (arm, run) -> guidance -> sampling seed -> (fd, acc)
+
+    def add(arm: str, cell: dict, score: dict, seed: int, fd: float, acc: float) -> None:
+        if cell.get("model") != MODEL or {**score, "cfg": SCORE["cfg"]} != SCORE or cell["num_steps"] < min_steps:
+            return
+        run = Path(cell["run_dir"]).parent.name.partition("-")[2]  # runs/<arm>-<run>/NNN-model
+        scores.setdefault((arm, run), {}).setdefault(score["cfg"], {})[seed] = (fd, acc)
+
+    for (arm, _), c in cells.items():
+        if "fd" in c:
+            add(arm, c, c["score"], 0, c["fd"], c["acc"])
+    for r in reps:
+        base = cells.get((r["arm"], r["cell"].split("-cfg")[0]))
+        if base and "fd" in base:
+            add(r["arm"], base, r["score"], r["seed"], r["fd"], r["acc"])
+    runs = {k: v for k, v in scores.items() if len(v) > 1}
+    if not runs:
+        return None
+    from mapdit.plots import pyplot, save_figure
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    styles = ["-", "--", ":", "-."]
+    names = sorted({run for _, run in runs}, key=cell_order)
+    for (arm, run), by_cfg in sorted(runs.items()):
+        g = sorted(by_cfg)
+        n = max(len(by_cfg[x]) for x in g)
+        for ax, col in ((axes[0], 0), (axes[1], 1)):
+            ax.plot(g, [statistics.mean(v[col] for v in by_cfg[x].values()) for x in g], styles[names.index(run) % 4],
+                    marker="o", color="C0" if arm == "A" else "C1",
+                    label=f"{'Config A' if arm == 'A' else 'MP (E)'}, {run} ({n} sampling seeds)")
+    for ax, ylabel in ((axes[0], "FD_fmnist (lower is better)"), (axes[1], "conditioning accuracy")):
+        ax.set_xlabel("guidance scale")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{MODEL} on Fashion-MNIST, batch {BATCH}: guidance against training length; {SCORE['samples']} "
+                 f"samples, {SCORE['sampler']} {SCORE['steps']}, EMA {SCORE['ema']:.2f}")
+    return save_figure(fig, path)
 
 
 def plot_minutes(cells: dict, path: Path) -> Path | None:
