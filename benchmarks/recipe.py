@@ -524,7 +524,8 @@ def plot_minutes(cells: dict, path: Path) -> Path | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", choices=("levers", "minutes", "extend", "seeds", "speed", "report"), default="report")
+    p.add_argument("what", nargs="?", choices=("levers", "minutes", "extend", "seeds", "speed", "report"),
+                   default="report")
     p.add_argument("--out", default="results/recipe")
     p.add_argument("--arms", default="A,MP")
     p.add_argument("--levers", default=",".join(DEFAULT_LEVERS))
