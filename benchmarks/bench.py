@@ -447,6 +447,29 @@ def section_scaling(rep: Report, args, results: dict) -> None:
                "E ÷ A (best)"], rows)
 
 
+class GuidedForward:
+    """A sampler's unit of work: one guided model call (eval, no_grad) on the conditional and the
+    unconditional halves of a batch, 2 x `batch` inputs; calling it returns its wall time."""
+
+    def __init__(self, model: DiT, batch: int):
+        self.model, cfg = model, model.config
+        g = torch.Generator().manual_seed(7)
+        self.x = torch.randn(2 * batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+        self.t = torch.randint(0, cfg.num_train_steps, (batch,), generator=g).repeat(2)
+        y = torch.randint(0, cfg.num_classes, (batch,), generator=g)
+        self.y = torch.cat([y, torch.full_like(y, cfg.null_class)])
+
+    def __call__(self) -> float:
+        was = self.model.training
+        self.model.eval()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self.model(self.x, self.t, self.y)
+        elapsed = time.perf_counter() - t0
+        self.model.train(was)
+        return elapsed
+
+
 def section_sampling(rep: Report, args, results: dict) -> None:
     from mapdit.samplers import sample
 
@@ -488,19 +511,7 @@ def section_sampling(rep: Report, args, results: dict) -> None:
     rep.table(["sampler", "A images/s", "E images/s", "E ÷ A (time, paired)", "E ÷ A (best)"], rows)
 
     # forward-only, the sampler's unit of work: one CFG forward of 2 x SAMPLE_BATCH inputs
-    x = torch.randn(2 * SAMPLE_BATCH, *shape[1:])
-    t = torch.full((2 * SAMPLE_BATCH,), 500)
-    yy = torch.cat([y, torch.full_like(y, models["A"].config.null_class)])
-
-    def fwd(m):
-        def go():
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                m(x, t, yy)
-            return time.perf_counter() - t0
-        return go
-
-    times = rounds({p: fwd(m) for p, m in models.items()}, args.rounds * 3, 2, None)
+    times = rounds({p: GuidedForward(m, SAMPLE_BATCH) for p, m in models.items()}, args.rounds * 3, 2, None)
     rep(f"Forward only (one guided step: {2 * SAMPLE_BATCH} inputs), {args.rounds * 3} interleaved rounds: "
         f"A {1e3 * median(times['A']):.0f} ms, E {1e3 * median(times['E']):.0f} ms, "
         f"E ÷ A = {fmt_range(paired(times, 'E', 'A'), '{:.3f}')} paired, {best_ratio(times, 'E', 'A')} best ÷ best.")
@@ -776,30 +787,6 @@ FASTPATH_SETTINGS = {  # name -> (model, preset, modulation, data)
 }
 
 
-class GuidedForward:
-    """A sampler's unit of work: one guided model call (eval, no_grad) on the conditional and the
-    unconditional halves of a batch, 2 x `batch` inputs; calling it returns its wall time."""
-
-    def __init__(self, step: TrainStep):
-        self.model = step.model
-        batch, null = step.batch, step.cfg.null_class
-        g = torch.Generator().manual_seed(7)
-        self.x = torch.randn(2 * batch, *step.x.shape[1:], generator=g)
-        self.t = torch.randint(0, step.cfg.num_train_steps, (batch,), generator=g).repeat(2)
-        y = torch.randint(0, step.cfg.num_classes, (batch,), generator=g)
-        self.y = torch.cat([y, torch.full_like(y, null)])
-
-    def __call__(self) -> float:
-        was = self.model.training
-        self.model.eval()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            self.model(self.x, self.t, self.y)
-        elapsed = time.perf_counter() - t0
-        self.model.train(was)
-        return elapsed
-
-
 class WithPaths:
     """A training step run inside `switch(*paths)` (a `reference_math` of this tree or of the baseline's)."""
 
@@ -887,7 +874,7 @@ def section_ratios(rep: Report, args, results: dict) -> None:
                  for w, cls in (("before", old_dit), ("after", DiT)) for p in ("A", "E")}
         flops = {k: s.count_flops() for k, s in items.items()}
         mm = Matmul(*items["A after"].largest_matmul())
-        guided = {f"{p} guided": GuidedForward(items[f"{p} after"]) for p in ("A", "E")}
+        guided = {f"{p} guided": GuidedForward(items[f"{p} after"].model, BATCH) for p in ("A", "E")}
         times = rounds({**items, **guided, "matmul": mm}, args.rounds, args.warmup, log)
         peak = [mm.flops / t for t in times["matmul"]]
         for w in ("before", "after"):
