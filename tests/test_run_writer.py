@@ -26,6 +26,7 @@ from helpers import (
     steps_in_metrics,
     tiny_model,
     tiny_train,
+    tree,
 )
 from mapdit.errors import Diverged, UserError
 from mapdit.log import Logger
@@ -186,6 +187,29 @@ def test_damaged_latest_checkpoint_is_reported_and_resume_falls_back(run_copy, c
     assert (latest.parent / (latest.name + ".broken")).exists()  # set aside, not deleted, never loaded
     assert steps_in_metrics(run_copy) == [2, 4]
 
+
+
+@needs_fmnist
+@pytest.mark.parametrize("damage", ["truncate", "no-sidecar"])
+def test_a_run_whose_checkpoints_are_all_damaged_is_left_as_it_is(run_copy, tmp_path, capsys, damage):
+    """Starting again from step 0 would cut metrics.csv and remove the EMA snapshots: resume, sampling and
+    magnitudes each say which checkpoints are damaged in one line and change nothing."""
+    for _, path in list_checkpoints(run_copy):
+        if damage == "truncate":
+            path.write_bytes(path.read_bytes()[:1000])
+        else:
+            path.with_suffix(".json").unlink()
+    before = tree(run_copy)
+    assert cli("train", "--resume", run_copy) == 2
+    line = error_line(capsys)
+    assert "no intact checkpoint" in line and "step-0000004.safetensors" in line and "step-0000002" in line, line
+    assert "nothing was changed" in line
+    assert tree(run_copy) == before
+    assert cli("sample", "--run", run_copy, "--steps", 1, "--num-samples", 1, "--out", tmp_path / "s.png") == 2
+    line = error_line(capsys, "sample")
+    assert "no intact checkpoint" in line and "train first" not in line, line
+    assert cli("magnitudes", "--run", run_copy, "--batch-size", 2) == 2
+    assert "none of the 2 checkpoints" in error_line(capsys, "magnitudes")
 
 
 # ------------------------------------------------------------------------------------------------

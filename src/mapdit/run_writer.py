@@ -126,10 +126,14 @@ class RunWriter:
         EMA snapshots back to its step. Returns (its step, the steps skipped so far); (0, 0) without one."""
         d, run_dir = self.d, self.run_dir
         start_step, skipped = 0, 0
-        found = find_resumable_checkpoint(run_dir, log=self.log.warn) if d.is_main else None
-        found = dist_utils.broadcast_object(d, None if found is None else (found[0], str(found[1])))
+        # checkpoints that are all damaged stop the resume here, before anything in the run is changed:
+        # starting again from step 0 would cut metrics.csv and remove the EMA snapshots
+        found = dist_utils.on_main(lambda: find_resumable_checkpoint(
+            run_dir, "nothing was changed; restore an intact copy, or move the checkpoints away to start the run "
+            "again from step 0", log=self.log.warn))
+        found = None if found is None else (found[0], str(found[1]))
         if found is None:
-            self.log(f"no complete checkpoint in {run_dir / 'checkpoints'}: starting again from step 0")
+            self.log(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
         else:
             start_step, path = found[0], Path(found[1])
             meta = load_checkpoint_into(path, model, ema, opt, d.device)

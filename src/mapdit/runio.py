@@ -608,13 +608,22 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_resumable_checkpoint(run_dir: str | Path, log: Callable[[str], None] = print) -> tuple[int, Path] | None:
-    """The newest intact checkpoint; every newer broken one is reported in one line and skipped."""
+def find_resumable_checkpoint(run_dir: str | Path, remedy: str,
+                              log: Callable[[str], None] = print) -> tuple[int, Path] | None:
+    """The newest intact checkpoint, or None when the run has no checkpoint at all. Newer damaged ones are
+    reported in one line each and skipped. When there are checkpoints but none is intact, a UserError names
+    them and `remedy` (what the caller's user can do): a run's progress is never dropped without a word."""
+    damaged = []
     for step, path in reversed(list_checkpoints(run_dir)):
         problem = verify_checkpoint(path)
         if problem is None:
+            for line in damaged:
+                log(f"skipping checkpoint {line}; falling back to the previous one")
             return step, path
-        log(f"skipping checkpoint {path.name}: {problem}; falling back to the previous one")
+        damaged.append(f"{path.name}: {problem}")
+    if damaged:
+        said = "; ".join(damaged[:2]) + (f"; and {len(damaged) - 2} more" if len(damaged) > 2 else "")
+        raise UserError(f"no intact checkpoint in {Path(run_dir) / 'checkpoints'} ({said}): {remedy}")
     return None
 
 

@@ -202,9 +202,10 @@ def resolve_checkpoint(run_dir: Path, ckpt: str | None) -> tuple[int, Path]:
         if not isinstance(step, int):
             raise UserError(f"checkpoint {path}: no step in its name or its .json sidecar")
         return step, path
-    found = find_resumable_checkpoint(run_dir, log=lambda m: print(m, file=sys.stderr))
+    found = find_resumable_checkpoint(run_dir, "restore an intact copy, or pass --ckpt",
+                                      log=lambda m: print(m, file=sys.stderr))
     if found is None:
-        raise UserError(f"no complete checkpoint in {run_dir / 'checkpoints'}: train first (or pass --ckpt)")
+        raise UserError(f"no checkpoint in {run_dir / 'checkpoints'}: train first (or pass --ckpt)")
     return found
 
 

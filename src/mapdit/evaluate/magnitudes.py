@@ -227,15 +227,18 @@ def measure_run(run_dir: str | Path, batch_size: int = 64, seed: int = 0, weight
     # after every checkpoint has been measured
     check_writable(run_dir / "eval", "the run's eval folder", "copy the run to a writable place to measure it")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    checkpoints = []
-    for step, path in list_checkpoints(run_dir):
+    checkpoints, listed = [], list_checkpoints(run_dir)
+    for step, path in listed:
         problem = verify_checkpoint(path)
         if problem:
             log(f"skipping checkpoint {path.name}: {problem}")
         else:
             checkpoints.append((step, path))
+    if not listed:
+        raise UserError(f"no checkpoint in {run_dir / 'checkpoints'}: train first")
     if not checkpoints:
-        raise UserError(f"no complete checkpoint in {run_dir / 'checkpoints'}: train first")
+        raise UserError(f"none of the {len(listed)} checkpoints in {run_dir / 'checkpoints'} is intact (see the "
+                        "lines above): restore an intact copy")
 
     x, tt, y, source = fixed_batch(config, batch_size, seed, t, device, log)
     log(f"magnitudes of {run_dir.name}: {len(checkpoints)} checkpoints, {weights} weights, batch {len(x)} "
