@@ -494,3 +494,47 @@ def test_memory_the_sizes_ask_for_is_one_line_and_a_bug_stays_a_traceback(tmp_pa
     monkeypatch.setattr("mapdit.train.load_data", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         cli("train", *TINY_ARGS, "--num-steps", 1, "--results-dir", tmp_path / "r2")
+
+
+# ------------------------------------------------------------------------------------------------
+# the environment: a reader of the output that goes away (`mapdit model-info | head -1`)
+class ClosedPipe(io.StringIO):
+    """A stream whose reader has gone: every write and flush fails as a pipe's does."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_report_to_a_reader_that_went_away_is_not_an_error(monkeypatch):
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(["model-info", "--model", "DiT-XXS/4"]) == 0
+
+
+@needs_fmnist
+def test_training_goes_on_when_the_reader_of_its_output_goes_away(monkeypatch, tmp_path):
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    monkeypatch.setattr("sys.stderr", ClosedPipe())  # the progress bar's stream too
+    assert main(["train", *TINY_ARGS, "--num-steps", "2", "--ckpt-every", "1", "--ema-snapshots", "0",
+                 "--results-dir", str(tmp_path)]) == 0
+    run = next(tmp_path.iterdir())
+    assert [s for s, _ in list_checkpoints(run)] == [1, 2]
+    assert "finished" in (run / "log.txt").read_text()
+
+
+def test_a_closed_pipe_on_stdout_leaves_no_word_on_stderr(tmp_path):
+    """In a real process: the interpreter's own last flush of stdout is quiet too."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "mapdit.cli", "model-info", "--model", "DiT-XXS/4"],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (0, "")

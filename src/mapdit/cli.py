@@ -5,11 +5,14 @@ The one rule for errors, kept here: a mistake in the user's input is one line, `
 checked in two places, both before the command does any work: every option's value by its kind
 (`commands.parsing`: syntax while parsing, range and existence right after), and every file the user named
 where it is decoded (`errors.reading`: a file that is not what it should be). Below that, a `UserError`
-anywhere, a full disk and a place that cannot be written (read-only, no permission) end the same way.
+anywhere, a full disk and a place that cannot be written (read-only, no permission) end the same way. A
+reader of the output that goes away (`mapdit model-info | head -1`) is not an error: the command finishes.
 Each sub-command lives in its own module of `mapdit.commands`.
 """
 from __future__ import annotations
 
+import io
+import os
 import sys
 
 from . import signals
@@ -45,7 +48,45 @@ def build_parser():
     return parser
 
 
+class ReaderMayLeave:
+    """stdout or stderr whose reader may go away (`| head`, a killed `tee`): from then on what is written is
+    dropped and the command goes on (a run's log.txt keeps every line). Else it is the stream itself."""
+
+    def __init__(self, stream):
+        self.stream, self.reader_gone = stream, False
+
+    def write(self, text: str) -> int:
+        return self._guarded(self.stream.write, text, default=len(text))
+
+    def flush(self) -> None:
+        self._guarded(self.stream.flush)
+
+    def _guarded(self, fn, *args, default=None):
+        if not self.reader_gone:
+            try:
+                return fn(*args)
+            except BrokenPipeError:
+                self.reader_gone = True
+                try:  # what is left in the buffer, and the interpreter's last flush, go nowhere quietly
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+                except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+                    pass
+        return default
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...: the stream's own
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = ReaderMayLeave(sys.stdout), ReaderMayLeave(sys.stderr)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def _main(argv: list[str] | None) -> int:
     # SIGTERM/Ctrl-C are held from here on (see mapdit.signals): a command that stops gracefully (train)
     # takes a signal that came during start-up over; every other command gets the usual handling back.
     with signals.held():
