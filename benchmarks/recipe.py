@@ -38,6 +38,7 @@ import csv
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -405,6 +406,11 @@ def report(out: Path) -> Path:
     return path
 
 
+def run_length(run: str) -> int:
+    """The training steps of a run named like 'steps28000-from14000-seed1'."""
+    return int(re.match(r"steps(\d+)", run).group(1))
+
+
 def plot_guidance(cells: dict, reps: list[dict], path: Path, min_steps: int = 7000) -> Path | None:
     """FD and accuracy against guidance, one line per run of at least `min_steps` steps scored at two
     guidances or more (mean over the sampling seeds scored; the base model, EMA and sampler)."""
@@ -428,16 +434,20 @@ def plot_guidance(cells: dict, reps: list[dict], path: Path, min_steps: int = 70
         return None
     from mapdit.plots import pyplot, save_figure
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    styles = ["-", "--", ":", "-."]
-    names = sorted({run for _, run in runs}, key=cell_order)
-    for (arm, run), by_cfg in sorted(runs.items()):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    lengths = sorted({run_length(run) for _, run in runs})
+    styles = [":", "--", "-", "-."]  # by training length, the longest solid when there are three
+    styles = styles[max(0, 3 - len(lengths)):] + styles
+    for (arm, run), by_cfg in sorted(runs.items(), key=lambda kv: (kv[0][0], run_length(kv[0][1]), kv[0][1])):
         g = sorted(by_cfg)
         n = max(len(by_cfg[x]) for x in g)
+        seed = int(run.rpartition("-seed")[2]) if "-seed" in run else SEED
         for ax, col in ((axes[0], 0), (axes[1], 1)):
-            ax.plot(g, [statistics.mean(v[col] for v in by_cfg[x].values()) for x in g], styles[names.index(run) % 4],
-                    marker="o", color="C0" if arm == "A" else "C1",
-                    label=f"{'Config A' if arm == 'A' else 'MP (E)'}, {run} ({n} sampling seeds)")
+            ax.plot(g, [statistics.mean(v[col] for v in by_cfg[x].values()) for x in g],
+                    styles[lengths.index(run_length(run))], marker="o" if seed == SEED else "x",
+                    color="C0" if arm == "A" else "C1",
+                    label=f"{'Config A' if arm == 'A' else 'MP (E)'}, {run_length(run)} steps, training seed {seed} "
+                          f"({n} sampling seeds)")
     for ax, ylabel in ((axes[0], "FD_fmnist (lower is better)"), (axes[1], "conditioning accuracy")):
         ax.set_xlabel("guidance scale")
         ax.set_ylabel(ylabel)
@@ -490,14 +500,16 @@ def plot_minutes(cells: dict, path: Path) -> Path | None:
                     ax.plot([x[xcol]], [x[col]], "x", ms=8, color=f"C{i}",
                             label=f"{label}, other training seeds" if j == 0 else None)
                 for c in (c for (a, _), c in cells.items() if a == arm and "extends" in c and "fd" in c
-                          and c.get("score") == SCORE and "seed" not in c["train"]):
-                    source = cells.get((arm, c["extends"]))
+                          and c.get("score") == SCORE):
+                    source, other = cells.get((arm, c["extends"])), "seed" in c["train"]  # other: crosses, dotted
                     if source and "fd" in source:
                         ends = [point(source), point(c)]
-                        ax.plot([x[xcol] for x in ends], [x[col] for x in ends], "--", color=f"C{i}")
-                        ax.plot([ends[1][xcol]], [ends[1][col]], "s", color=f"C{i}", mfc="none" if ends[1][4]
-                                else f"C{i}", label=f"{label}, trained on from {source['num_steps']} steps "
-                                                    "(its schedule)")
+                        ax.plot([x[xcol] for x in ends], [x[col] for x in ends], ":" if other else "--",
+                                color=f"C{i}")
+                        ax.plot([ends[1][xcol]], [ends[1][col]], "x" if other else "s", ms=8 if other else 6,
+                                color=f"C{i}", mfc="none" if ends[1][4] else f"C{i}",
+                                label=None if other else f"{label}, trained on from {source['num_steps']} "
+                                                         "(dotted: other seeds)")
                 if row == 0:
                     for cell, (marker, recipe) in stars.items():
                         c = cells.get((arm, cell))
