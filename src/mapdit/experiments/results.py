@@ -743,9 +743,9 @@ Best rate: the finished, non-diverged run with the lowest FD_fmnist (ties: highe
 Why the numbers come out this way, where the data say why: [docs/diagnosis.md](docs/diagnosis.md), "What the
 study says". Whether full MP overtakes the plain DiT with longer training than this study's (14,000 and
 28,000 steps of batch 64; benchmarks/recipe.py): [docs/recipe.md](docs/recipe.md), "Does full MP overtake
-the plain DiT with longer training?". In short: yes on held-out error (0.8 % lower at 28,000 steps) and on FD
-at the guidance that suits each arm (6.6 against 8.4 at guidance 1.5), by margins about the seed spread; not
-at a strong guidance (4).
+the plain DiT with longer training?". In short, with two training seeds at 28,000 steps: yes on held-out
+error (0.8 and 1.3 % lower) and on FD at the guidance that suits both arms, 1.5 (6.6 and 7.0 against 8.4 and
+10.6); not at a strong guidance (4), because MP wants less guidance than A.
 """
 
 
