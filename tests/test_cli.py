@@ -127,15 +127,18 @@ def bad_values(action: argparse.Action, tmp: Path, i: int) -> list[str]:
     for a choice; for a place a command writes, one under a file (nothing can be made there); for other text
     (names, input paths) a word that names nothing and a missing file (unique: an earlier case's output
     must not make them exist), a file of random bytes and a folder of them (a file that is not what it
-    should be)."""
+    should be); and for every path, one the system refuses to look up (too long, a loop of links)."""
     kind = action.type
     if action.choices is not None:
         return ["word"]
     if isinstance(kind, Kind) and kind.convert in (whole_number, finite_float) or kind in (int, float):
         return ["-1", "0", "word"]
+    # names the system refuses to look up: over NAME_MAX, and a symbolic link to itself
+    refused = [str(tmp / ("n" * 300)), str(tmp / "loop")]
     if kind is OUTPUT:
-        return [str(tmp / "afile" / f"out{i}")]
-    return [f"word{i}", str(tmp / f"missing{i}" / "file.npz"), str(tmp / "garbage.npz"), str(tmp / "garbage")]
+        return [str(tmp / "afile" / f"out{i}"), *refused]
+    return [f"word{i}", str(tmp / f"missing{i}" / "file.npz"), str(tmp / "garbage.npz"), str(tmp / "garbage"),
+            *refused]
 
 
 def all_cases(tmp: Path):
@@ -153,6 +156,7 @@ def contract_world(tiny_run, tmp_path_factory):
     run = Path(shutil.copytree(tiny_run, tmp / "runs" / tiny_run.name))  # cases write into it (eval/, ema/)
     _idx_folder(tmp / "idx")
     (tmp / "afile").write_text("a file, not a folder")
+    (tmp / "loop").symlink_to(tmp / "loop")
     garbage = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
     (tmp / "garbage.npz").write_bytes(garbage)
     (tmp / "garbage" / "a").mkdir(parents=True)

@@ -5,7 +5,8 @@ The one rule for errors, kept here: a mistake in the user's input is one line, `
 checked in two places, both before the command does any work: every option's value by its kind
 (`commands.parsing`: syntax while parsing, range and existence right after), and every file the user named
 where it is decoded (`errors.reading`: a file that is not what it should be). Below that, a `UserError`
-anywhere, a full disk and a place that cannot be written (read-only, no permission) end the same way. A
+anywhere, a full disk, a place that cannot be written (read-only, no permission) and a path the system
+refuses to look up (a name too long, a loop of symbolic links) end the same way. A
 reader of the output that goes away (`mapdit model-info | head -1`) is not an error: the command finishes.
 Each sub-command lives in its own module of `mapdit.commands`.
 """

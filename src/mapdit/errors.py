@@ -8,6 +8,12 @@ import pickle
 import zipfile
 
 
+def short_path(path, limit: int = 100) -> str:
+    """A path for a one-line message: its start and end when it is longer than `limit` characters."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:limit // 2]}…{text[-limit // 2:]}"
+
+
 class UserError(Exception):
     """A problem with what the user asked for (bad flag, missing file, wrong shape). Never a bug."""
 

@@ -38,13 +38,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, TrainConfig, check_field_types
-from .errors import UserError, reading
+from .errors import UserError, reading, short_path
 
 CHECKPOINT_RE = re.compile(r"step-(\d{7,})\.safetensors$")
 # A full disk, a full quota, or a file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so it shows as EFBIG)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # A place the user may not write: a read-only mount, missing permission
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+# A path the system refuses whatever the disk: a name over NAME_MAX/PATH_MAX, a loop of symbolic links
+BAD_PATH = (errno.ENAMETOOLONG, errno.ELOOP)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -98,6 +100,8 @@ def environment_error(err: BaseException, path: str | Path | None = None, writin
     where = path if path is not None else (getattr(err, "filename", None) or "a file")
     if code in DISK_FULL:
         return DiskFullError(where)
+    if code in BAD_PATH:
+        return UserError(f"{short_path(where)}: {os.strerror(code).lower()}: choose another path")
     if code in NOT_WRITABLE:
         if not writing:
             return UserError(f"{where}: {os.strerror(code).lower()} (a read-only place or no permission)")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import UserError
+from ..errors import UserError, short_path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,8 +151,20 @@ def fraction(value, flag: str) -> None:
         raise UserError(f"{flag} {value} must be in [0, 1)")
 
 
+def _looked_up(path: Path) -> bool:
+    """Whether `path` exists. A path the system refuses to look up (a name over NAME_MAX, a loop of symbolic
+    links, a folder without search permission) raises its OSError, which check_inputs turns into one line."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
+
+
 def _existing(path: Path, flag: str, what: str = "") -> None:
-    if not path.exists():
+    if not _looked_up(path):
+        if path.is_symlink():
+            raise UserError(f"{flag} {path} is a symbolic link to nothing" + (f": {what}" if what else ""))
         parent = path.parent if str(path.parent) not in ("", ".") else Path(".")
         near = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=1) \
             if parent.is_dir() else []
@@ -200,7 +212,7 @@ def writable_place(value, flag: str) -> None:
     Nothing is created here; the command makes the folders when it writes."""
     path = Path(value).expanduser().absolute()
     ancestor = path
-    while not ancestor.exists() and ancestor != ancestor.parent:
+    while not _looked_up(ancestor) and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if ancestor != path and not ancestor.is_dir():
         raise UserError(f"{flag} {value}: {ancestor} is a file, so nothing can be made inside it: choose another "
@@ -313,4 +325,9 @@ def check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         if value is None or value is action.default:
             continue  # not given (a default, or a 'not given' sentinel): the command resolves it itself
         for item in value if isinstance(value, (list, tuple)) else [value]:
-            kind.check(item, action.option_strings[0])
+            try:
+                kind.check(item, action.option_strings[0])
+            except OSError as err:  # the system refuses to look the path up (too long, a symlink loop, ...)
+                reason = (err.strerror or type(err).__name__).lower()
+                raise UserError(f"{action.option_strings[0]} {short_path(item)}: {reason}: choose another "
+                                "path") from None
