@@ -6,8 +6,8 @@ checked in two places, both before the command does any work: every option's val
 (`commands.parsing`: syntax while parsing, range and existence right after), and every file the user named
 where it is decoded (`errors.reading`: a file that is not what it should be). Below that, a `UserError`
 anywhere, a full disk, a place that cannot be written (read-only, no permission) and a path the system
-refuses to look up (a name too long, a loop of symbolic links) end the same way. A
-reader of the output that goes away (`mapdit model-info | head -1`) is not an error: the command finishes.
+refuses to look up (a name too long, a loop of symbolic links) end the same way. A reader of the output
+that goes away (`mapdit model-info | head -1`) is not an error: the command finishes.
 Each sub-command lives in its own module of `mapdit.commands`.
 """
 from __future__ import annotations
