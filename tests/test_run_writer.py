@@ -308,3 +308,22 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     monkeypatch.undo()
     assert cli("train", "--resume", run) == 0  # free space, resume
     assert [s for s, _ in list_checkpoints(run)] == [2, 4, 6]
+
+
+@needs_fmnist
+def test_a_path_the_system_refuses_while_training_is_one_line_naming_the_last_good_checkpoint(tmp_path, monkeypatch,
+                                                                                                capsys):
+    import mapdit.runio
+
+    real = mapdit.runio.save_file
+
+    def refused(tensors, filename, metadata=None):  # e.g. a results folder whose full paths pass PATH_MAX
+        if (metadata or {}).get("step") == "4":
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(filename))
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(mapdit.runio, "save_file", refused)
+    assert cli("train", *TINY_ARGS, "--num-steps", 4, "--ckpt-every", 2, "--ema-snapshots", 0,
+               "--results-dir", tmp_path) == 2
+    line = error_line(capsys)
+    assert "file name too long" in line and "the last good checkpoint is step 2" in line, line

@@ -100,8 +100,10 @@ def environment_error(err: BaseException, path: str | Path | None = None, writin
     where = path if path is not None else (getattr(err, "filename", None) or "a file")
     if code in DISK_FULL:
         return DiskFullError(where)
-    if code in BAD_PATH:
-        return UserError(f"{short_path(where)}: {os.strerror(code).lower()}: choose another path")
+    if code in BAD_PATH:  # writing: a NotWritableError like the others, which callers of a write expect
+        reason = os.strerror(code).lower()
+        return (NotWritableError(short_path(where), reason) if writing
+                else UserError(f"{short_path(where)}: {reason}: choose another path"))
     if code in NOT_WRITABLE:
         if not writing:
             return UserError(f"{where}: {os.strerror(code).lower()} (a read-only place or no permission)")
