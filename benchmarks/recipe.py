@@ -435,18 +435,17 @@ def plot_guidance(cells: dict, reps: list[dict], path: Path, min_steps: int = 70
     from mapdit.plots import pyplot, save_figure
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
-    lengths = sorted({run_length(run) for _, run in runs})
-    styles = [":", "--", "-", "-."]  # by training length, the longest solid when there are three
-    styles = styles[max(0, 3 - len(lengths)):] + styles
+    longest_first = sorted({run_length(run) for _, run in runs}, reverse=True)
+    styles = ["-", "--", ":", "-."]  # by training length: the longest solid
     for (arm, run), by_cfg in sorted(runs.items(), key=lambda kv: (kv[0][0], run_length(kv[0][1]), kv[0][1])):
-        g = sorted(by_cfg)
+        g, steps = sorted(by_cfg), run_length(run)
         n = max(len(by_cfg[x]) for x in g)
         seed = int(run.rpartition("-seed")[2]) if "-seed" in run else SEED
         for ax, col in ((axes[0], 0), (axes[1], 1)):
             ax.plot(g, [statistics.mean(v[col] for v in by_cfg[x].values()) for x in g],
-                    styles[lengths.index(run_length(run))], marker="o" if seed == SEED else "x",
+                    styles[longest_first.index(steps) % 4], marker="o" if seed == SEED else "x",
                     color="C0" if arm == "A" else "C1",
-                    label=f"{'Config A' if arm == 'A' else 'MP (E)'}, {run_length(run)} steps, training seed {seed} "
+                    label=f"{'Config A' if arm == 'A' else 'MP (E)'}, {steps} steps, training seed {seed} "
                           f"({n} sampling seeds)")
     for ax, ylabel in ((axes[0], "FD_fmnist (lower is better)"), (axes[1], "conditioning accuracy")):
         ax.set_xlabel("guidance scale")

@@ -131,11 +131,10 @@ class RunWriter:
         found = dist_utils.on_main(lambda: find_resumable_checkpoint(
             run_dir, "nothing was changed; restore an intact copy, or move the checkpoints away to start the run "
             "again from step 0", log=self.log.warn))
-        found = None if found is None else (found[0], str(found[1]))
         if found is None:
             self.log(f"no checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
         else:
-            start_step, path = found[0], Path(found[1])
+            start_step, path = found
             meta = load_checkpoint_into(path, model, ema, opt, d.device)
             self.last_ckpt, skipped = start_step, int(meta.get("skipped", 0))
         if num_steps < start_step:
